@@ -1,0 +1,40 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="textrefiner",
+    version="0.1.0",
+    description="TextRefiner (AAAI 2025): refine prompt-tuned CLIP text embeddings with local "
+                "image tokens, for CoOp, MaPLe and PromptKD.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["textrefiner", "textrefiner.*"]) + ["textrefiner_trainers"],
+    # The repository's trainers/ folder (the Dassl layer) installs as `textrefiner_trainers`, so it
+    # never shadows, nor is shadowed by, the top-level `trainers` package of CoOp-style repos.
+    package_dir={"textrefiner_trainers": "trainers"},
+    install_requires=[
+        "torch>=2.0",
+        "torchvision",
+        "openai-clip",
+        "packaging",
+        "yacs",
+        "gdown",
+        "tqdm",
+        "ftfy",
+        "regex",
+        "Pillow",
+        "tensorboard",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        # Dassl.pytorch is not on PyPI: install it from its repository to use the Dassl engine.
+    },
+    entry_points={
+        "console_scripts": [
+            "textrefiner-train=textrefiner.train:main",
+            "textrefiner-data=textrefiner.data.prepare:main",
+            "textrefiner-results=textrefiner.results:main",
+        ],
+    },
+)

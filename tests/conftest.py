@@ -1,0 +1,50 @@
+"""Shared fixtures: small random-weight CLIP checkpoints and configs, all on the CPU."""
+import pytest
+import torch
+
+from textrefiner.clip_backbone import load_clip, save_random_clip
+from textrefiner.config import load_cfg
+
+# Student-sized and teacher-sized toy CLIPs: the vision and text widths and the joint dims all
+# differ, so a mixed-up dimension fails loudly.
+SMALL_CLIP = dict(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128,
+                  vision_patch_size=8, transformer_width=64, transformer_layers=3)
+TEACHER_CLIP = dict(embed_dim=48, image_resolution=32, vision_layers=2, vision_width=192,
+                    vision_patch_size=8, transformer_width=128, transformer_layers=2, seed=1)
+
+CLASSNAMES = ["red circle", "blue square", "green_triangle", "yellow star", "striped disc"]
+
+
+@pytest.fixture(scope="session")
+def clip_path(tmp_path_factory):
+    return save_random_clip(str(tmp_path_factory.mktemp("clip") / "small_clip.pt"), **SMALL_CLIP)
+
+
+@pytest.fixture(scope="session")
+def teacher_clip_path(tmp_path_factory):
+    return save_random_clip(str(tmp_path_factory.mktemp("clip") / "teacher_clip.pt"),
+                            **TEACHER_CLIP)
+
+
+@pytest.fixture
+def small_clip(clip_path):
+    return load_clip(clip_path, "fp32")
+
+
+def make_cfg(*opts, **overrides):
+    """The published defaults plus `KEY VALUE` overrides, sized for the toy CLIPs."""
+    base = ["INPUT.SIZE", "(32, 32)", "TRAINER.COOP.PREC", "fp32", "TRAINER.MAPLE.PREC", "fp32",
+            "TRAINER.PROMPTKD.PREC", "fp32", "TRAINER.MAPLE.PROMPT_DEPTH", "2",
+            "TRAINER.PROMPTKD.PROMPT_DEPTH_VISION", "2", "TRAINER.COOP.CTX_INIT", "a photo of a"]
+    return load_cfg(opts=base + list(opts), **overrides)
+
+
+@pytest.fixture
+def cfg_factory():
+    return make_cfg
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(0)
+    return torch.randn(4, 3, 32, 32)

@@ -1,0 +1,312 @@
+"""CLIP helpers over the stock `clip` package: loading, local tokens, and deep prompts.
+
+Nothing here copies CLIP's model code. The encoders below walk the stock modules (`conv1`,
+`ln_pre`, the residual blocks, `ln_post`, `proj`, ...) in the same order as `CLIP.encode_image` and
+`CLIP.encode_text`, which lets them
+
+* return the last block's local tokens in the joint space and its CLS-to-patch attention, and
+* insert deep prompts (MaPLe's coupled ones, IVLP's independent ones) before the blocks that carry
+  them.
+
+With no prompts and no tokens asked for, they compute exactly what the stock methods compute.
+"""
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ._compat import import_clip
+from .errors import UserError
+
+PRECISIONS = ("fp16", "fp32", "amp")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def clip_cache_dir() -> str:
+    """Where the stock `clip` package keeps downloaded weights."""
+    return os.path.expanduser("~/.cache/clip")
+
+
+def _read_state_dict(path: str) -> dict:
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            return torch.jit.load(f, map_location="cpu").state_dict()
+    except RuntimeError:
+        pass  # not a JIT archive: a plain state dict
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"Could not read CLIP weights from {path!r} ({exc}). The file must be an "
+                        "OpenAI JIT archive or a saved CLIP state dict.") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or "visual.proj" not in obj:
+        raise UserError(f"{path!r} does not hold a ViT CLIP state dict (no 'visual.proj' key).")
+    return obj
+
+
+def _locate_weights(name_or_path: str, config_key: str) -> str:
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    clip = import_clip()
+    if name_or_path not in clip.clip._MODELS:
+        raise UserError(f"Unknown CLIP backbone {name_or_path!r}: use one of "
+                        f"{sorted(clip.clip._MODELS)} or set {config_key} to a local weights file.")
+    url = clip.clip._MODELS[name_or_path]
+    cached = os.path.join(clip_cache_dir(), os.path.basename(url))
+    try:
+        return clip.clip._download(url, clip_cache_dir())
+    except (OSError, RuntimeError) as exc:  # urllib's URLError is an OSError
+        raise UserError(
+            f"CLIP weights {name_or_path!r} are not on this machine and could not be downloaded "
+            f"({exc}). Copy the file {os.path.basename(url)} to {cached}, or set {config_key} "
+            "to the path of a local CLIP checkpoint.") from None
+
+
+def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
+              config_key: str = "MODEL.BACKBONE.PATH") -> nn.Module:
+    """Load a CLIP model by name (through `clip`'s download cache) or from a local file.
+
+    `precision` follows CoOp's PREC: "fp16" keeps CLIP's half-precision weights, "fp32" and "amp"
+    convert them to float32. `config_key` names the setting a user should change when the weights
+    cannot be found (it appears in the error message).
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"Unknown precision {precision!r}: use one of {PRECISIONS}.")
+    state_dict = _read_state_dict(_locate_weights(name_or_path, config_key))
+    model = import_clip().model.build_model(state_dict)  # fp16 weights, eval mode
+    if precision != "fp16":
+        model.float()
+    return model.to(device).eval()
+
+
+def build_random_clip(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128,
+                      vision_patch_size=8, transformer_width=64, transformer_layers=3,
+                      context_length=77, seed=0) -> nn.Module:
+    """A small ViT CLIP with random weights, built with the stock `clip.model.CLIP` class.
+
+    Used by the tests, the offline demo and the benchmarks. Widths must be multiples of 64 because
+    `build_model` derives head counts as width // 64 when the weights are loaded back.
+    """
+    clip = import_clip()
+    vocab_size = len(clip.clip._tokenizer.encoder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = clip.model.CLIP(
+            embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+            context_length, vocab_size, transformer_width, transformer_width // 64,
+            transformer_layers)
+    return model.eval()
+
+
+def save_random_clip(path: str, **kwargs) -> str:
+    """Write `build_random_clip(**kwargs)` as a plain state dict that `load_clip(path)` reads."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(build_random_clip(**kwargs).state_dict(), path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Image encoder
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ImageOutput:
+    """What the image encoder returns.
+
+    features:      [B, d] global feature (CLS after ln_post and proj), not normalised.
+    tokens:        [B, 1+N, d] the last block's CLS + patch tokens after ln_post and proj.
+    cls_attention: [B, N] the last block's attention from CLS to each patch, mean over heads.
+    """
+    features: torch.Tensor
+    tokens: Optional[torch.Tensor] = None
+    cls_attention: Optional[torch.Tensor] = None
+
+
+def num_patches(visual: nn.Module) -> int:
+    return visual.positional_embedding.shape[0] - 1
+
+
+def _block_with_cls_attention(block: nn.Module, x: torch.Tensor, n_patches: int):
+    """Run one stock residual block ([L, B, w]) and also return CLS-to-patch attention [B, N]."""
+    mask = block.attn_mask
+    if mask is not None:
+        mask = mask.to(dtype=x.dtype, device=x.device)
+    h = block.ln_1(x)
+    attended, weights = block.attn(h, h, h, need_weights=True, attn_mask=mask)  # weights [B, L, L]
+    x = x + attended
+    x = x + block.mlp(block.ln_2(x))
+    return x, weights[:, 0, 1:1 + n_patches]
+
+
+def encode_image(visual: nn.Module, images: torch.Tensor,
+                 prompts: Optional[Sequence[torch.Tensor]] = None,
+                 return_tokens: bool = False) -> ImageOutput:
+    """Run CLIP's ViT image encoder, optionally with deep vision prompts and local tokens.
+
+    prompts: per-layer prompt tokens, each [n_ctx, width]. `prompts[0]` is appended after the patch
+        tokens (after the positional embedding, before ln_pre); `prompts[i]` for i >= 1 replaces the
+        last n_ctx tokens before block i runs. `len(prompts)` is the prompt depth.
+    """
+    dtype = visual.conv1.weight.dtype
+    x = visual.conv1(images.to(dtype))                     # [B, width, grid, grid]
+    x = x.flatten(2).transpose(1, 2)                        # [B, N, width]
+    cls = visual.class_embedding.to(x.dtype) + torch.zeros(
+        x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+    x = torch.cat([cls, x], dim=1)                          # [B, 1 + N, width]
+    x = x + visual.positional_embedding.to(x.dtype)
+    n_patches = x.shape[1] - 1
+    prompts = list(prompts) if prompts else []
+    if prompts:
+        x = torch.cat([x, prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+    x = visual.ln_pre(x)
+
+    x = x.permute(1, 0, 2)                                  # [L, B, width]
+    blocks = visual.transformer.resblocks
+    cls_attention = None
+    for i, block in enumerate(blocks):
+        if 0 < i < len(prompts):
+            n_ctx = prompts[i].shape[0]
+            deep = prompts[i].to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
+            x = torch.cat([x[:-n_ctx], deep], dim=0)
+        if return_tokens and i == len(blocks) - 1:
+            x, cls_attention = _block_with_cls_attention(block, x, n_patches)
+        else:
+            x = block(x)
+    x = x.permute(1, 0, 2)                                  # [B, L, width]
+
+    if not return_tokens:
+        return ImageOutput(visual.ln_post(x[:, 0, :]) @ visual.proj)
+    tokens = visual.ln_post(x[:, :1 + n_patches, :]) @ visual.proj  # [B, 1 + N, d]
+    return ImageOutput(tokens[:, 0, :], tokens, cls_attention)
+
+
+# --------------------------------------------------------------------------------------------
+# Text encoder
+# --------------------------------------------------------------------------------------------
+def tokenize(texts: Sequence[str], device=None) -> torch.Tensor:
+    """CLIP's tokenizer ([len(texts), 77] int tensor)."""
+    tokens = import_clip().clip.tokenize(list(texts))
+    return tokens if device is None else tokens.to(device)
+
+
+def embed_tokens(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Token ids [C, L] -> word embeddings [C, L, width] in the model's dtype."""
+    return clip_model.token_embedding(tokens).to(clip_model.dtype)
+
+
+def encode_text(clip_model: nn.Module, embeddings: torch.Tensor, eot_indices: torch.Tensor,
+                deep_prompts: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """Run CLIP's text transformer on word embeddings [C, L, width]; returns [C, d].
+
+    clip_model: a CLIP model or a `TextEncoder`.
+    eot_indices: [C] position of each sequence's end token (`tokens.argmax(-1)`).
+    deep_prompts: prompts for layers 1, 2, ...: `deep_prompts[i - 1]` ([n_ctx, width]) replaces the
+        tokens at positions 1..n_ctx before block i runs (the layer-0 prompts are already part of
+        `embeddings`, right after the start token).
+    """
+    dtype = clip_model.dtype
+    x = embeddings.to(dtype) + clip_model.positional_embedding.to(dtype)
+    x = x.permute(1, 0, 2)                                  # [L, C, width]
+    deep_prompts = list(deep_prompts) if deep_prompts else []
+    for i, block in enumerate(clip_model.transformer.resblocks):
+        if 0 < i <= len(deep_prompts):
+            ctx = deep_prompts[i - 1].to(dtype)
+            ctx = ctx.unsqueeze(1).expand(-1, x.shape[1], -1)
+            x = torch.cat([x[:1], ctx, x[1 + ctx.shape[0]:]], dim=0)
+        x = block(x)
+    x = x.permute(1, 0, 2)                                  # [C, L, width]
+    x = clip_model.ln_final(x).to(dtype)
+    eot = x[torch.arange(x.shape[0], device=x.device), eot_indices.to(x.device)]
+    return eot @ clip_model.text_projection                 # [C, d]
+
+
+class TextEncoder(nn.Module):
+    """The text side of a CLIP model without its token embedding (the prompts replace it).
+
+    Holds the stock modules under the names PromptSRC/PromptKD checkpoints use
+    (`transformer`, `positional_embedding`, `ln_final`, `text_projection`).
+    """
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.transformer = clip_model.transformer
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_projection.dtype
+
+    def forward(self, embeddings, eot_indices, deep_prompts=None):
+        return encode_text(self, embeddings, eot_indices, deep_prompts)
+
+
+def encode_text_tokens(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Plain CLIP text encoding of token ids [C, L] (same as `clip_model.encode_text`)."""
+    return encode_text(clip_model, embed_tokens(clip_model, tokens), tokens.argmax(dim=-1))
+
+
+def clip_dims(clip_model: nn.Module) -> dict:
+    """Sizes read off a loaded CLIP: joint dim, text and vision widths, patch count, depths."""
+    visual = clip_model.visual
+    return {
+        "embed_dim": clip_model.text_projection.shape[1],
+        "text_width": clip_model.ln_final.weight.shape[0],
+        "vision_width": visual.conv1.weight.shape[0],
+        "num_patches": num_patches(visual),
+        "text_layers": len(clip_model.transformer.resblocks),
+        "vision_layers": len(visual.transformer.resblocks),
+        "image_size": visual.input_resolution,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# IVLP deep prompts (PromptSRC / PromptKD): independent text and vision prompts
+# --------------------------------------------------------------------------------------------
+def _new_prompt(n_ctx: int, width: int, dtype) -> nn.Parameter:
+    prompt = torch.empty(n_ctx, width, dtype=dtype)
+    nn.init.normal_(prompt, std=0.02)
+    return nn.Parameter(prompt)
+
+
+def attach_ivlp_prompts(encoder: nn.Module, n_ctx: int, depth: int, vision: bool):
+    """Give a stock encoder IVLP prompts, registered where PromptSRC/PromptKD checkpoints keep them.
+
+    Vision (`encoder` = `clip_model.visual`): `VPT` for layer 0 and
+    `transformer.resblocks.<i>.VPT_shallow` for layers 1..depth-1. Text (`encoder` = a
+    `TextEncoder`): only the deeper `transformer.resblocks.<i>.VPT_shallow`; the layer-0 text
+    prompts are the prompt learner's `ctx`.
+    """
+    blocks = encoder.transformer.resblocks
+    if not 0 <= depth <= len(blocks):
+        raise UserError(f"Prompt depth {depth} is outside 0..{len(blocks)} for this CLIP.")
+    width = blocks[0].ln_1.weight.shape[0]
+    dtype = blocks[0].ln_1.weight.dtype
+    if vision and depth > 0:
+        encoder.VPT = _new_prompt(n_ctx, width, dtype)
+    for i in range(1, depth):
+        blocks[i].VPT_shallow = _new_prompt(n_ctx, width, dtype)
+
+
+def ivlp_vision_prompts(visual: nn.Module):
+    """[VPT, resblocks[1].VPT_shallow, ...] for `encode_image`, or [] when there are none."""
+    if not hasattr(visual, "VPT"):
+        return []
+    return [visual.VPT] + ivlp_deep_prompts(visual)
+
+
+def ivlp_deep_prompts(encoder: nn.Module):
+    """The deeper prompts [resblocks[1].VPT_shallow, ...] of an encoder, in layer order."""
+    prompts = []
+    for block in list(encoder.transformer.resblocks)[1:]:
+        if not hasattr(block, "VPT_shallow"):
+            break
+        prompts.append(block.VPT_shallow)
+    return prompts

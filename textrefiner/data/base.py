@@ -1,0 +1,225 @@
+"""Data items, splits, CoOp's split files, base/novel class split and few-shot sampling."""
+
+import json
+import logging
+import math
+import os
+import pickle
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
+
+from textrefiner.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SUBSAMPLE_CHOICES = ("all", "base", "new")
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One image: its path, label, class name and domain (same attributes as Dassl's Datum)."""
+
+    impath: str
+    label: int
+    classname: str
+    domain: int = 0
+
+
+@dataclass
+class DatasetSplits:
+    """Train/val/test lists of `Datum` and the class names, ordered by label.
+
+    `val` is None for test-only datasets (ImageNet-V2/-Sketch/-A/-R), as in CoOp.
+    """
+
+    train_x: List[Datum]
+    val: Optional[List[Datum]]
+    test: List[Datum]
+    classnames: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.classnames:
+            self.classnames = classnames_of(self.train_x)
+
+    @property
+    def lab2cname(self):
+        return dict(enumerate(self.classnames))
+
+    @property
+    def num_classes(self):
+        return len(self.classnames)
+
+
+def classnames_of(items):
+    """Class names ordered by label, read off the items (as Dassl's get_lab2cname)."""
+    lab2cname = {item.label: item.classname for item in items}
+    return [lab2cname[label] for label in sorted(lab2cname)]
+
+
+def require_path(path, dataset_name, what="folder"):
+    """Raise a UserError saying how to prepare `dataset_name` when `path` does not exist."""
+    if not os.path.exists(path):
+        raise UserError(
+            f"{dataset_name}: {what} not found: {path}\n"
+            f"Prepare the dataset with `textrefiner-data {dataset_name} --root DIR` "
+            f"(DIR = DATASET.ROOT, the folder that holds all datasets), "
+            f"or follow CoOp's DATASETS.md."
+        )
+    return path
+
+
+def read_split_json(path, image_dir):
+    """Read CoOp's `split_zhou_*.json`, {"train"|"val"|"test": [[rel path, label, classname]]}.
+
+    Returns (train, val, test) lists of `Datum` with paths joined onto `image_dir`.
+    """
+    with open(path) as f:
+        split = json.load(f)
+
+    def convert(rows):
+        return [
+            Datum(impath=os.path.join(image_dir, path), label=int(label), classname=classname)
+            for path, label, classname in rows
+        ]
+
+    return convert(split["train"]), convert(split["val"]), convert(split["test"])
+
+
+def write_split_json(path, train, val, test, image_dir):
+    """Write lists of `Datum` as CoOp's split json, paths relative to `image_dir`."""
+
+    def extract(items):
+        return [
+            [os.path.relpath(item.impath, image_dir), item.label, item.classname] for item in items
+        ]
+
+    split = {"train": extract(train), "val": extract(val), "test": extract(test)}
+    with open(path, "w") as f:
+        json.dump(split, f, indent=4, separators=(",", ": "))
+
+
+def base_and_new_labels(items):
+    """Sorted labels split in two: base = first ceil(n / 2), new = the rest."""
+    labels = sorted({item.label for item in items})
+    m = math.ceil(len(labels) / 2)
+    return labels[:m], labels[m:]
+
+
+def subsample_classes(*splits, subsample="all"):
+    """Keep the base or new half of the classes in every split, relabelled from 0.
+
+    The classes are those of the first split; `None` splits pass through. Returns a list.
+    """
+    if subsample not in SUBSAMPLE_CHOICES:
+        raise UserError(
+            f"DATASET.SUBSAMPLE_CLASSES must be one of {list(SUBSAMPLE_CHOICES)}, got {subsample!r}"
+        )
+    if subsample == "all":
+        return list(splits)
+    base, new = base_and_new_labels(splits[0])
+    selected = base if subsample == "base" else new
+    relabel = {old: new_label for new_label, old in enumerate(selected)}
+    return [
+        None if items is None
+        else [replace(item, label=relabel[item.label]) for item in items if item.label in relabel]
+        for items in splits
+    ]
+
+
+def group_by_label(items):
+    """Items grouped per label, labels in order of first appearance (as Dassl)."""
+    groups = defaultdict(list)
+    for item in items:
+        groups[item.label].append(item)
+    return groups
+
+
+def generate_fewshot(items, num_shots, rng=None, repeat=False):
+    """Draw `num_shots` items per class, as Dassl's generate_fewshot_dataset.
+
+    A class with fewer items keeps all of them (or, with `repeat`, draws with replacement).
+    `rng` is a `random.Random` (default: the global `random` module); `random.Random(seed)`
+    gives the same draws as CoOp after `random.seed(seed)`. num_shots < 1 keeps everything.
+    """
+    if num_shots < 1:
+        return items
+    rng = rng or random
+    output = []
+    for group in group_by_label(items).values():
+        if len(group) >= num_shots:
+            output.extend(rng.sample(group, num_shots))
+        elif repeat:
+            output.extend(rng.choices(group, k=num_shots))
+        else:
+            output.extend(group)
+    return output
+
+
+def fewshot_cache_path(dataset_dir, num_shots, seed):
+    """CoOp's cache file of a few-shot draw."""
+    return os.path.join(dataset_dir, "split_fewshot", f"shot_{num_shots}-seed_{seed}.pkl")
+
+
+def load_fewshot_cache(path, dataset_dir):
+    """The cached {"train": [...], "val": [...]} as our `Datum`s, or None when unusable.
+
+    Files written by CoOp hold Dassl's Datum (same attributes); they are unusable here when
+    Dassl is not importable or when they point outside `dataset_dir` (dataset moved).
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+        cached = {key: [as_datum(item) for item in items] for key, items in data.items()}
+    except (ImportError, AttributeError, pickle.UnpicklingError, EOFError) as err:
+        logger.warning("Ignoring few-shot cache %s (%s); drawing it again", path, err)
+        return None
+    root = os.path.join(os.path.abspath(dataset_dir), "")
+    if any(not item.impath.startswith(root) for items in cached.values() for item in items[:1]):
+        logger.warning("Few-shot cache %s points outside %s; drawing it again", path, dataset_dir)
+        return None
+    logger.info("Loading preprocessed few-shot data from %s", path)
+    return cached
+
+
+def save_fewshot_cache(path, data):
+    """Write the few-shot draw; a read-only dataset folder only costs a warning."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        logger.info("Saving preprocessed few-shot data to %s", path)
+    except OSError as err:
+        logger.warning("Could not write few-shot cache %s (%s)", path, err)
+
+
+def as_datum(item):
+    """Our `Datum` from any object with Dassl's Datum attributes."""
+    if isinstance(item, Datum):
+        return item
+    return Datum(
+        impath=item.impath, label=int(item.label), classname=item.classname,
+        domain=int(getattr(item, "domain", 0)),
+    )
+
+
+def fewshot_splits(dataset_dir, train, val, num_shots, seed):
+    """Few-shot train (K shots) and val (min(K, 4) shots), cached per (K, seed) as CoOp does.
+
+    `val` None (ImageNet) draws and caches the train split only.
+    """
+    if num_shots < 1:
+        return train, val
+    path = fewshot_cache_path(dataset_dir, num_shots, seed)
+    cached = load_fewshot_cache(path, dataset_dir)
+    if cached is not None:
+        return cached["train"], cached.get("val", val)
+    rng = random.Random(seed)
+    data = {"train": generate_fewshot(train, num_shots, rng)}
+    if val is not None:
+        data["val"] = generate_fewshot(val, min(num_shots, 4), rng)
+    save_fewshot_cache(path, data)
+    return data["train"], data.get("val")

@@ -1,0 +1,75 @@
+"""Torch dataset over `Datum` lists and the data loader built from cfg.DATALOADER."""
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from textrefiner.data.transforms import build_transform
+from textrefiner.errors import UserError
+
+
+def read_image(path):
+    """The image at `path` as RGB; a UserError naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError as err:  # includes missing files and PIL.UnidentifiedImageError
+        raise UserError(
+            f"Cannot read image {path} ({err}). Check the file, or prepare the dataset again."
+        ) from err
+
+
+class ImageDataset(Dataset):
+    """Items as Dassl batches: {"img", "label", "domain", "impath", "index"}."""
+
+    def __init__(self, items, transform=None):
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        item = self.items[index]
+        img = read_image(item.impath)
+        if self.transform is not None:
+            img = self.transform(img)
+        return {
+            "img": img,
+            "label": item.label,
+            "domain": item.domain,
+            "impath": item.impath,
+            "index": index,
+        }
+
+
+def build_loader(
+    items, cfg, is_train, batch_size, shuffle, sampler=None, generator=None, transform=None,
+):
+    """A DataLoader over `items` with build_transform(cfg, is_train) (unless `transform` given).
+
+    As in Dassl, the last incomplete batch is dropped only in training with at least one full
+    batch. Given a seeded `generator`, the shuffling and the worker seeds (hence the random
+    augmentations when DATALOADER.NUM_WORKERS > 0) repeat; with 0 workers augmentations draw
+    from the global torch RNG.
+    """
+    if not items:
+        raise UserError(
+            "The data split is empty: check DATASET.NAME, NUM_SHOTS and SUBSAMPLE_CLASSES"
+        )
+    if transform is None:
+        transform = build_transform(cfg, is_train)
+    dataset = ImageDataset(items, transform)
+    if sampler is None and shuffle:
+        sampler = RandomSampler(dataset, generator=generator)
+    elif sampler is None:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        drop_last=is_train and len(items) >= batch_size,
+        pin_memory=torch.cuda.is_available() and cfg.get("USE_CUDA", True),
+        generator=generator,
+    )

@@ -1,0 +1,95 @@
+"""A small procedural dataset ("red circle", "green square", ...) in CoOp's layout, for tests
+and smoke runs: root/synthetic_shapes/images/<class>/*.png + split_zhou_SyntheticShapes.json.
+"""
+
+import os
+import random
+
+from PIL import Image, ImageDraw
+
+from textrefiner.data.base import Datum, write_split_json
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle", "cross", "ring")
+# 6 colours and 5 shapes are coprime, so class i = (colour i % 6, shape i % 5) are all distinct
+MAX_CLASSES = len(COLORS) * len(SHAPES)
+FOLDER = "synthetic_shapes"
+SPLIT_FILE = "split_zhou_SyntheticShapes.json"
+
+
+def synthetic_classnames(num_classes):
+    """Class names, e.g. ["red circle", "green square", ...]."""
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}")
+    colors = list(COLORS)
+    return [f"{colors[i % len(colors)]} {SHAPES[i % len(SHAPES)]}" for i in range(num_classes)]
+
+
+def draw_shape(draw, shape, box, color):
+    x0, y0, x1, y1 = box
+    cx, cy, w = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=color)
+    elif shape == "cross":
+        t = w / 6
+        draw.rectangle((cx - t, y0, cx + t, y1), fill=color)
+        draw.rectangle((x0, cy - t, x1, cy + t), fill=color)
+    elif shape == "ring":
+        draw.ellipse(box, outline=color, width=max(2, int(w / 6)))
+
+
+def render_image(classname, image_size, rng):
+    """One image of `classname` on a random textured background, shape placed at random."""
+    color_name, shape = classname.split(" ")
+    background = tuple(rng.randint(90, 200) for _ in range(3))
+    img = Image.new("RGB", (image_size, image_size), background)
+    draw = ImageDraw.Draw(img)
+    stripe = rng.randint(4, 10)  # background stripes of random period and tint
+    tint = tuple(max(0, c - rng.randint(10, 40)) for c in background)
+    for x in range(0, image_size, 2 * stripe):
+        draw.rectangle((x, 0, x + stripe - 1, image_size), fill=tint)
+    size = rng.randint(image_size // 3, (3 * image_size) // 4)
+    x0 = rng.randint(0, image_size - size)
+    y0 = rng.randint(0, image_size - size)
+    jitter = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLORS[color_name])
+    draw_shape(draw, shape, (x0, y0, x0 + size, y0 + size), jitter)
+    return img
+
+
+def write_synthetic_dataset(
+    root, num_classes=10, per_class_train=16, per_class_val=4, per_class_test=10,
+    image_size=64, seed=0,
+):
+    """Write the dataset under `root`/synthetic_shapes, the same for the same seed.
+
+    Returns the dataset folder.
+
+    Read it with DATASET.NAME "SyntheticShapes" and DATASET.ROOT `root`.
+    """
+    rng = random.Random(seed)
+    dataset_dir = os.path.join(os.path.abspath(os.path.expanduser(root)), FOLDER)
+    images = os.path.join(dataset_dir, "images")
+    counts = {"train": per_class_train, "val": per_class_val, "test": per_class_test}
+    splits = {split: [] for split in counts}
+    for label, classname in enumerate(synthetic_classnames(num_classes)):
+        class_dir = os.path.join(images, classname.replace(" ", "_"))
+        os.makedirs(class_dir, exist_ok=True)
+        for split, count in counts.items():
+            for i in range(count):
+                impath = os.path.join(class_dir, f"{split}_{i:03d}.png")
+                render_image(classname, image_size, rng).save(impath)
+                splits[split].append(Datum(impath=impath, label=label, classname=classname))
+    split_path = os.path.join(dataset_dir, SPLIT_FILE)
+    write_split_json(split_path, splits["train"], splits["val"], splits["test"], images)
+    return dataset_dir

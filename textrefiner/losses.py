@@ -1,0 +1,58 @@
+"""TextRefiner's extra losses and the knowledge-distillation loss they share with PromptKD."""
+import torch
+import torch.nn.functional as F
+
+
+def regularization_loss(refined: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """L_reg = mean |normalize(Ehat) - E| (Eq. 11, L1 with mean reduction)."""
+    return F.l1_loss(F.normalize(refined, dim=-1), text_features.to(refined.dtype))
+
+
+def select_semantic_tokens(aligned_tokens: torch.Tensor, cls_attention: torch.Tensor,
+                           k: int = 5) -> torch.Tensor:
+    """The k + 2 vectors of the semantic loss, per image: [CLS, top-k patches, mean] -> [B, k+2, d].
+
+    aligned_tokens: [B, 1+N, d] (CLS first); cls_attention: [B, N] CLS-to-patch attention.
+    The top-k patches come in decreasing attention order; the mean is over all 1+N tokens.
+    """
+    n_patches = cls_attention.shape[1]
+    if k > n_patches:
+        raise ValueError(f"top-k ({k}) is larger than the number of patches ({n_patches})")
+    top = cls_attention.topk(k, dim=1).indices + 1                 # [B, k], +1 skips CLS
+    index = top.unsqueeze(-1).expand(-1, -1, aligned_tokens.shape[-1])
+    patches = aligned_tokens.gather(1, index)                      # [B, k, d]
+    mean = aligned_tokens.mean(dim=1, keepdim=True)                # [B, 1, d]
+    return torch.cat([aligned_tokens[:, :1], patches, mean], dim=1)
+
+
+def _semantic_logits(semantic_tokens, text_features, logit_scale):
+    flat = semantic_tokens.reshape(-1, semantic_tokens.shape[-1])  # [B * (k+2), d]
+    return logit_scale * flat @ text_features.to(flat.dtype).t()
+
+
+def semantic_loss(semantic_tokens: torch.Tensor, text_features: torch.Tensor,
+                  labels: torch.Tensor, logit_scale) -> torch.Tensor:
+    """L_sem, CE form: CE(logit_scale * S E^T, y repeated per vector), against the un-refined E.
+
+    semantic_tokens: [B, K, d] (not re-normalised); logit_scale: the exp'd scale.
+    """
+    logits = _semantic_logits(semantic_tokens, text_features, logit_scale)
+    return F.cross_entropy(logits, labels.repeat_interleave(semantic_tokens.shape[1]))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """KL(log_softmax(z_s / T) || softmax(z_t / T)) * T^2 / numel(z_s), sum reduction (PromptKD)."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1),
+                  F.softmax(teacher_logits.to(student_logits.dtype) / t, dim=1), reduction="sum")
+    return kl * (t * t) / student_logits.numel()
+
+
+def semantic_kd_loss(semantic_tokens: torch.Tensor, text_features: torch.Tensor,
+                     teacher_logits: torch.Tensor, logit_scale,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """L_sem, KD form: `kd_loss` between the K vectors' logits and the teacher's, repeated K times."""
+    logits = _semantic_logits(semantic_tokens, text_features, logit_scale)
+    repeated = teacher_logits.repeat_interleave(semantic_tokens.shape[1], dim=0)
+    return kd_loss(logits, repeated, temperature)

@@ -1,0 +1,27 @@
+"""The methods TextRefiner plugs into, as plain PyTorch modules (no Dassl needed).
+
+`build_method(name, cfg, classnames, clip_model)` builds one by its trainer name.
+"""
+from ..errors import UserError
+from .base import PromptMethod, build_refiner
+from .coop import CoOp
+from .maple import MaPLe
+from .promptkd import PromptKD
+from .zeroshot import ZeroshotCLIP
+
+METHODS = {cls.__name__: cls for cls in (CoOp, MaPLe, PromptKD, ZeroshotCLIP)}
+
+
+def method_class(name: str):
+    """The method class for a trainer name ("CoOp", "MaPLe", "PromptKD", "ZeroshotCLIP")."""
+    if name not in METHODS:
+        raise UserError(f"Unknown trainer {name!r}: choose one of {sorted(METHODS)}.")
+    return METHODS[name]
+
+
+def build_method(name: str, cfg, classnames, clip_model) -> PromptMethod:
+    return method_class(name)(cfg, classnames, clip_model)
+
+
+__all__ = ["PromptMethod", "CoOp", "MaPLe", "PromptKD", "ZeroshotCLIP", "METHODS",
+           "method_class", "build_method", "build_refiner"]

@@ -1,0 +1,180 @@
+"""The shape every method shares, so runners stay thin.
+
+A method is built from (cfg, class names, CLIP model) and offers:
+
+* `forward_train(images, labels) -> (loss, parts)`: one training forward with named loss parts;
+* `forward(images) -> logits`: evaluation, using class embeddings computed once per evaluation;
+* `class_embeddings()`: the (refined, if TextRefiner is on) classifier [C, d];
+* `trainable_parameters()`: everything the optimiser updates (all of CLIP is frozen);
+* `checkpoint_state()` / `load_checkpoint_state(state)`: what a checkpoint holds (prompts, refiner
+  weights and cache), without the class-dependent buffers, so a base-trained checkpoint loads into
+  a model built for the novel classes.
+"""
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..clip_backbone import ImageOutput, clip_dims, encode_image
+from ..errors import UserError
+from ..losses import regularization_loss, select_semantic_tokens, semantic_loss
+from ..refiner import TextRefiner
+
+
+def build_refiner(cfg, dim: int, token_dim: int, num_patches: int) -> Optional[TextRefiner]:
+    """TextRefiner from cfg.TRAINER.REFINER, or None when it is off."""
+    rcfg = cfg.TRAINER.REFINER
+    if not rcfg.ENABLED:
+        return None
+    if rcfg.TOPK > num_patches:
+        raise UserError(f"TRAINER.REFINER.TOPK is {rcfg.TOPK} but the image encoder has only "
+                        f"{num_patches} patches: choose TOPK <= {num_patches}.")
+    try:
+        return TextRefiner(dim, token_dim, cache_size=rcfg.CACHE_SIZE, momentum=rcfg.MOMENTUM,
+                           alpha=rcfg.ALPHA, topk=rcfg.TOPK, write_rule=rcfg.WRITE_RULE)
+    except ValueError as exc:
+        raise UserError(f"Invalid TRAINER.REFINER setting: {exc}.") from None
+
+
+class PromptMethod(nn.Module):
+    """Base class: a prompt-tuned CLIP classifier with an optional TextRefiner.
+
+    Subclasses set `config_section` (the cfg.TRAINER.<section> they read), `trainable_prefixes`
+    (name prefixes of what the optimiser updates and checkpoints hold, besides "refiner.") and
+    implement
+    `text_features()` and, if their image side differs from plain CLIP, `encode_images()`.
+    """
+
+    config_section = "COOP"
+    trainable_prefixes: Tuple[str, ...] = ()
+    trains_on_all_classes = False  # PromptKD's base-to-novel protocol
+
+    def __init__(self, cfg, classnames: Sequence[str], clip_model: nn.Module):
+        super().__init__()
+        self.classnames = list(classnames)
+        self.precision = cfg.TRAINER[self.config_section].PREC
+        self.image_encoder = clip_model.visual
+        self.logit_scale = clip_model.logit_scale
+        self.dims = clip_dims(clip_model)
+        self.sem_weight = cfg.TRAINER.REFINER.SEM_WEIGHT
+        self.reg_weight = cfg.TRAINER.REFINER.REG_WEIGHT
+        self.refiner = None
+        self._classifier = None  # class embeddings cached for evaluation
+
+    # ---------------------------------------------------------------- set-up helpers
+    def _attach_refiner(self, cfg, dim: int, token_dim: int, dtype: torch.dtype):
+        refiner = build_refiner(cfg, dim, token_dim, self.dims["num_patches"])
+        self.refiner = None if refiner is None else refiner.to(dtype)
+
+    def _is_saved(self, name: str) -> bool:
+        """Whether a parameter or buffer belongs to what is trained and saved."""
+        return name.startswith(tuple(self.trainable_prefixes) + ("refiner.",))
+
+    def _freeze(self):
+        """Freeze everything but the method's prompts and the refiner's weights."""
+        for name, param in self.named_parameters():
+            param.requires_grad_(self._is_saved(name))
+
+    # ---------------------------------------------------------------- subclass hooks
+    def text_features(self) -> torch.Tensor:
+        """Normalised class text features E [C, d] (recomputed while training)."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor, return_tokens: bool = False) -> ImageOutput:
+        return encode_image(self.image_encoder, images, return_tokens=return_tokens)
+
+    # ---------------------------------------------------------------- classifier
+    def classifier(self) -> torch.Tensor:
+        """E, or Ehat = refine(E) when TextRefiner is on; computed afresh."""
+        text = self.text_features()
+        return text if self.refiner is None else self.refiner.refine(text)
+
+    def class_embeddings(self) -> torch.Tensor:
+        """The classifier; in eval mode computed once and reused until the next train()/load."""
+        if self.training:
+            return self.classifier()
+        if self._classifier is None:
+            with torch.no_grad():
+                self._classifier = self.classifier()
+        return self._classifier
+
+    def invalidate_classifier(self):
+        self._classifier = None
+
+    def train(self, mode: bool = True):
+        self.invalidate_classifier()
+        return super().train(mode)
+
+    # ---------------------------------------------------------------- forward passes
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits [B, C]: plain image encoder against the (cached) classifier."""
+        features = F.normalize(self.encode_images(images).features, dim=-1)
+        classifier = self.class_embeddings()
+        return self.logit_scale.exp() * features @ classifier.to(features.dtype).t()
+
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
+        """One training forward: returns (loss, {name: detached loss part})."""
+        text = self.text_features()
+        out = self.encode_images(images, return_tokens=self.refiner is not None)
+        features = F.normalize(out.features, dim=-1)
+        scale = self.logit_scale.exp()
+        if self.refiner is None:
+            loss = F.cross_entropy(scale * features @ text.t(), labels)
+            return loss, {"loss_cls": loss.detach()}
+
+        aligned = self.refiner.align(out.tokens)                      # V' [B, 1+N, d]
+        refined = self.refiner.refine(text)                            # read before write
+        loss_cls = F.cross_entropy(scale * features @ refined.t(), labels)
+        semantic = select_semantic_tokens(aligned, out.cls_attention, self.refiner.topk)
+        loss_sem = semantic_loss(semantic, text, labels, scale)
+        loss_reg = regularization_loss(refined, text)
+        self.refiner.update(aligned)
+        loss = loss_cls + self.sem_weight * loss_sem + self.reg_weight * loss_reg
+        return loss, {"loss_cls": loss_cls.detach(), "loss_sem": loss_sem.detach(),
+                      "loss_reg": loss_reg.detach()}
+
+    # ---------------------------------------------------------------- parameters and state
+    def trainable_parameters(self) -> Dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def checkpoint_state(self) -> Dict[str, torch.Tensor]:
+        """Trainable weights plus refiner buffers (cache, BatchNorm statistics)."""
+        return {k: v for k, v in self.state_dict().items() if self._is_saved(k)}
+
+    def load_checkpoint_state(self, state: Dict[str, torch.Tensor], source: str = "checkpoint"):
+        """Load `checkpoint_state()` output; any mismatch is a UserError that says why."""
+        expected = self.checkpoint_state()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise UserError(_mismatch_message(type(self).__name__, source, missing, unexpected,
+                                              self.refiner is not None))
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise UserError(
+                    f"{source}: {key!r} has shape {tuple(value.shape)} but this "
+                    f"{type(self).__name__} model expects {tuple(expected[key].shape)}. The "
+                    "checkpoint was trained with another CLIP backbone (embedding size), another "
+                    "prompt length, or class-specific prompts for another class list.")
+        self.load_state_dict(state, strict=False)
+        self.invalidate_classifier()
+
+
+def _mismatch_message(method, source, missing, unexpected, refiner_on):
+    def show(keys):
+        return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
+
+    hint = ""
+    if any(k.startswith("refiner.") for k in missing):
+        hint = " It was trained without TextRefiner: drop --refiner (TRAINER.REFINER.ENABLED)."
+    elif any(k.startswith("refiner.") for k in unexpected) and not refiner_on:
+        hint = " It was trained with TextRefiner: add --refiner (TRAINER.REFINER.ENABLED True)."
+    else:
+        hint = " It was probably saved by another method: check --trainer and the config file."
+    parts = [f"{source} does not fit a {method} model."]
+    if missing:
+        parts.append(f"Missing: {show(missing)}.")
+    if unexpected:
+        parts.append(f"Unexpected: {show(unexpected)}.")
+    return " ".join(parts) + hint

@@ -1,0 +1,30 @@
+"""CoOp: learnable context words shared by all classes (or one set per class), CLIP frozen."""
+import torch
+import torch.nn.functional as F
+
+from ..clip_backbone import TextEncoder
+from .base import PromptMethod
+from .prompts import PromptLearner
+
+
+class CoOp(PromptMethod):
+    config_section = "COOP"
+    trainable_prefixes = ("prompt_learner.",)
+
+    def __init__(self, cfg, classnames, clip_model):
+        super().__init__(cfg, classnames, clip_model)
+        ccfg = cfg.TRAINER.COOP
+        # As in CoOp, initial words fix the context length.
+        n_ctx = len(ccfg.CTX_INIT.replace("_", " ").split()) if ccfg.CTX_INIT else ccfg.N_CTX
+        self.prompt_learner = PromptLearner(
+            classnames, clip_model, n_ctx, ccfg.CTX_INIT, class_specific=ccfg.CSC,
+            position=ccfg.CLASS_TOKEN_POSITION)
+        self.text_encoder = TextEncoder(clip_model)
+        dim = self.dims["embed_dim"]
+        self._attach_refiner(cfg, dim, dim, clip_model.dtype)
+        self._freeze()
+
+    def text_features(self) -> torch.Tensor:
+        learner = self.prompt_learner
+        features = self.text_encoder(learner(), learner.eot_indices)
+        return F.normalize(features, dim=-1)

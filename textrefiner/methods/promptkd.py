@@ -1,0 +1,180 @@
+"""PromptKD: a ViT-B/16 student with IVLP vision prompts, distilled from a frozen ViT-L/14
+PromptSRC (IVLP) teacher on unlabelled images.
+
+The teacher's text features for all classes never change, so they are computed once when the model
+is built; only the teacher's image encoder runs per batch. In base-to-novel, the classifier spans
+all classes and evaluation scores a slice of them (`class_slice`): the first ceil(C/2) classes for
+validation (base), the rest for testing (novel).
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoint import read_checkpoint
+from ..clip_backbone import (TextEncoder, attach_ivlp_prompts, encode_image,
+                             ivlp_deep_prompts, ivlp_vision_prompts, load_clip)
+from ..errors import UserError
+from ..losses import kd_loss, regularization_loss, select_semantic_tokens, semantic_kd_loss
+from ..refiner import FeatureAligner
+from .base import PromptMethod
+from .prompts import PromptLearner
+
+TEACHER_IGNORED = ("prompt_learner.token_prefix", "prompt_learner.token_suffix",
+                   "prompt_learner.tokenized_prompts")
+
+
+class IVLPTeacher(nn.Module):
+    """A PromptSRC/IVLP CLIP laid out like its checkpoints: `prompt_learner.ctx`,
+    `text_encoder.*` (with deeper `VPT_shallow` prompts), `image_encoder.*` (with `VPT`), and
+    `logit_scale`. Prompt sizes are read from the checkpoint's own tensors."""
+
+    def __init__(self, classnames, clip_model, state_dict: dict, ctx_init: str = "a photo of a"):
+        super().__init__()
+        n_text = state_dict["prompt_learner.ctx"].shape[0]
+        self.prompt_learner = PromptLearner(classnames, clip_model, n_text,
+                                            ctx_init if n_text <= 4 else "")
+        self.text_encoder = TextEncoder(clip_model)
+        self.image_encoder = clip_model.visual
+        self.logit_scale = clip_model.logit_scale
+        attach_ivlp_prompts(self.text_encoder, n_text, _depth(state_dict, "text_encoder"), False)
+        if "image_encoder.VPT" in state_dict:
+            attach_ivlp_prompts(self.image_encoder, state_dict["image_encoder.VPT"].shape[0],
+                                _depth(state_dict, "image_encoder"), True)
+        self.requires_grad_(False)
+
+    def text_features(self) -> torch.Tensor:
+        learner = self.prompt_learner
+        features = self.text_encoder(learner(), learner.eot_indices,
+                                     ivlp_deep_prompts(self.text_encoder))
+        return F.normalize(features, dim=-1)
+
+    def image_features(self, images) -> torch.Tensor:
+        out = encode_image(self.image_encoder, images, ivlp_vision_prompts(self.image_encoder))
+        return F.normalize(out.features, dim=-1)
+
+
+def _depth(state_dict: dict, encoder: str) -> int:
+    prefix = f"{encoder}.transformer.resblocks."
+    deeper = [k for k in state_dict if k.startswith(prefix) and k.endswith(".VPT_shallow")]
+    return len(deeper) + 1
+
+
+def load_teacher(cfg, classnames, precision: str) -> IVLPTeacher:
+    """Teacher CLIP (TEACHER_PATH or TEACHER_NAME) with the prompts of TEACHER_CKPT."""
+    kcfg = cfg.TRAINER.PROMPTKD
+    if not kcfg.TEACHER_CKPT:
+        raise UserError(
+            "PromptKD needs a teacher: set TRAINER.PROMPTKD.TEACHER_CKPT to a PromptSRC teacher "
+            "checkpoint (<dataset>/VLPromptLearner/model-best.pth.tar, as PromptKD publishes them).")
+    checkpoint = read_checkpoint(kcfg.TEACHER_CKPT, "teacher checkpoint")
+    state = {k: v for k, v in checkpoint.get("state_dict", checkpoint).items()
+             if not k.startswith(TEACHER_IGNORED)}
+    if "prompt_learner.ctx" not in state:
+        raise UserError(f"{kcfg.TEACHER_CKPT!r} is not a PromptSRC/IVLP teacher checkpoint (it has "
+                        "no 'prompt_learner.ctx').")
+    clip_model = load_clip(kcfg.TEACHER_PATH or kcfg.TEACHER_NAME, precision,
+                           config_key="TRAINER.PROMPTKD.TEACHER_PATH")
+    teacher = IVLPTeacher(classnames, clip_model, state, kcfg.CTX_INIT)
+    expected = teacher.state_dict()
+    missing = [k for k in expected if k not in state and ("VPT" in k or "prompt_learner" in k)]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise UserError(f"Teacher checkpoint {kcfg.TEACHER_CKPT!r} does not fit the teacher CLIP "
+                        f"{kcfg.TEACHER_PATH or kcfg.TEACHER_NAME!r}: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}.")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise UserError(f"Teacher checkpoint {kcfg.TEACHER_CKPT!r}: {key!r} has shape "
+                            f"{tuple(value.shape)}, the teacher CLIP expects "
+                            f"{tuple(expected[key].shape)}. Check TRAINER.PROMPTKD.TEACHER_NAME/PATH.")
+    teacher.load_state_dict(state, strict=False)
+    return teacher.eval()
+
+
+class PromptKD(PromptMethod):
+    """Student image encoder (IVLP vision prompts + projector `VPT_image_trans`) against the
+    teacher's text features, refined by TextRefiner when it is on."""
+
+    config_section = "PROMPTKD"
+    trainable_prefixes = ("image_encoder.VPT", "VPT_image_trans.")
+    trains_on_all_classes = True
+
+    def __init__(self, cfg, classnames, clip_model, teacher: Optional[IVLPTeacher] = None):
+        super().__init__(cfg, classnames, clip_model)
+        kcfg = cfg.TRAINER.PROMPTKD
+        self.kd_weight = kcfg.KD_WEIGHT
+        self.temperature = kcfg.TEMPERATURE
+        self.kd_sem_weight = cfg.TRAINER.REFINER.KD_SEM_WEIGHT
+        self.kd_reg_weight = cfg.TRAINER.REFINER.KD_REG_WEIGHT
+        attach_ivlp_prompts(self.image_encoder, kcfg.N_CTX_VISION, kcfg.PROMPT_DEPTH_VISION, True)
+        teacher = teacher or load_teacher(cfg, classnames, self.precision)
+        teacher_dim = teacher.text_encoder.text_projection.shape[1]
+        self.teacher = teacher.to(clip_model.dtype).eval()
+        with torch.no_grad():
+            self.register_buffer("teacher_text", self.teacher.text_features(), persistent=False)
+        self.VPT_image_trans = FeatureAligner(self.dims["embed_dim"], teacher_dim).to(clip_model.dtype)
+        self._attach_refiner(cfg, teacher_dim, self.dims["embed_dim"], clip_model.dtype)
+        self.class_slice = slice(None)  # which classes evaluation scores
+        self._freeze()
+
+    # The teacher is frozen and rebuilt from its own checkpoint: never train it, never save it.
+    def _freeze(self):
+        super()._freeze()
+        self.teacher.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _is_saved(self, name: str) -> bool:
+        deep_vision_prompt = name.startswith("image_encoder.") and name.endswith(".VPT_shallow")
+        return deep_vision_prompt or super()._is_saved(name)
+
+    def set_eval_classes(self, split: str, modal: str = "base2novel"):
+        """Score the base half for "val", the novel half for "test" (base2novel); all otherwise."""
+        m = math.ceil(len(self.classnames) / 2)
+        if modal != "base2novel" or split not in ("val", "test"):
+            self.class_slice = slice(None)
+        else:
+            self.class_slice = slice(None, m) if split == "val" else slice(m, None)
+
+    def text_features(self) -> torch.Tensor:
+        return self.teacher_text
+
+    def class_embeddings(self) -> torch.Tensor:
+        return super().class_embeddings()[self.class_slice]
+
+    def encode_images(self, images, return_tokens=False):
+        out = encode_image(self.image_encoder, images, ivlp_vision_prompts(self.image_encoder),
+                           return_tokens=return_tokens)
+        out.features = self.VPT_image_trans(out.features)
+        return out
+
+    def forward_train(self, images, labels=None):
+        with torch.no_grad():
+            teacher_logits = (self.teacher.logit_scale.exp() * self.teacher.image_features(images)
+                              @ self.teacher_text.t())
+        out = self.encode_images(images, return_tokens=self.refiner is not None)
+        features = F.normalize(out.features, dim=-1)
+        scale = self.logit_scale.exp()
+        text = self.teacher_text.to(features.dtype)
+        t, w = self.temperature, self.kd_weight
+        if self.refiner is None:
+            loss_kd = kd_loss(scale * features @ text.t(), teacher_logits, t)
+            return w * loss_kd, {"loss_kd": loss_kd.detach()}
+
+        aligned = self.refiner.align(out.tokens)                      # [B, 1+N, d_teacher]
+        refined = self.refiner.refine(text)
+        loss_kd = kd_loss(scale * features @ refined.t(), teacher_logits, t)
+        semantic = select_semantic_tokens(aligned, out.cls_attention, self.refiner.topk)
+        loss_sem = semantic_kd_loss(semantic, text, teacher_logits, scale, t)
+        loss_reg = regularization_loss(refined, text)
+        self.refiner.update(aligned)
+        loss = w * (loss_kd + self.kd_sem_weight * loss_sem + self.kd_reg_weight * loss_reg)
+        return loss, {"loss_kd": loss_kd.detach(), "loss_sem": loss_sem.detach(),
+                      "loss_reg": loss_reg.detach()}
+

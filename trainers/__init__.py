@@ -1,0 +1,1 @@
+"""Dassl.pytorch layer (installed as `textrefiner_trainers`): importing it registers the trainers."""
