@@ -211,8 +211,9 @@ def build_dataset(cfg, all_classes_for_training=False):
 
     Default (CoOp): few-shot train/val (cached per shots and seed), then the base or new half
     of the classes in every split. `all_classes_for_training` (PromptKD's base2novel): train on
-    all classes; val = test split of the base classes, test = test split of the novel classes,
-    each relabelled from 0; classnames = all classes. Test-only datasets ignore both.
+    all classes; val = test split of the base classes, test = test split of the novel classes
+    (of the base classes when SUBSAMPLE_CLASSES is "base"), each relabelled from 0;
+    classnames = all classes. Test-only datasets ignore both.
     """
     root, name = cfg.DATASET.ROOT, cfg.DATASET.NAME
     train, val, test = read_dataset(root, name)
@@ -221,13 +222,14 @@ def build_dataset(cfg, all_classes_for_training=False):
 
     folder = dataset_dir(root, name)
     train, val = fewshot_splits(folder, train, val, cfg.DATASET.NUM_SHOTS, cfg.SEED)
+    subsample = cfg.DATASET.get("SUBSAMPLE_CLASSES", "all")
     if all_classes_for_training:
         _, base_test = subsample_classes(train, test, subsample="base")
         _, novel_test = subsample_classes(train, test, subsample="new")
         return DatasetSplits(
-            train_x=train, val=base_test, test=novel_test, classnames=classnames_of(train)
+            train_x=train, val=base_test, test=base_test if subsample == "base" else novel_test,
+            classnames=classnames_of(train),
         )
-    subsample = cfg.DATASET.get("SUBSAMPLE_CLASSES", "all")
     train, val, test = subsample_classes(train, val, test, subsample=subsample)
     if val is None:  # ImageNet validates on its test split
         val = test

@@ -49,6 +49,7 @@ class PromptMethod(nn.Module):
     config_section = "COOP"
     trainable_prefixes: Tuple[str, ...] = ()
     trains_on_all_classes = False  # PromptKD's base-to-novel protocol
+    checkpoint_name = None  # folder of its checkpoints in a Dassl output dir; None: nothing saved
 
     def __init__(self, cfg, classnames: Sequence[str], clip_model: nn.Module):
         super().__init__()

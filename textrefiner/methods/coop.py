@@ -8,6 +8,7 @@ from .prompts import PromptLearner
 
 
 class CoOp(PromptMethod):
+    checkpoint_name = "prompt_learner"  # the Dassl model name its codebase saves under
     config_section = "COOP"
     trainable_prefixes = ("prompt_learner.",)
 

@@ -41,6 +41,7 @@ class MaPLePromptLearner(PromptLearner):
 
 
 class MaPLe(PromptMethod):
+    checkpoint_name = "MultiModalPromptLearner"  # the Dassl model name its codebase saves under
     config_section = "MAPLE"
     trainable_prefixes = ("prompt_learner.",)
 

@@ -97,6 +97,7 @@ def load_teacher(cfg, classnames, precision: str) -> IVLPTeacher:
 class PromptKD(PromptMethod):
     """Student image encoder (IVLP vision prompts + projector `VPT_image_trans`) against the
     teacher's text features, refined by TextRefiner when it is on."""
+    checkpoint_name = "VLPromptLearner"  # the Dassl model name its codebase saves under
 
     config_section = "PROMPTKD"
     trainable_prefixes = ("image_encoder.VPT", "VPT_image_trans.")
@@ -134,13 +135,17 @@ class PromptKD(PromptMethod):
         deep_vision_prompt = name.startswith("image_encoder.") and name.endswith(".VPT_shallow")
         return deep_vision_prompt or super()._is_saved(name)
 
-    def set_eval_classes(self, split: str, modal: str = "base2novel"):
-        """Score the base half for "val", the novel half for "test" (base2novel); all otherwise."""
+    def set_eval_classes(self, split: str, modal: str = "base2novel", subsample: str = "all"):
+        """Which classes evaluation scores. In base2novel the classifier spans all classes: "val"
+        scores the base half (first ceil(C/2)), "test" the novel half, or the base half when
+        SUBSAMPLE_CLASSES is "base". Otherwise all classes."""
         m = math.ceil(len(self.classnames) / 2)
-        if modal != "base2novel" or split not in ("val", "test"):
+        if modal != "base2novel":
             self.class_slice = slice(None)
+        elif split == "val" or subsample == "base":
+            self.class_slice = slice(None, m)
         else:
-            self.class_slice = slice(None, m) if split == "val" else slice(m, None)
+            self.class_slice = slice(m, None)
 
     def text_features(self) -> torch.Tensor:
         return self.teacher_text

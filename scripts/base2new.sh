@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Base-to-novel protocol: train on the base classes, test on base and on novel, for each seed;
+# then print base / novel / HM averaged over seeds.
+#
+# usage: bash scripts/base2new.sh <trainer> <dataset> [--refiner] [--seeds "1 2 3"] [--root DIR]
+#            [--out DIR] [--shots K] [--cfg NAME] [--load-epoch N] [KEY VALUE ...]
+#   trainer: CoOp | MaPLe | PromptKD | ZeroshotCLIP;  dataset: a name under configs/datasets/
+#   KEY VALUE pairs are config overrides passed to every run.
+# Environment: PYTHON (default python), DATA (default --root).
+set -euo pipefail
+
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+
+[[ $# -ge 2 ]] || usage
+TRAINER=$1
+DATASET=$2
+shift 2
+
+REFINER=0
+SEEDS="1 2 3"
+ROOT=${DATA:-data}
+OUT=output
+SHOTS=""
+CFG=""
+LOAD_EPOCH=""
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --refiner) REFINER=1; shift ;;
+        --seeds) SEEDS=$2; shift 2 ;;
+        --root) ROOT=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        --shots) SHOTS=$2; shift 2 ;;
+        --cfg) CFG=$2; shift 2 ;;
+        --load-epoch) LOAD_EPOCH=$2; shift 2 ;;
+        -h|--help) usage 0 ;;
+        --*) echo "unknown option: $1" >&2; usage ;;
+        *) [[ $# -ge 2 ]] || { echo "override $1 has no value" >&2; exit 1; }
+           EXTRA+=("$1" "$2"); shift 2 ;;
+    esac
+done
+
+PY=${PYTHON:-python}
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=scripts/common.sh
+source "$SCRIPT_DIR/common.sh"
+
+set_trainer_defaults "$TRAINER"
+[[ -n $SHOTS ]] || SHOTS=$DEFAULT_SHOTS
+[[ -n $CFG ]] || CFG=$DEFAULT_CFG
+METHOD=$TRAINER
+REFINER_FLAG=()
+if [[ $REFINER == 1 ]]; then
+    [[ $TRAINER != ZeroshotCLIP ]] || { echo "ZeroshotCLIP has nothing to refine; drop --refiner" >&2; exit 1; }
+    METHOD="$TRAINER+TR"
+    REFINER_FLAG=(--refiner)
+fi
+
+CFG_FILE=configs/trainers/$TRAINER/$CFG.yaml
+[[ -n $LOAD_EPOCH ]] || LOAD_EPOCH=$(max_epoch "$CFG_FILE" "${EXTRA[@]+"${EXTRA[@]}"}")
+
+METHOD_OPTS=(DATASET.NUM_SHOTS "$SHOTS")
+TEST_SUB=(DATASET.SUBSAMPLE_CLASSES new)
+TRAIN_SUB=(DATASET.SUBSAMPLE_CLASSES base)
+if [[ $TRAINER == PromptKD ]]; then
+    # distils on all training images of all classes whatever SUBSAMPLE_CLASSES says; it only
+    # picks the classes the final test scores (base after training, new for the test step)
+    METHOD_OPTS+=(TRAINER.MODAL base2novel TRAINER.PROMPTKD.KD_WEIGHT "$(promptkd_kd_weight "$DATASET")")
+fi
+
+COMMON=(--root "$ROOT" --trainer "$TRAINER"
+        --dataset-config-file "configs/datasets/$DATASET.yaml" --config-file "$CFG_FILE")
+SUB_DIR=$DATASET/shots_$SHOTS/$METHOD/$CFG
+
+for SEED in $SEEDS; do
+    TRAIN_DIR=$OUT/base2new/train_base/$SUB_DIR/seed$SEED
+    TEST_DIR=$OUT/base2new/test_new/$SUB_DIR/seed$SEED
+    if [[ $TRAINER == ZeroshotCLIP ]]; then
+        run_once "$TRAIN_DIR" "$PY" -m textrefiner.train "${COMMON[@]}" --seed "$SEED" --output-dir "$TRAIN_DIR" \
+            --eval-only "${METHOD_OPTS[@]}" DATASET.SUBSAMPLE_CLASSES base "${EXTRA[@]+"${EXTRA[@]}"}"
+        run_once "$TEST_DIR" "$PY" -m textrefiner.train "${COMMON[@]}" --seed "$SEED" --output-dir "$TEST_DIR" \
+            --eval-only "${METHOD_OPTS[@]}" DATASET.SUBSAMPLE_CLASSES new "${EXTRA[@]+"${EXTRA[@]}"}"
+        continue
+    fi
+    run_once "$TRAIN_DIR" "$PY" -m textrefiner.train "${COMMON[@]}" --seed "$SEED" --output-dir "$TRAIN_DIR" \
+        "${REFINER_FLAG[@]+"${REFINER_FLAG[@]}"}" "${METHOD_OPTS[@]}" "${TRAIN_SUB[@]+"${TRAIN_SUB[@]}"}" \
+        "${EXTRA[@]+"${EXTRA[@]}"}"
+    LOAD=()
+    [[ -z $LOAD_EPOCH ]] || LOAD=(--load-epoch "$LOAD_EPOCH")
+    run_once "$TEST_DIR" "$PY" -m textrefiner.train "${COMMON[@]}" --seed "$SEED" --output-dir "$TEST_DIR" \
+        --model-dir "$TRAIN_DIR" "${LOAD[@]+"${LOAD[@]}"}" --eval-only \
+        "${REFINER_FLAG[@]+"${REFINER_FLAG[@]}"}" "${METHOD_OPTS[@]}" "${TEST_SUB[@]}" "${EXTRA[@]+"${EXTRA[@]}"}"
+done
+
+echo
+"$PY" -m textrefiner.results "$OUT" --base2new-summary --dataset "$DATASET" --method "$METHOD" \
+    --cfg "$CFG" --shots "$SHOTS"

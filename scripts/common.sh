@@ -1,0 +1,52 @@
+# Helpers shared by base2new.sh and xd.sh (sourced, not run).
+
+# Default config and shots per trainer: sets DEFAULT_CFG and DEFAULT_SHOTS.
+set_trainer_defaults() {
+    case $1 in
+        CoOp) DEFAULT_CFG=vit_b16_ep10_ctxv1; DEFAULT_SHOTS=16 ;;
+        MaPLe) DEFAULT_CFG=vit_b16_c2_ep5_batch4_2ctx; DEFAULT_SHOTS=16 ;;
+        PromptKD) DEFAULT_CFG=vit_b16_c2_ep20_batch8_4+4ctx; DEFAULT_SHOTS=0 ;;
+        ZeroshotCLIP) DEFAULT_CFG=vit_b16; DEFAULT_SHOTS=0 ;;
+        *) echo "unknown trainer '$1' (expected CoOp, MaPLe, PromptKD or ZeroshotCLIP)" >&2; exit 1 ;;
+    esac
+}
+
+# PromptKD's distillation weight: 200 on the fine-grained sets of its recipe, 1000 elsewhere.
+promptkd_kd_weight() {
+    case $1 in
+        fgvc_aircraft|oxford_flowers|dtd) echo 200 ;;
+        *) echo 1000 ;;
+    esac
+}
+
+# max_epoch CFG_FILE [KEY VALUE ...]: the epoch to load for testing, from an OPTIM.MAX_EPOCH
+# override or the config file; empty when neither says (the runner then picks its default).
+max_epoch() {
+    local cfg_file=$1 epoch=""
+    shift
+    while [[ $# -ge 2 ]]; do
+        [[ $1 != OPTIM.MAX_EPOCH ]] || epoch=$2
+        shift 2
+    done
+    if [[ -z $epoch && -f $cfg_file ]]; then
+        epoch=$(sed -n 's/^[[:space:]]*MAX_EPOCH:[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$cfg_file" | head -n 1)
+    fi
+    echo "$epoch"
+}
+
+# finished DIR: true when DIR/log.txt holds an accuracy line.
+finished() {
+    [[ -f $1/log.txt ]] && grep -qE '^[[:space:]]*\* accuracy: [0-9.]+%' "$1/log.txt"
+}
+
+# run_once DIR COMMAND...: run COMMAND unless DIR already holds a finished run.
+run_once() {
+    local dir=$1
+    shift
+    if finished "$dir"; then
+        echo "skip (finished): $dir"
+        return 0
+    fi
+    echo "run: $*"
+    "$@"
+}

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Cross-dataset / cross-domain protocol: train on all ImageNet classes (few-shot), then test the
+# same model on the other datasets and on ImageNet-V2/-Sketch/-A/-R; print a table at the end.
+#
+# usage: bash scripts/xd.sh <trainer> [--refiner] [--seeds "1 2 3"] [--root DIR] [--out DIR]
+#            [--shots K] [--cfg NAME] [--load-epoch N] [--targets "dtd eurosat ..."] [KEY VALUE ...]
+#   trainer: CoOp | MaPLe | ZeroshotCLIP (PromptKD distils on each target set, a different protocol)
+# Environment: PYTHON (default python), DATA (default --root).
+set -euo pipefail
+
+usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+
+[[ $# -ge 1 ]] || usage
+TRAINER=$1
+shift
+
+REFINER=0
+SEEDS="1 2 3"
+ROOT=${DATA:-data}
+OUT=output
+SHOTS=16
+CFG=""
+LOAD_EPOCH=""
+TARGETS="caltech101 oxford_pets stanford_cars oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101
+         imagenetv2 imagenet_sketch imagenet_a imagenet_r"
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --refiner) REFINER=1; shift ;;
+        --seeds) SEEDS=$2; shift 2 ;;
+        --root) ROOT=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        --shots) SHOTS=$2; shift 2 ;;
+        --cfg) CFG=$2; shift 2 ;;
+        --load-epoch) LOAD_EPOCH=$2; shift 2 ;;
+        --targets) TARGETS=$2; shift 2 ;;
+        -h|--help) usage 0 ;;
+        --*) echo "unknown option: $1" >&2; usage ;;
+        *) [[ $# -ge 2 ]] || { echo "override $1 has no value" >&2; exit 1; }
+           EXTRA+=("$1" "$2"); shift 2 ;;
+    esac
+done
+
+PY=${PYTHON:-python}
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=scripts/common.sh
+source "$SCRIPT_DIR/common.sh"
+
+if [[ $TRAINER == PromptKD ]]; then
+    echo "xd.sh covers training on ImageNet only; PromptKD's cross-dataset recipe distils on each target set." >&2
+    exit 1
+fi
+set_trainer_defaults "$TRAINER"
+[[ $TRAINER != MaPLe ]] || DEFAULT_CFG=vit_b16_c2_ep5_batch4_2ctx_cross_datasets  # MaPLe's ImageNet recipe: 2 epochs
+[[ -n $CFG ]] || CFG=$DEFAULT_CFG
+METHOD=$TRAINER
+REFINER_FLAG=()
+if [[ $REFINER == 1 ]]; then
+    [[ $TRAINER != ZeroshotCLIP ]] || { echo "ZeroshotCLIP has nothing to refine; drop --refiner" >&2; exit 1; }
+    METHOD="$TRAINER+TR"
+    REFINER_FLAG=(--refiner)
+fi
+
+CFG_FILE=configs/trainers/$TRAINER/$CFG.yaml
+[[ -n $LOAD_EPOCH ]] || LOAD_EPOCH=$(max_epoch "$CFG_FILE" "${EXTRA[@]+"${EXTRA[@]}"}")
+LOAD=()
+[[ -z $LOAD_EPOCH ]] || LOAD=(--load-epoch "$LOAD_EPOCH")
+COMMON=(--root "$ROOT" --trainer "$TRAINER" --config-file "$CFG_FILE")
+SUB_DIR=shots_$SHOTS/$METHOD/$CFG
+
+for SEED in $SEEDS; do
+    TRAIN_DIR=$OUT/xd/train/imagenet/$SUB_DIR/seed$SEED
+    MODEL=()
+    if [[ $TRAINER == ZeroshotCLIP ]]; then
+        TEST_SETS="imagenet $TARGETS"
+    else
+        TEST_SETS=$TARGETS
+        MODEL=(--model-dir "$TRAIN_DIR" "${LOAD[@]+"${LOAD[@]}"}")
+        run_once "$TRAIN_DIR" "$PY" -m textrefiner.train "${COMMON[@]}" --seed "$SEED" \
+            --dataset-config-file configs/datasets/imagenet.yaml --output-dir "$TRAIN_DIR" \
+            "${REFINER_FLAG[@]+"${REFINER_FLAG[@]}"}" DATASET.NUM_SHOTS "$SHOTS" DATASET.SUBSAMPLE_CLASSES all \
+            "${EXTRA[@]+"${EXTRA[@]}"}"
+    fi
+    for TARGET in $TEST_SETS; do
+        TEST_DIR=$OUT/xd/test/$TARGET/$SUB_DIR/seed$SEED
+        run_once "$TEST_DIR" "$PY" -m textrefiner.train "${COMMON[@]}" --seed "$SEED" \
+            --dataset-config-file "configs/datasets/$TARGET.yaml" --output-dir "$TEST_DIR" \
+            "${MODEL[@]+"${MODEL[@]}"}" --eval-only "${REFINER_FLAG[@]+"${REFINER_FLAG[@]}"}" \
+            "${EXTRA[@]+"${EXTRA[@]}"}"
+    done
+done
+
+echo
+"$PY" -m textrefiner.results "$OUT" --xd-summary --method "$METHOD" --cfg "$CFG" --shots "$SHOTS"

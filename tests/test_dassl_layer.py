@@ -1,0 +1,204 @@
+"""The Dassl layer (`textrefiner_trainers`): registration, training through Dassl's own loop,
+checkpoints in Dassl's layout, and eval-only loading on the novel classes."""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("dassl")
+
+from dassl.data.datasets import DATASET_REGISTRY  # noqa: E402
+from dassl.engine import TRAINER_REGISTRY, build_trainer  # noqa: E402
+
+import textrefiner_trainers  # noqa: E402
+from textrefiner.checkpoint import read_checkpoint  # noqa: E402
+from textrefiner.clip_backbone import load_clip  # noqa: E402
+from textrefiner.config import CONFIG_DIR, load_cfg  # noqa: E402
+from textrefiner.data import DATASETS, synthetic_classnames, write_synthetic_dataset  # noqa: E402
+from textrefiner.errors import UserError  # noqa: E402
+from textrefiner.methods.promptkd import IVLPTeacher  # noqa: E402
+
+CACHE_KEY = "refiner.cache.entries"
+FOLDERS = {"CoOp": "prompt_learner", "MaPLe": "MultiModalPromptLearner",
+           "PromptKD": "VLPromptLearner"}
+SMALL_OPTS = ["INPUT.SIZE", "(32, 32)", "USE_CUDA", "False", "SEED", "1",
+              "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "2",
+              "TRAINER.COOP.PREC", "fp32", "TRAINER.MAPLE.PREC", "fp32",
+              "TRAINER.PROMPTKD.PREC", "fp32", "TRAINER.MAPLE.PROMPT_DEPTH", "2",
+              "TRAINER.PROMPTKD.PROMPT_DEPTH_VISION", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("dassl_data"))
+    write_synthetic_dataset(root, num_classes=4, per_class_train=4, per_class_val=2,
+                            per_class_test=3, image_size=32)
+    return root
+
+
+def dassl_cfg(trainer, output_dir, clip_path, data_root, *opts):
+    """The CPU demo config on the synthetic dataset, for Dassl trainer `trainer` ("CoOp")."""
+    cfg = load_cfg(os.path.join(CONFIG_DIR, "trainers", "CoOp", "demo_cpu.yaml"),
+                   os.path.join(CONFIG_DIR, "datasets", "synthetic_shapes.yaml"),
+                   SMALL_OPTS + ["DATASET.ROOT", data_root, "MODEL.BACKBONE.PATH", clip_path,
+                                 "OUTPUT_DIR", str(output_dir),
+                                 "TRAINER.NAME", textrefiner_trainers.TRAINER_NAMES[trainer]]
+                   + list(opts))
+    cfg.freeze()
+    return cfg
+
+
+def saved_state(output_dir, trainer, epoch=2):
+    path = os.path.join(output_dir, FOLDERS[trainer], f"model.pth.tar-{epoch}")
+    assert os.path.isfile(path), os.listdir(output_dir)
+    return read_checkpoint(path)
+
+
+def assert_state_equal(model, state):
+    current = model.checkpoint_state()
+    assert sorted(current) == sorted(state)
+    for key, value in state.items():
+        assert torch.equal(current[key].cpu(), value), key
+
+
+# ------------------------------------------------------------------------------ registration
+def test_names_are_registered():
+    for registered in textrefiner_trainers.TRAINER_NAMES.values():
+        assert registered in TRAINER_REGISTRY.registered_names()
+    for name in DATASETS:
+        assert "TR_" + name in DATASET_REGISTRY.registered_names()
+
+
+def test_importing_twice_raises_nothing():
+    for name in ("datasets", "coop", "maple", "promptkd", "zsclip"):
+        importlib.reload(importlib.import_module(f"textrefiner_trainers.{name}"))
+    importlib.reload(textrefiner_trainers)
+    assert TRAINER_REGISTRY.get("TR_CoOp").method_name == "CoOp"
+
+
+def _forget_our_package(monkeypatch):
+    for key in [k for k in sys.modules if k.split(".")[0] == "textrefiner_trainers"]:
+        monkeypatch.delitem(sys.modules, key)
+
+
+def test_original_codebase_registered_first(monkeypatch):
+    """CoOp's codebase registers "CoOp" and "OxfordPets" in the same process: ours still load."""
+    monkeypatch.setattr(TRAINER_REGISTRY, "_obj_map", {
+        k: v for k, v in TRAINER_REGISTRY._obj_map.items() if not k.startswith("TR_")})
+    monkeypatch.setattr(DATASET_REGISTRY, "_obj_map", {
+        k: v for k, v in DATASET_REGISTRY._obj_map.items() if not k.startswith("TR_")})
+
+    @TRAINER_REGISTRY.register()
+    class CoOp:  # noqa: N801  (the original trainer's registry name)
+        pass
+
+    @DATASET_REGISTRY.register()
+    class OxfordPets:
+        pass
+
+    _forget_our_package(monkeypatch)
+    fresh = importlib.import_module("textrefiner_trainers")
+    assert TRAINER_REGISTRY.get("CoOp") is CoOp
+    assert TRAINER_REGISTRY.get("TR_CoOp") is fresh.TR_CoOp
+    assert DATASET_REGISTRY.get("OxfordPets") is OxfordPets
+    assert "TR_OxfordPets" in DATASET_REGISTRY.registered_names()
+
+
+def test_without_dassl_the_import_error_says_what_to_install(monkeypatch):
+    _forget_our_package(monkeypatch)
+    monkeypatch.setitem(sys.modules, "dassl", None)
+    with pytest.raises(ImportError, match="install|Install") as info:
+        importlib.import_module("textrefiner_trainers")
+    assert "Dassl.pytorch" in str(info.value)
+    assert isinstance(info.value, UserError)
+
+
+# ------------------------------------------------------------------------------ train + eval-only
+@pytest.mark.parametrize("trainer,refiner", [("CoOp", False), ("CoOp", True), ("MaPLe", True)])
+def test_train_then_eval_on_novel_classes(trainer, refiner, clip_path, data_root, tmp_path,
+                                          capsys):
+    out = tmp_path / "base"
+    cfg = dassl_cfg(trainer, out, clip_path, data_root, "DATASET.SUBSAMPLE_CLASSES", "base",
+                    "TRAINER.REFINER.ENABLED", str(refiner))
+    base = build_trainer(cfg)
+    assert cfg.DATASET.NAME == "SyntheticShapes"  # the user's config is left as it was
+    assert base.dm.dataset.classnames == synthetic_classnames(4)[:2]
+    initial_cache = base.model.checkpoint_state().get(CACHE_KEY, torch.empty(0)).clone()
+    base.train()
+    assert "* accuracy:" in capsys.readouterr().out
+
+    checkpoint = saved_state(out, trainer)
+    assert checkpoint["epoch"] == 2 and checkpoint["optimizer"] is not None
+    assert os.path.isfile(os.path.join(out, FOLDERS[trainer], "checkpoint"))
+    state = checkpoint["state_dict"]
+    assert all(k.startswith(("prompt_learner.", "refiner.")) for k in state)
+    assert (CACHE_KEY in state) == refiner
+    if refiner:  # the cache was written during training and saved
+        assert not torch.equal(state[CACHE_KEY], initial_cache)
+
+    novel_cfg = dassl_cfg(trainer, tmp_path / "novel", clip_path, data_root,
+                          "DATASET.SUBSAMPLE_CLASSES", "new", "TRAINER.REFINER.ENABLED", str(refiner))
+    novel = build_trainer(novel_cfg)
+    assert novel.dm.dataset.classnames == synthetic_classnames(4)[2:]
+    novel.load_model(str(out), epoch=2)
+    assert_state_equal(novel.model, state)
+    novel.test()
+    assert "* accuracy:" in capsys.readouterr().out
+
+
+def test_missing_checkpoint_names_the_path(clip_path, data_root, tmp_path):
+    trainer = build_trainer(dassl_cfg("CoOp", tmp_path / "out", clip_path, data_root))
+    with pytest.raises(UserError, match=r"model\.pth\.tar-7"):
+        trainer.load_model(str(tmp_path / "nowhere"), epoch=7)
+
+
+def test_zeroshot_clip_evaluates(clip_path, data_root, tmp_path, capsys):
+    trainer = build_trainer(dassl_cfg("ZeroshotCLIP", tmp_path / "out", clip_path, data_root))
+    trainer.load_model("", epoch=None)
+    trainer.test()
+    assert "* accuracy:" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ PromptKD
+@pytest.fixture(scope="module")
+def teacher_ckpt(teacher_clip_path, tmp_path_factory):
+    """A PromptSRC-style teacher checkpoint (<dir>/VLPromptLearner/model-best.pth.tar)."""
+    clip_model = load_clip(teacher_clip_path, "fp32")
+    text_width = clip_model.ln_final.weight.shape[0]
+    vision_width = clip_model.visual.conv1.weight.shape[0]
+    torch.manual_seed(0)
+    prompts = {"prompt_learner.ctx": torch.randn(4, text_width) * 0.02,
+               "text_encoder.transformer.resblocks.1.VPT_shallow": torch.randn(4, text_width),
+               "image_encoder.VPT": torch.randn(4, vision_width) * 0.02,
+               "image_encoder.transformer.resblocks.1.VPT_shallow": torch.randn(4, vision_width)}
+    teacher = IVLPTeacher(["cat", "dog"], clip_model, prompts)  # classes are not saved
+    teacher.load_state_dict(prompts, strict=False)
+    path = tmp_path_factory.mktemp("teacher") / "VLPromptLearner" / "model-best.pth.tar"
+    path.parent.mkdir()
+    torch.save({"state_dict": teacher.state_dict(), "epoch": 20}, path)
+    return str(path)
+
+
+def test_promptkd_trains_on_all_classes_and_tests_on_novel(clip_path, teacher_clip_path,
+                                                           teacher_ckpt, data_root, tmp_path,
+                                                           capsys):
+    out = tmp_path / "kd"
+    cfg = dassl_cfg("PromptKD", out, clip_path, data_root, "DATASET.NUM_SHOTS", "0",
+                    "OPTIM.MAX_EPOCH", "1", "TRAINER.REFINER.ENABLED", "True",
+                    "TRAINER.PROMPTKD.TEACHER_PATH", teacher_clip_path,
+                    "TRAINER.PROMPTKD.TEACHER_CKPT", teacher_ckpt)
+    trainer = build_trainer(cfg)
+    assert len(trainer.dm.dataset.classnames) == 4  # all classes, unlabelled training
+    trainer.train()
+    assert "* accuracy:" in capsys.readouterr().out
+    assert trainer.model.class_slice == slice(2, None)  # the test split is the novel half
+
+    state = saved_state(out, "PromptKD", epoch=1)["state_dict"]
+    assert CACHE_KEY in state and "image_encoder.VPT" in state
+    assert not any(k.startswith("teacher.") for k in state)
+    again = build_trainer(cfg)
+    again.load_model(str(out), epoch=1)
+    assert_state_equal(again.model, state)
+    assert again.test() == pytest.approx(trainer.test())

@@ -1,0 +1,1 @@
+"""The standalone runner: Dassl's training loop, outputs and checkpoints, without Dassl."""

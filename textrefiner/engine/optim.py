@@ -1,0 +1,54 @@
+"""Optimisers and learning-rate schedules as Dassl defines them (OPTIM.* keys).
+
+Dassl's warm-up wraps its cosine schedule: during the warm-up epochs the learning rate is
+WARMUP_CONS_LR ("constant") or ramps linearly ("linear"); afterwards the cosine schedule resumes
+from its first step, so epoch e >= W trains at cosine(e - W + 1). Without warm-up epoch e trains at
+cosine(e).
+"""
+import math
+
+import torch
+
+from ..errors import UserError
+
+
+def build_optimizer(params, ocfg) -> torch.optim.Optimizer:
+    params = list(params)
+    if not params:
+        raise UserError("This method has no trainable parameters: run it with --eval-only.")
+    name = ocfg.NAME.lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=ocfg.LR, momentum=ocfg.MOMENTUM,
+                               weight_decay=ocfg.WEIGHT_DECAY, dampening=ocfg.SGD_DAMPNING,
+                               nesterov=ocfg.SGD_NESTEROV)
+    if name in ("adam", "adamw"):
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(params, lr=ocfg.LR, weight_decay=ocfg.WEIGHT_DECAY,
+                   betas=(ocfg.ADAM_BETA1, ocfg.ADAM_BETA2))
+    raise UserError(f"OPTIM.NAME {ocfg.NAME!r} is not supported: use sgd, adam or adamw.")
+
+
+def lr_factor(epoch: int, ocfg) -> float:
+    """Learning rate of `epoch` (0-based) as a multiple of OPTIM.LR."""
+    warmup = ocfg.WARMUP_EPOCH if ocfg.WARMUP_EPOCH > 0 else 0
+    if epoch < warmup:
+        if ocfg.WARMUP_TYPE == "constant":
+            return ocfg.WARMUP_CONS_LR / ocfg.LR
+        if ocfg.WARMUP_TYPE == "linear":
+            return max(epoch / warmup, ocfg.WARMUP_MIN_LR / ocfg.LR)
+        raise UserError(f"OPTIM.WARMUP_TYPE {ocfg.WARMUP_TYPE!r}: use constant or linear.")
+    step = epoch - warmup + 1 if warmup else epoch
+    scheduler = ocfg.LR_SCHEDULER
+    if scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / ocfg.MAX_EPOCH))
+    if scheduler == "single_step":
+        stepsize = ocfg.STEPSIZE[0] if isinstance(ocfg.STEPSIZE, (list, tuple)) else ocfg.STEPSIZE
+        return ocfg.GAMMA ** (step // stepsize)
+    if scheduler == "multi_step":
+        return ocfg.GAMMA ** sum(step >= m for m in ocfg.STEPSIZE)
+    raise UserError(f"OPTIM.LR_SCHEDULER {scheduler!r}: use cosine, single_step or multi_step.")
+
+
+def build_scheduler(optimizer, ocfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per epoch, like Dassl's schedulers."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, ocfg))

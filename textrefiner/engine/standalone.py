@@ -1,0 +1,385 @@
+"""A Dassl-compatible training loop with no Dassl: same configs, outputs and checkpoints.
+
+Outputs in cfg.OUTPUT_DIR: `log.txt`, TensorBoard events in `tensorboard/`, and
+`<checkpoint name>/model.pth.tar-<epoch>` / `model-best.pth.tar` (Dassl's layout and dict keys).
+Evaluation prints Dassl's result block, so CoOp's result parsers read our logs.
+
+Reproducibility: every epoch reseeds the global RNGs and the loader's shuffling from (SEED, epoch),
+so a run resumed after epoch k draws the same batches and augmentations as an uninterrupted one.
+Distributed: under `torchrun`, PyTorch's DDP wraps the training forward and each rank draws its own
+share of the batches; the cache is written with the tokens of all ranks (see TextRefiner.update).
+"""
+import datetime
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..checkpoint import read_checkpoint, write_checkpoint
+from ..clip_backbone import load_clip
+from ..data import build_dataset, build_loader
+from ..errors import UserError
+from ..methods import method_class
+from .evaluator import Classification
+from .optim import build_optimizer, build_scheduler
+
+BEST = "model-best.pth.tar"
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (max(seed, 0) * 10007 + epoch) % 2 ** 31
+
+
+def checkpoint_file(directory: str, name: str, epoch=None) -> str:
+    filename = BEST if epoch is None else f"model.pth.tar-{epoch}"
+    return os.path.join(directory, name, filename)
+
+
+class Logger:
+    """Prints to the console and, once `open` is called, also appends to `log.txt`.
+
+    Lines printed before the file is opened (building the model, reading the data) are written to
+    it then, so a run that fails during set-up leaves no log that looks like a result.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.buffer = []
+        self.file = None
+
+    def __call__(self, message: str = ""):
+        if not self.enabled:
+            return
+        print(message, flush=True)
+        if self.file is None:
+            self.buffer.append(message)
+        else:
+            self.file.write(message + "\n")
+            self.file.flush()
+
+    def open(self, path: str):
+        if not self.enabled:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")
+        self.file.write("\n".join(self.buffer) + "\n")
+        self.file.flush()
+        self.buffer = []
+
+
+class TrainStep(nn.Module):
+    """Makes `forward_train` the forward pass, which is what DDP synchronises."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, images, labels):
+        return self.method.forward_train(images, labels)
+
+
+class StandaloneTrainer:
+    def __init__(self, cfg, trainer_name: str):
+        self.cfg = cfg
+        self.rank, self.world = _distributed_setup(cfg)
+        self.log = Logger(enabled=self.rank == 0)
+        self.device = _pick_device(cfg, self.rank)
+        set_seed(cfg.SEED)
+        cls = method_class(trainer_name)
+        self.splits = build_dataset(cfg, all_classes_for_training=(
+            cls.trains_on_all_classes and cfg.TRAINER.MODAL == "base2novel"))
+        self.precision = cfg.TRAINER[cls.config_section].PREC
+        backbone = cfg.MODEL.BACKBONE.PATH or cfg.MODEL.BACKBONE.NAME
+        if not backbone:
+            raise UserError("No CLIP backbone: set MODEL.BACKBONE.NAME (e.g. ViT-B/16) or "
+                            "MODEL.BACKBONE.PATH (a local CLIP file).")
+        self.log(f"Loading CLIP ({backbone}, {self.precision})")
+        clip_model = load_clip(backbone, self.precision)
+        _check_image_size(cfg, clip_model)
+        self.log(f"Building {trainer_name}"
+                 f"{' + TextRefiner' if cfg.TRAINER.REFINER.ENABLED else ''} on "
+                 f"{len(self.splits.classnames)} classes")
+        self.model = cls(cfg, self.splits.classnames, clip_model).to(self.device)
+        self.checkpoint_name = cls.checkpoint_name
+        self.trainable = self.model.trainable_parameters()
+        self.log(f"Parameters to be updated: {sorted(self.trainable)}")
+        self.optim = self.sched = None
+        if self.trainable:
+            self.optim = build_optimizer(self.trainable.values(), cfg.OPTIM)
+            self.sched = build_scheduler(self.optim, cfg.OPTIM)
+        self.scaler = torch.amp.GradScaler("cuda") if (
+            self.precision == "amp" and self.device.type == "cuda") else None
+        self.step_module = TrainStep(self.model)
+        if self.world > 1 and self.trainable:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_module = nn.parallel.DistributedDataParallel(self.step_module, device_ids=ids)
+        self.writer = None
+        self.start_epoch = 0
+        self.best_result = -float("inf")
+
+    # ------------------------------------------------------------------ outputs
+    def open_outputs(self):
+        """Create log.txt and the TensorBoard writer (only after set-up succeeded)."""
+        if self.rank != 0:
+            return
+        self.log.open(os.path.join(self.cfg.OUTPUT_DIR, "log.txt"))
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(self.cfg.OUTPUT_DIR, "tensorboard"))
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+    def write_scalar(self, tag, value, step):
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, epoch: int, filename_epoch=None, val_result=None):
+        if self.rank != 0 or not self.checkpoint_name:
+            return
+        state = {"state_dict": self.model.checkpoint_state(), "epoch": epoch + 1,
+                 "optimizer": self.optim.state_dict() if self.optim else None,
+                 "scheduler": self.sched.state_dict() if self.sched else None,
+                 "val_result": val_result, "best_result": self.best_result,
+                 "classnames": self.model.classnames}
+        path = checkpoint_file(self.cfg.OUTPUT_DIR, self.checkpoint_name, filename_epoch)
+        write_checkpoint(state, path)
+        with open(os.path.join(os.path.dirname(path), "checkpoint"), "w") as f:
+            f.write(os.path.basename(path) + "\n")
+
+    def load_model(self, directory: str, epoch=None):
+        """Load prompts, refiner and cache from a Dassl-layout folder (e.g. base -> novel)."""
+        if not self.checkpoint_name:
+            self.log(f"{type(self.model).__name__} has no weights to load")
+            return
+        path = checkpoint_file(directory, self.checkpoint_name, epoch)
+        if not os.path.isfile(path):
+            raise UserError(f"No checkpoint at {path}: check --model-dir and --load-epoch "
+                            "(without --load-epoch the best model, model-best.pth.tar, is loaded).")
+        checkpoint = read_checkpoint(path)
+        self.model.load_checkpoint_state(checkpoint["state_dict"], source=path)
+        self.log(f"Loaded {path} (epoch {checkpoint.get('epoch')})")
+        return checkpoint
+
+    def resume_if_possible(self, directory: str):
+        """Continue from the newest `model.pth.tar-<epoch>` in `directory`, as Dassl does."""
+        if not self.checkpoint_name:
+            return
+        folder = os.path.join(directory, self.checkpoint_name)
+        epochs = [int(f.rsplit("-", 1)[1]) for f in os.listdir(folder)
+                  if f.startswith("model.pth.tar-")] if os.path.isdir(folder) else []
+        if not epochs:
+            return
+        checkpoint = self.load_model(directory, max(epochs))
+        if checkpoint.get("optimizer") and self.optim:
+            self.optim.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scheduler") and self.sched:
+            self.sched.load_state_dict(checkpoint["scheduler"])
+        self.start_epoch = checkpoint["epoch"]
+        self.best_result = checkpoint.get("best_result", -float("inf"))
+        self.log(f"Resumed from epoch {self.start_epoch} of {directory}")
+
+    # ------------------------------------------------------------------ training
+    def train(self):
+        cfg = self.cfg
+        directory = cfg.RESUME or cfg.OUTPUT_DIR
+        self.resume_if_possible(directory)
+        max_epoch = cfg.OPTIM.MAX_EPOCH
+        started = time.time()
+        for epoch in range(self.start_epoch, max_epoch):
+            self.run_epoch(epoch)
+            self.after_epoch(epoch)
+        self.log(f"Finished training in {datetime.timedelta(seconds=int(time.time() - started))}")
+        if not cfg.TEST.NO_TEST:
+            if cfg.TEST.FINAL_MODEL == "best_val" and self.checkpoint_name:
+                self.log("Deploy the model with the best val performance")
+                self.load_model(cfg.OUTPUT_DIR)
+            else:
+                self.log("Deploy the last-epoch model")
+            self.test()
+
+    def train_loader(self, epoch: int):
+        cfg = self.cfg
+        generator = torch.Generator().manual_seed(epoch_seed(cfg.SEED, epoch))
+        sampler = None
+        if self.world > 1:
+            sampler = torch.utils.data.DistributedSampler(
+                _Indexable(len(self.splits.train_x)), shuffle=True, seed=max(cfg.SEED, 0))
+            sampler.set_epoch(epoch)
+        return build_loader(self.splits.train_x, cfg, is_train=True,
+                            batch_size=cfg.DATALOADER.TRAIN_X.BATCH_SIZE, shuffle=sampler is None,
+                            sampler=sampler, generator=generator)
+
+    def run_epoch(self, epoch: int):
+        cfg = self.cfg
+        set_seed(epoch_seed(cfg.SEED, epoch))
+        loader = self.train_loader(epoch)
+        self.model.train()
+        bar = tqdm(loader, desc=f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}]",
+                   disable=self.rank != 0, leave=False, dynamic_ncols=True)
+        totals, count = {}, 0
+        for batch_idx, batch in enumerate(bar):
+            parts = self.train_step(batch)
+            count += 1
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value
+            bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
+            step = epoch * len(loader) + batch_idx
+            for key, value in parts.items():
+                self.write_scalar(f"train/{key}", value, step)
+        lr = self.optim.param_groups[0]["lr"]
+        means = "  ".join(f"{k} {v / max(count, 1):.4f}" for k, v in totals.items())
+        self.log(f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}] {means}  lr {lr:.4e}")
+        self.write_scalar("train/lr", lr, epoch)
+        skipped = getattr(getattr(self.model.refiner, "cache", None), "skipped_tokens", 0)
+        if skipped:
+            self.log(f"cache: skipped {skipped} non-finite local tokens so far")
+        self.sched.step()
+
+    def train_step(self, batch) -> dict:
+        images = batch["img"].to(self.device)
+        labels = batch["label"].to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=_amp_dtype(self.device),
+                                  enabled=self.precision == "amp")
+        with autocast:
+            loss, parts = self.step_module(images, labels)
+        if not torch.isfinite(loss):
+            raise UserError(f"The training loss became {float(loss.detach())}: lower OPTIM.LR or use "
+                            "PREC fp32/amp instead of fp16.")
+        self.optim.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optim)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optim.step()
+        summary = {"loss": float(loss.detach())}
+        summary.update({k: float(v) for k, v in parts.items()})
+        return summary
+
+    def after_epoch(self, epoch: int):
+        cfg = self.cfg
+        freq = cfg.TRAIN.CHECKPOINT_FREQ
+        if not cfg.TEST.NO_TEST and cfg.TEST.FINAL_MODEL == "best_val":
+            result = self.test(split="val", epoch=epoch)
+            if result > self.best_result:
+                self.best_result = result
+                self.save(epoch, None, val_result=result)
+        self.save(epoch, epoch + 1)
+        # Every epoch leaves a checkpoint to resume from; the previous one goes unless
+        # TRAIN.CHECKPOINT_FREQ keeps it.
+        previous = epoch  # file number of the previous epoch's checkpoint
+        if self.rank == 0 and self.checkpoint_name and previous >= 1 and not (
+                freq > 0 and previous % freq == 0):
+            path = checkpoint_file(cfg.OUTPUT_DIR, self.checkpoint_name, previous)
+            if os.path.isfile(path):
+                os.remove(path)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def test(self, split=None, epoch=None) -> float:
+        cfg = self.cfg
+        split = split or cfg.TEST.SPLIT
+        items = self.splits.val if split == "val" and self.splits.val else self.splits.test
+        split = "val" if items is self.splits.val else "test"
+        if hasattr(self.model, "set_eval_classes"):
+            self.model.set_eval_classes(split, cfg.TRAINER.MODAL, cfg.DATASET.SUBSAMPLE_CLASSES)
+        self.model.eval()
+        loader = build_loader(items, cfg, is_train=False,
+                              batch_size=cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False)
+        num_classes = self.model.class_embeddings().shape[0]
+        evaluator = Classification(num_classes)
+        self.log(f"Evaluate on the *{split}* set")
+        autocast = torch.autocast(self.device.type, dtype=_amp_dtype(self.device),
+                                  enabled=self.precision == "amp")
+        for batch in tqdm(loader, disable=self.rank != 0, leave=False, dynamic_ncols=True):
+            with autocast:
+                logits = self.model(batch["img"].to(self.device))
+            evaluator.process(logits.float(), batch["label"])
+        results = _capture(evaluator.evaluate, self.log)
+        for key, value in results.items():
+            self.write_scalar(f"{split}/{key}", value, epoch if epoch is not None else 0)
+        return results["accuracy"]
+
+
+class _Indexable:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+def _capture(evaluate, log):
+    """Run Dassl-style `evaluate()` (which prints) and route its lines through the logger."""
+    import contextlib
+    import io
+
+    stream = io.StringIO()
+    with contextlib.redirect_stdout(stream):
+        results = evaluate()
+    for line in stream.getvalue().rstrip("\n").split("\n"):
+        log(line)
+    return results
+
+
+def _amp_dtype(device):
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def _pick_device(cfg, rank):
+    if cfg.USE_CUDA and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _distributed_setup(cfg):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if cfg.USE_CUDA and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _check_image_size(cfg, clip_model):
+    clip_size = clip_model.visual.input_resolution
+    if tuple(cfg.INPUT.SIZE) != (clip_size, clip_size):
+        raise UserError(f"INPUT.SIZE is {tuple(cfg.INPUT.SIZE)} but this CLIP takes "
+                        f"{clip_size}x{clip_size} images: set INPUT.SIZE ({clip_size}, {clip_size}).")
+
+
+def run_standalone(cfg, trainer_name: str, eval_only=False, model_dir="", load_epoch=None,
+                   no_train=False):
+    """CoOp's train.py flow on the standalone engine."""
+    trainer = StandaloneTrainer(cfg, trainer_name)
+    trainer.open_outputs()
+    trainer.log(f"Command: {' '.join(sys.argv)}")
+    trainer.log(f"Config:\n{cfg}")
+    try:
+        if eval_only:
+            if model_dir:
+                trainer.load_model(model_dir, load_epoch)
+            trainer.test()
+        elif not no_train:
+            trainer.train()
+    finally:
+        trainer.close()
+    return trainer

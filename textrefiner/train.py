@@ -1,0 +1,131 @@
+"""`textrefiner-train` / `python -m textrefiner.train`: CoOp's train.py, plus `--refiner`.
+
+    textrefiner-train --root DATA --trainer CoOp --refiner \\
+        --dataset-config-file configs/datasets/oxford_pets.yaml \\
+        --config-file configs/trainers/CoOp/vit_b16_ep10_ctxv1.yaml \\
+        --output-dir output/pets DATASET.NUM_SHOTS 16 DATASET.SUBSAMPLE_CLASSES base
+
+`--engine auto` runs on Dassl.pytorch when it is installed and on the built-in standalone runner
+otherwise; both read the same configs and write the same outputs.
+"""
+import argparse
+import importlib.util
+import sys
+
+from .config import add_refiner_args, apply_refiner_args, load_cfg
+from .errors import UserError
+from .methods import METHODS, method_class
+
+ENGINES = ("auto", "dassl", "standalone")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="textrefiner-train", description="Train or evaluate CoOp, MaPLe, PromptKD or "
+        "zero-shot CLIP, with TextRefiner on (--refiner) or off.")
+    parser.add_argument("--root", default="", help="path to the datasets folder")
+    parser.add_argument("--output-dir", default="", help="output directory")
+    parser.add_argument("--resume", default="", help="checkpoint directory to resume from")
+    parser.add_argument("--seed", type=int, default=-1, help="only positive values fix the seed")
+    parser.add_argument("--source-domains", nargs="+", help="source domains (DA/DG)")
+    parser.add_argument("--target-domains", nargs="+", help="target domains (DA/DG)")
+    parser.add_argument("--transforms", nargs="+", help="data augmentation methods")
+    parser.add_argument("--config-file", default="", help="path to the trainer config file")
+    parser.add_argument("--dataset-config-file", default="", help="path to the dataset config")
+    parser.add_argument("--trainer", default="", help=f"one of {sorted(METHODS)}")
+    parser.add_argument("--backbone", default="", help="CLIP backbone name (MODEL.BACKBONE.NAME)")
+    parser.add_argument("--head", default="", help="name of head (unused, kept for CoOp)")
+    parser.add_argument("--eval-only", action="store_true", help="evaluation only")
+    parser.add_argument("--model-dir", default="", help="load the model from this directory")
+    parser.add_argument("--load-epoch", type=int, help="load the weights of this epoch")
+    parser.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="dassl (Dassl.pytorch), standalone (built in), or auto (dassl when "
+                             "it is installed)")
+    add_refiner_args(parser)
+    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
+                        help="modify config options using the command line (KEY VALUE pairs)")
+    return parser
+
+
+def setup_cfg(args):
+    """Defaults < dataset YAML < trainer YAML < command-line flags < KEY VALUE pairs."""
+    if not args.trainer:
+        raise UserError(f"Choose a method with --trainer ({', '.join(sorted(METHODS))}).")
+    method_class(args.trainer)  # unknown trainer: a clear error before anything else
+    flags = {"DATASET.ROOT": args.root, "OUTPUT_DIR": args.output_dir, "RESUME": args.resume,
+             "MODEL.BACKBONE.NAME": args.backbone, "MODEL.HEAD.NAME": args.head,
+             "SEED": str(args.seed) if args.seed >= 0 else "",
+             "DATASET.SOURCE_DOMAINS": _as_list(args.source_domains),
+             "DATASET.TARGET_DOMAINS": _as_list(args.target_domains),
+             "INPUT.TRANSFORMS": _as_list(args.transforms),
+             "TRAINER.NAME": args.trainer}
+    pairs = [item for key, value in flags.items() if value for item in (key, value)]
+    cfg = load_cfg(args.config_file or None, args.dataset_config_file or None,
+                   pairs + list(args.opts or []))
+    apply_refiner_args(cfg, args)
+    cfg.freeze()
+    return cfg
+
+
+def _as_list(values):
+    return str(list(values)) if values else ""
+
+
+def resolve_engine(engine: str) -> str:
+    has_dassl = importlib.util.find_spec("dassl") is not None
+    if engine == "auto":
+        return "dassl" if has_dassl else "standalone"
+    if engine == "dassl" and not has_dassl:
+        raise UserError("--engine dassl needs Dassl.pytorch, which is not installed: install it "
+                        "from its repository or use --engine standalone.")
+    return engine
+
+
+def run_dassl(cfg, args):
+    from dassl.engine import build_trainer
+    from dassl.utils import collect_env_info, set_random_seed, setup_logger
+
+    from textrefiner_trainers import TRAINER_NAMES
+
+    cfg.defrost()
+    cfg.TRAINER.NAME = TRAINER_NAMES[args.trainer]
+    cfg.freeze()
+    if cfg.SEED >= 0:
+        set_random_seed(cfg.SEED)
+    setup_logger(cfg.OUTPUT_DIR)
+    print(f"Collecting env info ...\n{collect_env_info()}")
+    trainer = build_trainer(cfg)
+    if args.eval_only:
+        trainer.load_model(args.model_dir, epoch=args.load_epoch)
+        trainer.test()
+    elif not args.no_train:
+        trainer.train()
+    return trainer
+
+
+def run(argv=None):
+    args = build_parser().parse_args(argv)
+    cfg = setup_cfg(args)
+    engine = resolve_engine(args.engine)
+    if engine == "dassl":
+        return run_dassl(cfg, args)
+    from .engine.standalone import run_standalone
+    return run_standalone(cfg, args.trainer, eval_only=args.eval_only, model_dir=args.model_dir,
+                          load_epoch=args.load_epoch, no_train=args.no_train)
+
+
+def main(argv=None) -> int:
+    try:
+        run(argv)
+    except UserError as exc:
+        print(f"textrefiner-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("textrefiner-train: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

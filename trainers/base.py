@@ -1,0 +1,238 @@
+"""`MethodTrainer`: a Dassl trainer that delegates everything method-specific to a `PromptMethod`.
+
+Dassl runs the loop, logging, evaluation and tensorboard; the method (textrefiner.methods) owns the
+model, its losses and what a checkpoint holds. Checkpoints keep Dassl's layout,
+`<output>/<checkpoint_name>/model.pth.tar-<epoch>` and `model-best.pth.tar`, but hold only
+`method.checkpoint_state()` (prompts, refiner weights and cache), so a model trained on the base
+classes loads into one built for the novel classes.
+"""
+import os
+import os.path as osp
+
+import torch
+from dassl.data import DataManager
+from dassl.engine import TrainerX
+from dassl.metrics import compute_accuracy
+from dassl.optim import build_lr_scheduler, build_optimizer
+
+from textrefiner.checkpoint import read_checkpoint, write_checkpoint
+from textrefiner.clip_backbone import load_clip
+from textrefiner.config import ConfigError, validate_cfg
+from textrefiner.data import DATASETS
+from textrefiner.errors import UserError
+from textrefiner.methods import build_method, method_class
+
+# --trainer value -> name in Dassl's TRAINER_REGISTRY (prefixed so that the original codebases'
+# trainers, registered in the same process, never clash with ours)
+TRAINER_NAMES = {name: "TR_" + name for name in ("CoOp", "MaPLe", "PromptKD", "ZeroshotCLIP")}
+DATASET_PREFIX = "TR_"
+LAST_CHECKPOINT_FILE = "checkpoint"  # Dassl's marker naming the latest file, read to resume
+
+
+def register_once(registry, cls):
+    """Register `cls` under its class name unless the registry already holds that name."""
+    if cls.__name__ not in registry._obj_map:
+        registry.register(cls)
+    return registry.get(cls.__name__)
+
+
+def method_name_of(trainer_name: str):
+    """Our method name ("PromptKD") for a registry name ("TR_PromptKD"), else None."""
+    for method, registered in TRAINER_NAMES.items():
+        if trainer_name in (method, registered):
+            return method
+    return None
+
+
+def dassl_dataset_name(name: str) -> str:
+    """The registry name of our reader for a dataset YAML's DATASET.NAME ("OxfordPets")."""
+    return DATASET_PREFIX + name if name in DATASETS else name
+
+
+def data_cfg(cfg):
+    """A copy of `cfg` whose DATASET.NAME points Dassl's DataManager to our registered readers."""
+    clone = cfg.clone()
+    clone.defrost()
+    clone.DATASET.NAME = dassl_dataset_name(cfg.DATASET.NAME)
+    clone.freeze()
+    return clone
+
+
+class MethodTrainer(TrainerX):
+    """Generic trainer; subclasses set `method_name`. The model is registered under the method's
+    `checkpoint_name` ("prompt_learner" for CoOp, "MultiModalPromptLearner" for MaPLe,
+    "VLPromptLearner" for PromptKD, as their codebases name it), which is also the checkpoint folder.
+    """
+
+    method_name = ""  # key of textrefiner.methods.METHODS
+
+    @property
+    def method_cls(self):
+        return method_class(self.method_name)
+
+    @property
+    def registered_name(self) -> str:
+        return self.method_cls.checkpoint_name or "model"  # "model": nothing is saved
+
+    # ---------------------------------------------------------------- set-up
+    def check_cfg(self, cfg):
+        section = self.method_cls.config_section
+        if "REFINER" not in cfg.TRAINER or section not in cfg.TRAINER:
+            raise ConfigError(
+                f"The config lacks TRAINER.REFINER or TRAINER.{section}: build it with "
+                "textrefiner.config.load_cfg, or call textrefiner.config.extend_cfg(cfg) on "
+                "Dassl's default config before merging the YAML files.")
+        validate_cfg(cfg)  # PREC among fp16/fp32/amp, refiner values in range
+
+    @property
+    def precision(self) -> str:
+        return self.cfg.TRAINER[self.method_cls.config_section].PREC
+
+    def build_data_loader(self):
+        dm = DataManager(data_cfg(self.cfg))
+        self.train_loader_x = dm.train_loader_x
+        self.train_loader_u = dm.train_loader_u
+        self.val_loader = dm.val_loader
+        self.test_loader = dm.test_loader
+        self.num_classes = dm.num_classes
+        self.num_source_domains = dm.num_source_domains
+        self.lab2cname = dm.lab2cname
+        self.dm = dm
+
+    def build_model(self):
+        cfg = self.cfg
+        backbone = cfg.MODEL.BACKBONE.PATH or cfg.MODEL.BACKBONE.NAME
+        print(f"Loading CLIP (backbone: {backbone}, precision: {self.precision})")
+        clip_model = load_clip(backbone, self.precision, config_key="MODEL.BACKBONE.PATH")
+        check_image_size(cfg, clip_model)
+        print(f"Building {self.method_name}"
+              + (" with TextRefiner" if cfg.TRAINER.REFINER.ENABLED else ""))
+        self.model = build_method(self.method_name, cfg, self.dm.dataset.classnames, clip_model)
+        self.model.to(self.device)
+
+        params = list(self.model.trainable_parameters().values())
+        print(f"# trainable params: {sum(p.numel() for p in params):,}")
+        self.optim = build_optimizer(params, cfg.OPTIM) if params else None
+        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM) if params else None
+        self.register_model(self.registered_name, self.model, self.optim, self.sched)
+        use_scaler = self.precision == "amp" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    # ---------------------------------------------------------------- training
+    def parse_batch_train(self, batch):
+        return batch["img"].to(self.device), batch["label"].to(self.device)
+
+    def forward_backward(self, batch):
+        images, labels = self.parse_batch_train(batch)
+        if self.scaler is None:
+            loss, parts = self.model.forward_train(images, labels)
+            self.model_backward_and_update(loss)
+        else:
+            with torch.autocast(device_type=self.device.type):
+                loss, parts = self.model.forward_train(images, labels)
+            self.model_zero_grad()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optim)
+            self.scaler.update()
+
+        summary = {"loss": loss.item()}
+        logits = parts.pop("logits", None)  # methods may hand back their training logits
+        summary.update({name: float(value) for name, value in parts.items()})
+        if logits is not None:
+            summary["acc"] = compute_accuracy(logits, labels)[0].item()
+
+        if (self.batch_idx + 1) == self.num_batches:  # per-epoch schedule, as CoOp
+            self.update_lr()
+        return summary
+
+    def model_inference(self, images):
+        return self.model(images)
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def test(self, split=None):
+        split = split or self.cfg.TEST.SPLIT
+        if split == "val" and self.val_loader is None:
+            split = "test"  # as Dassl falls back
+        if hasattr(self.model, "set_eval_classes"):  # PromptKD scores a slice of its classes
+            self.model.set_eval_classes(split, self.cfg.TRAINER.MODAL,
+                                        self.cfg.DATASET.SUBSAMPLE_CLASSES)
+        return super().test(split)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
+        if self.method_cls.checkpoint_name is None:
+            return
+        for name in self.get_model_names():
+            optim, sched = self._optims[name], self._scheds[name]
+            state = {
+                "state_dict": self._models[name].checkpoint_state(),
+                "epoch": epoch + 1,
+                "optimizer": None if optim is None else optim.state_dict(),
+                "scheduler": None if sched is None else sched.state_dict(),
+                "val_result": val_result,
+            }
+            filename = model_name or f"model.pth.tar-{epoch + 1}"
+            folder = osp.join(directory, name)
+            path = write_checkpoint(state, osp.join(folder, filename))
+            print(f"Checkpoint saved to {path}")
+            _write_text(osp.join(folder, LAST_CHECKPOINT_FILE), filename + "\n")
+            if is_best:
+                best = write_checkpoint(state, osp.join(folder, "model-best.pth.tar"))
+                print(f"Best checkpoint saved to {best}")
+
+    def load_model(self, directory, epoch=None):
+        """Load `<directory>/<model_name>/model.pth.tar-<epoch>` (model-best.pth.tar by default)."""
+        if not directory:
+            print("Note that load_model() is skipped as no pretrained model is given")
+            return
+        if self.method_cls.checkpoint_name is None:
+            print(f"{self.method_name} has no trained weights: nothing to load")
+            return
+        filename = "model-best.pth.tar" if epoch is None else f"model.pth.tar-{epoch}"
+        for name in self.get_model_names():
+            model = self._models[name]
+            path = osp.join(directory, name, filename)
+            if not osp.isfile(path):
+                raise UserError(
+                    f"No checkpoint at {path}. Check --model-dir (the OUTPUT_DIR of the training "
+                    f"run) and --load-epoch (the run saved {name}/model.pth.tar-<epoch>).")
+            checkpoint = read_checkpoint(path)
+            model.load_checkpoint_state(checkpoint["state_dict"], source=path)
+            print(f"Loaded {path} into {name} (epoch = {checkpoint.get('epoch')})")
+
+    def resume_model_if_exist(self, directory):
+        """Resume from the latest checkpoint under `directory`, as Dassl does; returns the epoch."""
+        names = self.get_model_names()
+        markers = [osp.join(directory, name, LAST_CHECKPOINT_FILE) for name in names]
+        if not all(osp.isfile(marker) for marker in markers):
+            print("No checkpoint found, train from scratch")
+            return 0
+        print(f"Found checkpoint at {directory} (will resume training)")
+        start_epoch = 0
+        for name, marker in zip(names, markers):
+            with open(marker) as f:
+                path = osp.join(directory, name, f.readline().strip())
+            checkpoint = read_checkpoint(path)
+            self._models[name].load_checkpoint_state(checkpoint["state_dict"], source=path)
+            if self._optims[name] is not None and checkpoint.get("optimizer") is not None:
+                self._optims[name].load_state_dict(checkpoint["optimizer"])
+            if self._scheds[name] is not None and checkpoint.get("scheduler") is not None:
+                self._scheds[name].load_state_dict(checkpoint["scheduler"])
+            start_epoch = checkpoint["epoch"]
+            print(f"Resumed {name} from {path} (epoch = {start_epoch})")
+        return start_epoch
+
+
+def check_image_size(cfg, clip_model):
+    size = clip_model.visual.input_resolution
+    if tuple(cfg.INPUT.SIZE) != (size, size):
+        raise UserError(f"INPUT.SIZE is {tuple(cfg.INPUT.SIZE)} but this CLIP takes {size}x{size} "
+                        f"images: set INPUT.SIZE ({size}, {size}).")
+
+
+def _write_text(path: str, text: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
