@@ -202,3 +202,19 @@ def test_promptkd_trains_on_all_classes_and_tests_on_novel(clip_path, teacher_cl
     again.load_model(str(out), epoch=1)
     assert_state_equal(again.model, state)
     assert again.test() == pytest.approx(trainer.test())
+
+
+def test_training_resumes_from_the_output_dir(clip_path, data_root, tmp_path, capsys):
+    """Dassl resumes from OUTPUT_DIR; with warm-up the scheduler state pickles a successor."""
+    opts = ["TRAINER.REFINER.ENABLED", "True", "OPTIM.WARMUP_EPOCH", "1"]
+    first = build_trainer(dassl_cfg("CoOp", tmp_path, clip_path, data_root,
+                                    "OPTIM.MAX_EPOCH", "1", *opts))
+    first.train()
+    state = saved_state(tmp_path, "CoOp", epoch=1)["state_dict"]
+
+    second = build_trainer(dassl_cfg("CoOp", tmp_path, clip_path, data_root, *opts))
+    assert second.resume_model_if_exist(str(tmp_path)) == 1
+    assert_state_equal(second.model, state)
+    second.train()
+    assert "Found checkpoint" in capsys.readouterr().out
+    assert saved_state(tmp_path, "CoOp", epoch=2)["epoch"] == 2

@@ -1,0 +1,384 @@
+"""Speed and memory of TextRefiner next to the methods it plugs into, on random-weight CLIPs.
+
+    python benchmarks/run.py            # ViT-B/16 shape, batch 32
+    python benchmarks/run.py --quick    # a smaller CLIP and batch, for a fast check
+
+Variants are measured in one process, alternating (A B A B ...), and every figure reported is the
+median of the per-round ratios, because the machine may be shared and noisy. How each quantity is
+measured is printed with the table and written in benchmarks/README.md.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+from textrefiner.clip_backbone import build_random_clip, clip_dims  # noqa: E402
+from textrefiner.config import load_cfg  # noqa: E402
+from textrefiner.losses import (regularization_loss, select_semantic_tokens,  # noqa: E402
+                                semantic_loss)
+from textrefiner.methods import CoOp, MaPLe, ZeroshotCLIP  # noqa: E402
+
+VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+               vision_patch_size=16, transformer_width=512, transformer_layers=12)
+SMALL = dict(embed_dim=256, image_resolution=96, vision_layers=6, vision_width=384,
+             vision_patch_size=16, transformer_width=256, transformer_layers=4)
+
+# (result key, comparison, limit, what it means)
+TARGETS = [
+    ("infer_tr_vs_zs@{c}", ">=", 0.98, "CoOp+TR inference throughput / zero-shot CLIP's"),
+    ("train_time_coop_tr_vs_coop", "<=", 1.05, "CoOp+TR train step time / CoOp's"),
+    ("train_mem_coop_tr_vs_coop", "<=", 1.15, "CoOp+TR train step peak memory / CoOp's"),
+    ("refiner_share_coop_tr", "<=", 0.05, "refiner's own work / CoOp+TR step time"),
+]
+
+METHOD_NOTES = """\
+How it is measured
+- Throughput: eval mode, no_grad; each model's class embeddings are computed and cached before
+  timing (see --encode-text), then rounds time one batch per variant, order reversed every other
+  round; ratio per round = zero-shot time / variant time.
+- Train step: zero_grad + forward_train + backward + SGD(momentum 0.9) step; the first step of
+  each variant is the warm-up (and the memory measurement); then pairs base/TR, order alternating.
+- Refiner's own work: the refiner's inputs of a real step (last-block tokens, the text features E)
+  are captured with forward hooks; a copy of the refiner then runs, on those tensors, alignment,
+  cache read, aggregation, the semantic and regularisation losses, their backward (to the refiner,
+  E and, for MaPLe, the tokens) and the cache write; median of 3 runs, divided by the TR step
+  time of the same round. The attention used to pick the top-k patches is random (same shape).
+  "other TR overhead" = (TR step - base step - refiner work) / base step: mostly the encoder's
+  extra output (all tokens through ln_post/proj, last block's attention weights).
+- Peak memory: CUDA: torch.cuda.max_memory_allocated during the step minus the memory allocated
+  before it. CPU: the allocation events of the step recorded by torch.profiler
+  (profile_memory=True), summed in time order; the peak of that running sum (tensor bytes, the
+  CPU counterpart of max_memory_allocated; not RSS). "total" adds the model's parameters and
+  buffers (unique storages), so it is what the process needs for that model; the target uses it.
+"""
+
+
+# ------------------------------------------------------------------------------------ setup
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=METHOD_NOTES)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch for inference and CoOp training (default 32; quick 8)")
+    p.add_argument("--maple-batch-size", type=int, default=None,
+                   help="MaPLe training batch (default 4, MaPLe's published batch; quick 4)")
+    p.add_argument("--classes", default="50,500",
+                   help="comma-separated class counts for inference (default 50,500)")
+    p.add_argument("--train-classes", type=int, default=50,
+                   help="class count for the training steps (default 50)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds per comparison (default 2; quick 5)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="smaller CLIP and batch (about 1 minute)")
+    p.add_argument("--skip-maple", action="store_true", help="leave out MaPLe's training steps")
+    p.add_argument("--encode-text", action="store_true",
+                   help="let every model encode its own class prompts at warm-up (slow at 500 "
+                        "classes on a CPU); by default zero-shot CLIP's text features are handed "
+                        "to the CoOp models' cached classifier, which does not change the timed "
+                        "image path")
+    p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results.json"),
+                   help="where to write the results (default benchmarks/results.json)")
+    args = p.parse_args(argv)
+    args.shape = SMALL if args.quick else VIT_B16
+    args.batch_size = args.batch_size or (8 if args.quick else 32)
+    args.maple_batch_size = args.maple_batch_size or 4
+    args.repeats = args.repeats or (5 if args.quick else 2)
+    args.class_counts = [int(c) for c in args.classes.split(",") if c.strip()]
+    return args
+
+
+def make_cfg(args, refiner: bool):
+    r = args.shape["image_resolution"]
+    depth = min(9, args.shape["vision_layers"], args.shape["transformer_layers"])
+    opts = ["INPUT.SIZE", f"({r}, {r})", "TRAINER.COOP.PREC", "fp32", "TRAINER.MAPLE.PREC", "fp32",
+            "TRAINER.COOP.CTX_INIT", "a photo of a", "TRAINER.MAPLE.PROMPT_DEPTH", str(depth),
+            "TRAINER.REFINER.ENABLED", str(refiner)]
+    return load_cfg(opts=opts)
+
+
+def class_names(n):
+    return [f"category {i}" for i in range(n)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------ memory
+def model_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def step_peak_bytes(step, device) -> int:
+    """Peak of tensor memory allocated during `step()` above what was allocated before it."""
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = []
+
+    def walk(node):
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    running = peak = 0
+    for _, size in sorted(events):
+        running += size
+        peak = max(peak, running)
+    return peak
+
+
+# ------------------------------------------------------------------------------------ inference
+def prime_classifier(model, text_features):
+    """Fill the model's eval-mode classifier cache from given text features E."""
+    model.text_features = lambda: text_features  # instance attribute, removed below
+    try:
+        model.class_embeddings()
+    finally:
+        del model.text_features
+
+
+def bench_inference(clip_model, args, device, n_classes, images):
+    names = class_names(n_classes)
+    log(f"[inference @{n_classes} classes] building models and class embeddings ...")
+    variants = {
+        "zs": ZeroshotCLIP(make_cfg(args, False), names, clip_model),
+        "coop": CoOp(make_cfg(args, False), names, clip_model),
+        "coop_tr": CoOp(make_cfg(args, True), names, clip_model),
+    }
+    with torch.no_grad():
+        for name, model in variants.items():
+            model.to(device).eval()
+            if name != "zs" and not args.encode_text:
+                prime_classifier(model, variants["zs"].text_features())
+            model.class_embeddings()
+        variants["zs"](images)  # warm-up of the shared image path
+        times = {name: [] for name in variants}
+        order = list(variants)
+        for r in range(args.repeats):
+            for name in (order if r % 2 == 0 else order[::-1]):
+                model = variants[name]
+                times[name].append(timed(lambda: model(images), device))
+            log(f"  round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in order))
+    batch = images.shape[0]
+    out = {f"throughput_{n}@{n_classes}": batch / median(t) for n, t in times.items()}
+    for name in ("coop", "coop_tr"):
+        ratios = [z / t for z, t in zip(times["zs"], times[name])]
+        out[f"infer_{'tr' if name == 'coop_tr' else 'coop'}_vs_zs@{n_classes}"] = median(ratios)
+    return out
+
+
+# ------------------------------------------------------------------------------------ training
+class RefinerInputs:
+    """Forward hooks that keep the refiner's inputs of one training step."""
+
+    def __init__(self, refiner):
+        self.tokens = self.text = None
+        self.handles = [refiner.aligner.register_forward_hook(self._tokens),
+                        refiner.aggregator.register_forward_hook(self._text)]
+
+    def _tokens(self, module, inputs, output):
+        self.tokens = inputs[0]
+
+    def _text(self, module, inputs, output):
+        self.text = inputs[0]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def refiner_work_seconds(model, captured, labels, device, runs=3) -> float:
+    """Time of the refiner's own work (forward, backward, cache write) on a real step's inputs."""
+    refiner = copy.deepcopy(model.refiner)
+    tokens = captured.tokens.detach().requires_grad_(captured.tokens.requires_grad)
+    text = captured.text.detach().requires_grad_(True)
+    n_patches = tokens.shape[1] - 1
+    attention = torch.rand(tokens.shape[0], n_patches, device=tokens.device)
+    scale = model.logit_scale.exp().detach()
+
+    def work():
+        for t in [tokens, text] + list(refiner.parameters()):
+            t.grad = None
+        aligned = refiner.align(tokens)
+        refined = refiner.refine(text)
+        semantic = select_semantic_tokens(aligned, attention, refiner.topk)
+        loss = (model.sem_weight * semantic_loss(semantic, text, labels, scale)
+                + model.reg_weight * regularization_loss(refined, text))
+        loss.backward()
+        refiner.update(aligned)
+
+    work()  # warm-up
+    return median([timed(work, device) for _ in range(runs)])
+
+
+def bench_training(clip_model, args, device, method_cls, batch):
+    label = method_cls.__name__
+    names = class_names(args.train_classes)
+    log(f"[training {label} @{args.train_classes} classes, batch {batch}] building models ...")
+    models = {"base": method_cls(make_cfg(args, False), names, clip_model).to(device),
+              "tr": method_cls(make_cfg(args, True), names, clip_model).to(device)}
+    optims = {k: torch.optim.SGD(list(m.trainable_parameters().values()), lr=0.002, momentum=0.9)
+              for k, m in models.items()}
+    res = args.shape["image_resolution"]
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, res, res, generator=gen).to(device)
+    labels = torch.randint(0, args.train_classes, (batch,), generator=gen).to(device)
+
+    def step(key):
+        model, optim = models[key], optims[key]
+        model.train()
+        optim.zero_grad(set_to_none=True)
+        loss, _ = model.forward_train(images, labels)
+        loss.backward()
+        optim.step()
+
+    peaks = {}
+    for key in models:  # first step: warm-up and memory
+        peaks[key] = step_peak_bytes(lambda: step(key), device)
+        log(f"  warm-up {key}: step peak {peaks[key] / 2**20:.0f} MiB")
+    times = {"base": [], "tr": []}
+    shares, refiner_times = [], []
+    captured = RefinerInputs(models["tr"].refiner)
+    for r in range(args.repeats):
+        for key in (("base", "tr") if r % 2 == 0 else ("tr", "base")):
+            times[key].append(timed(lambda: step(key), device))
+        captured.remove()
+        refiner_times.append(refiner_work_seconds(models["tr"], captured, labels, device))
+        shares.append(refiner_times[-1] / times["tr"][-1])
+        log(f"  round {r + 1}: base {times['base'][-1]:.2f}s, tr {times['tr'][-1]:.2f}s, "
+            f"refiner work {refiner_times[-1] * 1000:.0f} ms")
+    key = label.lower()
+    totals = {k: peaks[k] + model_bytes(m) for k, m in models.items()}
+    time_ratios = [t / b for b, t in zip(times["base"], times["tr"])]
+    other = [(t - b - w) / b for b, t, w in zip(times["base"], times["tr"], refiner_times)]
+    return {
+        f"train_step_s_{key}": median(times["base"]),
+        f"train_step_s_{key}_tr": median(times["tr"]),
+        f"train_time_{key}_tr_vs_{key}": median(time_ratios),
+        f"refiner_work_s_{key}_tr": median(refiner_times),
+        f"refiner_share_{key}_tr": median(shares),
+        f"other_tr_overhead_{key}": median(other),
+        f"train_step_peak_mib_{key}": peaks["base"] / 2**20,
+        f"train_step_peak_mib_{key}_tr": peaks["tr"] / 2**20,
+        f"train_total_mib_{key}": totals["base"] / 2**20,
+        f"train_total_mib_{key}_tr": totals["tr"] / 2**20,
+        f"train_mem_{key}_tr_vs_{key}": totals["tr"] / totals["base"],
+        f"train_step_mem_{key}_tr_vs_{key}": peaks["tr"] / max(peaks["base"], 1),
+    }
+
+
+# ------------------------------------------------------------------------------------ report
+def target_rows(results, class_counts):
+    rows = []
+    for key, op, limit, what in TARGETS:
+        keys = [key.format(c=c) for c in class_counts] if "{c}" in key else [key]
+        for k in keys:
+            if k not in results:
+                continue
+            value = results[k]
+            ok = value >= limit if op == ">=" else value <= limit
+            rows.append({"key": k, "what": what, "value": value, "target": f"{op} {limit}",
+                         "status": "PASS" if ok else "MISS"})
+    return rows
+
+
+def print_table(results, rows, args):
+    log("\n" + METHOD_NOTES)
+    log("Ratios (median over rounds)")
+    for k, v in results.items():
+        if any(s in k for s in ("_vs_", "share", "overhead")):
+            log(f"  {k:<36} {v:8.3f}")
+    log("Absolute values (median)")
+    for k, v in results.items():
+        if not any(s in k for s in ("_vs_", "share", "overhead")):
+            unit = "img/s" if k.startswith("throughput") else ("s" if "_s_" in k else "MiB")
+            log(f"  {k:<36} {v:10.2f} {unit}")
+    log("Targets")
+    for row in rows:
+        log(f"  {row['key']:<36} {row['value']:8.3f}  {row['target']:<8} {row['status']}"
+            f"   ({row['what']})")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    setup = {"shape": args.shape, "batch_size": args.batch_size,
+             "maple_batch_size": args.maple_batch_size, "classes": args.class_counts,
+             "train_classes": args.train_classes, "repeats": args.repeats,
+             "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+             "python": platform.python_version(), "quick": args.quick,
+             "encode_text": args.encode_text}
+    log(f"setup: {json.dumps(setup)}")
+    start = time.perf_counter()
+    clip_model = build_random_clip(**args.shape).float().to(device)
+    dims = clip_dims(clip_model)
+    res = dims["image_size"]
+    images = torch.randn(args.batch_size, 3, res, res,
+                         generator=torch.Generator().manual_seed(0)).to(device)
+    results = {}
+    for n in args.class_counts:
+        results.update(bench_inference(clip_model, args, device, n, images))
+    results.update(bench_training(clip_model, args, device, CoOp, args.batch_size))
+    if not args.skip_maple:
+        results.update(bench_training(clip_model, args, device, MaPLe, args.maple_batch_size))
+    rows = target_rows(results, args.class_counts)
+    setup["wall_s"] = time.perf_counter() - start
+    print_table(results, rows, args)
+    log(f"wall time {setup['wall_s']:.0f} s")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"setup": setup, "results": results, "targets": rows}, f, indent=2)
+        log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
