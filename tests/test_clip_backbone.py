@@ -3,7 +3,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 import urllib.error
 import warnings
 from pathlib import Path
@@ -56,24 +55,20 @@ def test_load_clip_amp_is_float32_and_model_is_in_eval_mode(clip_path):
         load_clip(clip_path, "bf16")
 
 
-def test_load_clip_reads_a_jit_archive(clip_path, tmp_path):
+def test_load_clip_reads_a_jit_archive(clip_path, tmp_path, model):
     clip = _compat.import_clip()
-    reference = load_clip(clip_path, "fp32")
     traced_from = clip.model.build_model(torch.load(clip_path, weights_only=True)).float().eval()
-    images = torch.randn(1, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        archive = torch.jit.trace(traced_from, (images, tokenize(["a red circle"])),
-                                  check_trace=False)
-    path = str(tmp_path / "clip_jit.pt")
-    torch.jit.save(archive, path)
-    loaded = load_clip(path, "fp32")
-    expected = reference.state_dict()
-    got = loaded.state_dict()
-    assert set(got) == set(expected)
+        archive = torch.jit.trace_module(
+            traced_from, {"encode_image": torch.randn(1, 3, 32, 32)}, check_trace=False)
+        path = str(tmp_path / "clip_jit.pt")
+        torch.jit.save(archive, path)
+    loaded = load_clip(path, "fp32").state_dict()
+    expected = model.state_dict()
+    assert set(loaded) == set(expected)
     for key in expected:
-        assert torch.equal(got[key], expected[key]), key
-    assert load_clip(path, "fp16").visual.conv1.weight.dtype == torch.float16
+        assert torch.equal(loaded[key], expected[key]), key
 
 
 def test_unknown_name_lists_the_known_ones():
@@ -358,71 +353,87 @@ def test_attach_ivlp_prompts_depth_limits(small_clip):
         attach_ivlp_prompts(visual, n_ctx=2, depth=4, vision=True)
 
 
-def test_ivlp_prompts_follow_fp16_weights(clip_path):
-    visual = load_clip(clip_path, "fp16").visual
-    attach_ivlp_prompts(visual, n_ctx=2, depth=2, vision=True)
-    assert all(p.dtype == torch.float16 for p in ivlp_vision_prompts(visual))
-
-
 # --------------------------------------------------------------------------------------------
 # import_clip in awkward environments (fresh interpreters)
 # --------------------------------------------------------------------------------------------
-def run_python(code, tmp_path, extra_path=()):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([*extra_path, str(REPO_ROOT)])
-    script = tmp_path / "check.py"
-    script.write_text(textwrap.dedent(code))
-    return subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+NO_PKG_RESOURCES = """
+import sys
+
+class NoPkgResources:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pkg_resources" or name.startswith("pkg_resources."):
+            raise ImportError("pkg_resources is not installed here")
+        return None
+
+sys.meta_path.insert(0, NoPkgResources())
+sys.modules.pop("pkg_resources", None)
+try:
+    import pkg_resources
+    raise SystemExit("the blocker did not work")
+except ImportError:
+    pass
+import textrefiner
+from textrefiner import _compat
+from textrefiner.clip_backbone import build_random_clip, tokenize
+clip = _compat.import_clip()
+assert callable(textrefiner.load_clip)
+assert callable(clip.model.build_model) and callable(clip.clip.tokenize)
+assert tokenize(["a photo"]).shape == (1, 77)
+build_random_clip(vision_layers=1, transformer_layers=1)
+assert "pkg_resources" not in sys.modules, "the stand-in must not stay behind"
+print("ok")
+"""
+
+FAKE_CLIP = """
+import clip as shadowing
+assert getattr(shadowing, "FAKE", False), "the fake package should shadow the stock one"
+from textrefiner import _compat
+from textrefiner.clip_backbone import build_random_clip, tokenize
+stock = _compat.import_clip()
+assert stock is not shadowing and not hasattr(stock, "FAKE")
+assert callable(stock.model.build_model) and callable(stock.clip.tokenize)
+assert _compat.import_clip() is stock
+assert tokenize(["a photo"]).shape == (1, 77)
+build_random_clip(vision_layers=1, transformer_layers=1)
+import clip
+assert clip is shadowing, "`import clip` must still give the fake package"
+print("ok")
+"""
 
 
-def test_import_clip_without_pkg_resources(tmp_path):
-    result = run_python("""
-        import sys
-
-        class NoPkgResources:
-            def find_spec(self, name, path=None, target=None):
-                if name == "pkg_resources" or name.startswith("pkg_resources."):
-                    raise ImportError("pkg_resources is not installed here")
-                return None
-
-        sys.meta_path.insert(0, NoPkgResources())
-        sys.modules.pop("pkg_resources", None)
-        import textrefiner
-        from textrefiner import _compat
-        from textrefiner.clip_backbone import build_random_clip, tokenize
-        clip = _compat.import_clip()
-        assert callable(textrefiner.load_clip)
-        assert callable(clip.model.build_model) and callable(clip.clip.tokenize)
-        assert tokenize(["a photo"]).shape == (1, 77)
-        build_random_clip(vision_layers=1, transformer_layers=1)
-        assert "pkg_resources" not in sys.modules, "the stand-in must not stay behind"
-        print("ok")
-    """, tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
-
-
-def test_import_clip_with_a_fake_clip_package_on_the_path(tmp_path):
-    fake = tmp_path / "fake"
+@pytest.fixture(scope="module", autouse=True)
+def fresh_interpreters(tmp_path_factory):
+    """Start both checks when this module starts, so that their imports of torch and clip run
+    beside the other tests; the two tests below collect the results."""
+    root = tmp_path_factory.mktemp("compat")
+    fake = root / "fake"
     (fake / "clip").mkdir(parents=True)
     (fake / "clip" / "__init__.py").write_text("FAKE = True\n")
-    result = run_python("""
-        import sys
-        import clip as shadowing
-        assert getattr(shadowing, "FAKE", False), "the fake package should shadow the stock one"
-        from textrefiner import _compat
-        from textrefiner.clip_backbone import build_random_clip, tokenize
-        stock = _compat.import_clip()
-        assert stock is not shadowing
-        assert not hasattr(stock, "FAKE")
-        assert callable(stock.model.build_model) and callable(stock.clip.tokenize)
-        assert _compat.import_clip() is stock
-        assert tokenize(["a photo"]).shape == (1, 77)
-        build_random_clip(vision_layers=1, transformer_layers=1)
-        import clip
-        assert clip is shadowing, "the fake package must stay what `import clip` gives"
-        print("ok")
-    """, tmp_path, extra_path=[str(fake)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    runs = {}
+    for name, code, extra in (("no_pkg_resources", NO_PKG_RESOURCES, []),
+                              ("fake_clip", FAKE_CLIP, [str(fake)])):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([*extra, str(REPO_ROOT)]))
+        runs[name] = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result(name):
+        out, err = runs[name].communicate(timeout=180)
+        return out, err, runs[name].returncode
+
+    yield result
+    for process in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_import_clip_without_pkg_resources(fresh_interpreters):
+    out, err, code = fresh_interpreters("no_pkg_resources")
+    assert code == 0, err[-3000:]
+    assert out.strip().endswith("ok")
+
+
+def test_import_clip_with_a_fake_clip_package_on_the_path(fresh_interpreters):
+    out, err, code = fresh_interpreters("fake_clip")
+    assert code == 0, err[-3000:]
+    assert out.strip().endswith("ok")

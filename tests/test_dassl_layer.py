@@ -15,7 +15,7 @@ from dassl.engine import TRAINER_REGISTRY, build_trainer  # noqa: E402
 import textrefiner_trainers  # noqa: E402
 from textrefiner.checkpoint import read_checkpoint  # noqa: E402
 from textrefiner.clip_backbone import load_clip  # noqa: E402
-from textrefiner.config import CONFIG_DIR, load_cfg  # noqa: E402
+from textrefiner.config import CONFIG_DIR, ConfigError, load_cfg  # noqa: E402
 from textrefiner.data import DATASETS, synthetic_classnames, write_synthetic_dataset  # noqa: E402
 from textrefiner.errors import UserError  # noqa: E402
 from textrefiner.methods.promptkd import IVLPTeacher  # noqa: E402
@@ -138,9 +138,9 @@ def test_train_then_eval_on_novel_classes(trainer, refiner, clip_path, data_root
     if refiner:  # the cache was written during training and saved
         assert not torch.equal(state[CACHE_KEY], initial_cache)
 
-    novel_cfg = dassl_cfg(trainer, tmp_path / "novel", clip_path, data_root,
-                          "DATASET.SUBSAMPLE_CLASSES", "new", "TRAINER.REFINER.ENABLED", str(refiner))
-    novel = build_trainer(novel_cfg)
+    novel = build_trainer(dassl_cfg(trainer, tmp_path / "novel", clip_path, data_root,
+                                    "DATASET.SUBSAMPLE_CLASSES", "new",
+                                    "TRAINER.REFINER.ENABLED", str(refiner)))
     assert novel.dm.dataset.classnames == synthetic_classnames(4)[2:]
     novel.load_model(str(out), epoch=2)
     assert_state_equal(novel.model, state)
@@ -152,6 +152,14 @@ def test_missing_checkpoint_names_the_path(clip_path, data_root, tmp_path):
     trainer = build_trainer(dassl_cfg("CoOp", tmp_path / "out", clip_path, data_root))
     with pytest.raises(UserError, match=r"model\.pth\.tar-7"):
         trainer.load_model(str(tmp_path / "nowhere"), epoch=7)
+
+
+def test_invalid_precision_is_a_config_error(clip_path, data_root, tmp_path):
+    cfg = dassl_cfg("CoOp", tmp_path, clip_path, data_root).clone()
+    cfg.defrost()
+    cfg.TRAINER.COOP.PREC = "fp8"
+    with pytest.raises(ConfigError, match="TRAINER.COOP.PREC"):
+        build_trainer(cfg)
 
 
 def test_zeroshot_clip_evaluates(clip_path, data_root, tmp_path, capsys):
@@ -187,6 +195,7 @@ def test_promptkd_trains_on_all_classes_and_tests_on_novel(clip_path, teacher_cl
     out = tmp_path / "kd"
     cfg = dassl_cfg("PromptKD", out, clip_path, data_root, "DATASET.NUM_SHOTS", "0",
                     "OPTIM.MAX_EPOCH", "1", "TRAINER.REFINER.ENABLED", "True",
+                    "TEST.FINAL_MODEL", "best_val",  # as the published PromptKD config
                     "TRAINER.PROMPTKD.TEACHER_PATH", teacher_clip_path,
                     "TRAINER.PROMPTKD.TEACHER_CKPT", teacher_ckpt)
     trainer = build_trainer(cfg)
@@ -195,6 +204,7 @@ def test_promptkd_trains_on_all_classes_and_tests_on_novel(clip_path, teacher_cl
     assert "* accuracy:" in capsys.readouterr().out
     assert trainer.model.class_slice == slice(2, None)  # the test split is the novel half
 
+    assert os.path.isfile(os.path.join(out, "VLPromptLearner", "model-best.pth.tar"))
     state = saved_state(out, "PromptKD", epoch=1)["state_dict"]
     assert CACHE_KEY in state and "image_encoder.VPT" in state
     assert not any(k.startswith("teacher.") for k in state)

@@ -288,7 +288,7 @@ def attach_ivlp_prompts(encoder: nn.Module, n_ctx: int, depth: int, vision: bool
     if not 0 <= depth <= len(blocks):
         raise UserError(f"Prompt depth {depth} is outside 0..{len(blocks)} for this CLIP.")
     width = blocks[0].ln_1.weight.shape[0]
-    dtype = blocks[0].ln_1.weight.dtype
+    dtype = blocks[0].mlp.c_fc.weight.dtype  # LayerNorms stay fp32 in an fp16 CLIP
     if vision and depth > 0:
         encoder.VPT = _new_prompt(n_ctx, width, dtype)
     for i in range(1, depth):

@@ -19,6 +19,7 @@ from textrefiner.checkpoint import read_checkpoint, write_checkpoint
 from textrefiner.clip_backbone import load_clip
 from textrefiner.config import ConfigError, validate_cfg
 from textrefiner.data import DATASETS
+from textrefiner.engine.optim import build_scheduler as standalone_scheduler
 from textrefiner.errors import UserError
 from textrefiner.methods import build_method, method_class
 
@@ -59,9 +60,11 @@ def data_cfg(cfg):
 
 
 class MethodTrainer(TrainerX):
-    """Generic trainer; subclasses set `method_name`. The model is registered under the method's
-    `checkpoint_name` ("prompt_learner" for CoOp, "MultiModalPromptLearner" for MaPLe,
-    "VLPromptLearner" for PromptKD, as their codebases name it), which is also the checkpoint folder.
+    """Generic trainer; subclasses set `method_name`.
+
+    The model is registered under the method's `checkpoint_name`, the name its codebase gives it
+    ("prompt_learner" for CoOp, "MultiModalPromptLearner" for MaPLe, "VLPromptLearner" for
+    PromptKD), which is also the checkpoint folder.
     """
 
     method_name = ""  # key of textrefiner.methods.METHODS
@@ -113,7 +116,7 @@ class MethodTrainer(TrainerX):
         params = list(self.model.trainable_parameters().values())
         print(f"# trainable params: {sum(p.numel() for p in params):,}")
         self.optim = build_optimizer(params, cfg.OPTIM) if params else None
-        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM) if params else None
+        self.sched = build_scheduler(self.optim, cfg.OPTIM) if params else None
         self.register_model(self.registered_name, self.model, self.optim, self.sched)
         use_scaler = self.precision == "amp" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -222,6 +225,17 @@ class MethodTrainer(TrainerX):
             start_epoch = checkpoint["epoch"]
             print(f"Resumed {name} from {path} (epoch = {start_epoch})")
         return start_epoch
+
+
+def build_scheduler(optim, optim_cfg):
+    """Dassl's scheduler; its warm-up wrappers pass `verbose` positionally, which recent torch
+    versions reject, so fall back to the standalone engine's equivalent schedule then."""
+    try:
+        return build_lr_scheduler(optim, optim_cfg)
+    except TypeError as exc:
+        print(f"Dassl's learning-rate scheduler fails on torch {torch.__version__} ({exc}); "
+              "using textrefiner.engine.optim's schedule, which gives the same rates")
+        return standalone_scheduler(optim, optim_cfg)
 
 
 def check_image_size(cfg, clip_model):

@@ -22,8 +22,10 @@ from ..refiner import FeatureAligner
 from .base import PromptMethod
 from .prompts import PromptLearner
 
+# Rebuilt from the class names, or (PromptSRC's frozen zero-shot copy of the image encoder) not
+# part of the teacher's forward pass: never loaded.
 TEACHER_IGNORED = ("prompt_learner.token_prefix", "prompt_learner.token_suffix",
-                   "prompt_learner.tokenized_prompts")
+                   "prompt_learner.tokenized_prompts", "prompt_learner.ZS_image_encoder.")
 
 
 class IVLPTeacher(nn.Module):
