@@ -210,7 +210,8 @@ def test_backward_after_read_then_write_in_one_step():
     refiner = TextRefiner(dim=6, cache_size=4)
     twin = TextRefiner(dim=6, cache_size=4)
     twin.load_state_dict(refiner.state_dict())
-    text = F.normalize(torch.randn(3, 6), dim=-1)
+    text = F.normalize(torch.randn(3, 6), dim=-1).requires_grad_()  # as if from learned prompts
+    twin_text = text.detach().clone().requires_grad_()
     tokens = torch.randn(2, 5, 6)
 
     aligned = refiner.align(tokens)
@@ -221,12 +222,13 @@ def test_backward_after_read_then_write_in_one_step():
     loss.backward()
 
     # The same step without the write: the gradients must be those of the old cache.
-    twin_loss = twin.refine(text).square().sum() + twin.align(tokens).sum()
+    twin_loss = twin.refine(twin_text).square().sum() + twin.align(tokens).sum()
     twin_loss.backward()
     grad = refiner.aggregator.linear.weight.grad
     assert grad is not None and grad.abs().sum() > 0
     assert torch.allclose(grad, twin.aggregator.linear.weight.grad, atol=1e-6)
     assert torch.allclose(refiner.aligner.fc1.weight.grad, twin.aligner.fc1.weight.grad, atol=1e-6)
+    assert torch.allclose(text.grad, twin_text.grad, atol=1e-6)
     assert refiner.cache.entries.grad is None
 
 

@@ -4,6 +4,7 @@ Notation follows the paper: E [C, d] normalised class text features, A [M, d] th
 V [B, 1+N, d] local tokens in the joint space.
 """
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -151,4 +152,14 @@ class TextRefiner(nn.Module):
         return self.aligner(local_tokens)
 
     def update(self, aligned_tokens: torch.Tensor) -> int:
-        return self.cache.write(aligned_tokens)
+        """Write into the cache; under DDP every rank writes the tokens of all ranks, so the
+        caches stay identical."""
+        return self.cache.write(_gather_from_all_ranks(aligned_tokens.detach()))
+
+
+def _gather_from_all_ranks(tokens: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tokens
+    gathered = [torch.empty_like(tokens) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tokens.contiguous())
+    return torch.cat(gathered)
