@@ -47,6 +47,8 @@ How it is measured
 - Throughput: eval mode, no_grad; each model's class embeddings are computed and cached before
   timing (see --encode-text), then rounds time one batch per variant, order reversed every other
   round; ratio per round = zero-shot time / variant time.
+  infer_zs_vs_zs_noise times the same zero-shot model twice per round: an A/A control whose
+  distance from 1 is the noise floor of these ratios on this machine.
 - Train step: zero_grad + forward_train + backward + SGD(momentum 0.9) step; the first step of
   each variant is the warm-up (and the memory measurement); then pairs base/TR, order alternating.
 - Refiner's own work: the refiner's inputs of a real step (last-block tokens, the text features E)
@@ -211,6 +213,8 @@ def bench_inference(clip_model, args, device, n_classes, images):
                 prime_classifier(model, variants["zs"].text_features())
             model.class_embeddings()
         variants["zs"](images)  # warm-up of the shared image path
+        # Zero-shot timed twice per round: the A/A ratio shows the noise floor.
+        variants["zs_again"] = variants["zs"]
         times = {name: [] for name in variants}
         order = list(variants)
         for r in range(args.repeats):
@@ -219,10 +223,12 @@ def bench_inference(clip_model, args, device, n_classes, images):
                 times[name].append(timed(lambda: model(images), device))
             log(f"  round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in order))
     batch = images.shape[0]
-    out = {f"throughput_{n}@{n_classes}": batch / median(t) for n, t in times.items()}
-    for name in ("coop", "coop_tr"):
+    out = {f"throughput_{n}@{n_classes}": batch / median(times[n])
+           for n in ("zs", "coop", "coop_tr")}
+    for name, key in (("zs_again", "infer_zs_vs_zs_noise"), ("coop", "infer_coop_vs_zs"),
+                      ("coop_tr", "infer_tr_vs_zs")):
         ratios = [z / t for z, t in zip(times["zs"], times[name])]
-        out[f"infer_{'tr' if name == 'coop_tr' else 'coop'}_vs_zs@{n_classes}"] = median(ratios)
+        out[f"{key}@{n_classes}"] = median(ratios)
     return out
 
 

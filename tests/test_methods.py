@@ -72,7 +72,8 @@ def teacher_file(tmp_path_factory, teacher_clip_path):
     text_w, vision_w = 128, 192
     prompts = {
         "prompt_learner.ctx": 0.5 * torch.randn(4, text_w, generator=gen),
-        "text_encoder.transformer.resblocks.1.VPT_shallow": 0.5 * torch.randn(4, text_w, generator=gen),
+        "text_encoder.transformer.resblocks.1.VPT_shallow":
+            0.5 * torch.randn(4, text_w, generator=gen),
         "image_encoder.VPT": 0.5 * torch.randn(4, vision_w, generator=gen),
         "image_encoder.transformer.resblocks.1.VPT_shallow":
             0.5 * torch.randn(4, vision_w, generator=gen),
@@ -165,7 +166,7 @@ def name_token_count(name):
 
 
 def hand_text(clip, embeddings, eot, deep=()):
-    """Stock text transformer run block by block; deep[i-1] replaces positions 1..n before block i."""
+    """Stock text transformer block by block; deep[i-1] replaces positions 1..n before block i."""
     x = (embeddings + clip.positional_embedding).permute(1, 0, 2)
     for i, block in enumerate(clip.transformer.resblocks):
         if 1 <= i <= len(deep):
@@ -629,8 +630,14 @@ def test_coop_ctx_init_sets_context_length(build, base_clip):
 
 
 def test_coop_unknown_class_token_position_is_refused(build):
-    with pytest.raises((UserError, ValueError)):
+    with pytest.raises(UserError, match="CLASS_TOKEN_POSITION"):
         build("CoOp", "TRAINER.COOP.CLASS_TOKEN_POSITION", "back")
+
+
+@pytest.mark.parametrize("method", TRAINED)
+def test_refiner_topk_above_patch_count_is_refused(build, method):
+    with pytest.raises(UserError, match="TOPK"):
+        build(method, "TRAINER.REFINER.ENABLED", "True", "TRAINER.REFINER.TOPK", "17")
 
 
 # ------------------------------------------------------------------------------ MaPLe

@@ -86,6 +86,14 @@ def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
     return model.to(device).eval()
 
 
+def check_image_size(cfg, clip_model: nn.Module):
+    """INPUT.SIZE must be the CLIP's input resolution (CoOp asserts the same)."""
+    size = clip_model.visual.input_resolution
+    if tuple(cfg.INPUT.SIZE) != (size, size):
+        raise UserError(f"INPUT.SIZE is {tuple(cfg.INPUT.SIZE)} but this CLIP takes {size}x{size} "
+                        f"images: set INPUT.SIZE ({size}, {size}).")
+
+
 def build_random_clip(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128,
                       vision_patch_size=8, transformer_width=64, transformer_layers=3,
                       context_length=77, seed=0) -> nn.Module:

@@ -16,7 +16,7 @@ from dassl.metrics import compute_accuracy
 from dassl.optim import build_lr_scheduler, build_optimizer
 
 from textrefiner.checkpoint import read_checkpoint, write_checkpoint
-from textrefiner.clip_backbone import load_clip
+from textrefiner.clip_backbone import check_image_size, load_clip
 from textrefiner.config import ConfigError, validate_cfg
 from textrefiner.data import DATASETS
 from textrefiner.engine.optim import build_scheduler as standalone_scheduler
@@ -185,7 +185,7 @@ class MethodTrainer(TrainerX):
                 print(f"Best checkpoint saved to {best}")
 
     def load_model(self, directory, epoch=None):
-        """Load `<directory>/<model_name>/model.pth.tar-<epoch>` (model-best.pth.tar by default)."""
+        """Load `<directory>/<checkpoint_name>/model.pth.tar-<epoch>` (default model-best.pth.tar)."""
         if not directory:
             print("Note that load_model() is skipped as no pretrained model is given")
             return
@@ -236,13 +236,6 @@ def build_scheduler(optim, optim_cfg):
         print(f"Dassl's learning-rate scheduler fails on torch {torch.__version__} ({exc}); "
               "using textrefiner.engine.optim's schedule, which gives the same rates")
         return standalone_scheduler(optim, optim_cfg)
-
-
-def check_image_size(cfg, clip_model):
-    size = clip_model.visual.input_resolution
-    if tuple(cfg.INPUT.SIZE) != (size, size):
-        raise UserError(f"INPUT.SIZE is {tuple(cfg.INPUT.SIZE)} but this CLIP takes {size}x{size} "
-                        f"images: set INPUT.SIZE ({size}, {size}).")
 
 
 def _write_text(path: str, text: str):

@@ -22,7 +22,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..checkpoint import read_checkpoint, write_checkpoint
-from ..clip_backbone import load_clip
+from ..clip_backbone import check_image_size, load_clip
 from ..data import build_dataset, build_loader
 from ..errors import UserError
 from ..methods import method_class
@@ -107,7 +107,7 @@ class StandaloneTrainer:
                             "MODEL.BACKBONE.PATH (a local CLIP file).")
         self.log(f"Loading CLIP ({backbone}, {self.precision})")
         clip_model = load_clip(backbone, self.precision)
-        _check_image_size(cfg, clip_model)
+        check_image_size(cfg, clip_model)
         self.log(f"Building {trainer_name}"
                  f"{' + TextRefiner' if cfg.TRAINER.REFINER.ENABLED else ''} on "
                  f"{len(self.splits.classnames)} classes")
@@ -357,13 +357,6 @@ def _distributed_setup(cfg):
         backend = "nccl" if cfg.USE_CUDA and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
-
-
-def _check_image_size(cfg, clip_model):
-    clip_size = clip_model.visual.input_resolution
-    if tuple(cfg.INPUT.SIZE) != (clip_size, clip_size):
-        raise UserError(f"INPUT.SIZE is {tuple(cfg.INPUT.SIZE)} but this CLIP takes "
-                        f"{clip_size}x{clip_size} images: set INPUT.SIZE ({clip_size}, {clip_size}).")
 
 
 def run_standalone(cfg, trainer_name: str, eval_only=False, model_dir="", load_epoch=None,

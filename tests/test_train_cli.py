@@ -1,0 +1,214 @@
+"""The `textrefiner-train` command on the standalone engine, end to end on the offline demo data.
+
+Each method trains for two epochs on base classes and is then evaluated on the new classes from
+its saved checkpoint, with and without `--refiner`; the parse-level tests check that a mistake on
+the command line is an exit code 2 with a message naming what to fix.
+"""
+import glob
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from textrefiner.clip_backbone import load_clip
+from textrefiner.demo import prepare
+from textrefiner.train import build_parser, main, run, setup_cfg
+
+DATASET_CFG = "configs/datasets/synthetic_shapes.yaml"
+DEMO_CFG = "configs/trainers/CoOp/demo_cpu.yaml"
+CACHE_KEY = "refiner.cache.entries"
+CHECKPOINT_NAMES = {"CoOp": "prompt_learner", "MaPLe": "MultiModalPromptLearner",
+                    "PromptKD": "VLPromptLearner"}
+METHOD_OPTS = {
+    "CoOp": (),
+    "MaPLe": ("TRAINER.MAPLE.PREC", "fp32", "TRAINER.MAPLE.PROMPT_DEPTH", "2",
+              "INPUT.SIZE", "(32, 32)"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The toy models gain nothing from threads; on a busy machine the thread pool costs more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    return prepare(str(tmp_path_factory.mktemp("demo")))
+
+
+def command(demo, trainer, out, *opts, refiner=False, classes="base", extra=(), shots=2,
+            seed=1):
+    args = ["--engine", "standalone", "--root", demo["root"], "--trainer", trainer,
+            "--seed", str(seed), "--dataset-config-file", DATASET_CFG, "--config-file", DEMO_CFG,
+            "--output-dir", str(out)]
+    args += (["--refiner"] if refiner else []) + list(extra)
+    args += ["MODEL.BACKBONE.PATH", demo["clip"], "DATASET.NUM_SHOTS", str(shots),
+             "DATASET.SUBSAMPLE_CLASSES", classes, "OPTIM.MAX_EPOCH", "2"]
+    return args + list(opts)
+
+
+def read_log(out):
+    with open(os.path.join(str(out), "log.txt"), encoding="utf-8") as f:
+        return f.read()
+
+
+def accuracy_lines(out):
+    return [line for line in read_log(out).splitlines() if line.startswith("* accuracy:")]
+
+
+def saved_state(out, name, epoch=2):
+    path = os.path.join(str(out), name, f"model.pth.tar-{epoch}")
+    assert os.path.isfile(path), f"no checkpoint {path}"
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def check_train_then_eval(demo, tmp_path, trainer, refiner, opts):
+    name = CHECKPOINT_NAMES[trainer]
+    out = tmp_path / "train_base"
+    assert main(command(demo, trainer, out, *opts, refiner=refiner)) == 0
+    assert accuracy_lines(out), read_log(out)
+    state = saved_state(out, name)
+    assert (CACHE_KEY in state) == refiner
+    assert glob.glob(os.path.join(str(out), "tensorboard", "events.out.tfevents.*"))
+
+    new = tmp_path / "test_new"
+    trainer_obj = run(command(demo, trainer, new, *opts, refiner=refiner, classes="new",
+                              extra=("--eval-only", "--model-dir", str(out), "--load-epoch", "2")))
+    log = read_log(new)
+    assert f"Loaded {os.path.join(str(out), name, 'model.pth.tar-2')}" in log
+    assert accuracy_lines(new)
+    assert not os.path.exists(os.path.join(str(new), name)), "evaluation must not save weights"
+    reloaded = trainer_obj.model.checkpoint_state()
+    if refiner:
+        assert torch.equal(reloaded[CACHE_KEY].cpu(), state[CACHE_KEY])
+    else:
+        assert CACHE_KEY not in reloaded
+    for key, value in state.items():
+        if "token_prefix" in key or "token_suffix" in key:
+            continue  # rebuilt for the new class names
+        assert torch.equal(reloaded[key].cpu(), value), key
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
+@pytest.mark.parametrize("trainer", ["CoOp", "MaPLe"])
+def test_train_base_then_evaluate_new(demo, tmp_path, trainer, refiner):
+    check_train_then_eval(demo, tmp_path, trainer, refiner, METHOD_OPTS[trainer])
+
+
+# ------------------------------------------------------------------------------ PromptKD
+TEACHER_CLIP = dict(embed_dim=48, image_resolution=32, vision_layers=2, vision_width=192,
+                    vision_patch_size=8, transformer_width=128, transformer_layers=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, teacher_clip_path):
+    """A PromptSRC-layout teacher checkpoint (Dassl dict) for the toy teacher CLIP."""
+    gen = torch.Generator().manual_seed(7)
+    tclip = load_clip(teacher_clip_path, "fp32")
+    text_w = tclip.ln_final.weight.shape[0]
+    vision_w = tclip.visual.conv1.weight.shape[0]
+    state = {
+        "prompt_learner.ctx": 0.5 * torch.randn(4, text_w, generator=gen),
+        "text_encoder.transformer.resblocks.1.VPT_shallow":
+            0.5 * torch.randn(4, text_w, generator=gen),
+        "image_encoder.VPT": 0.5 * torch.randn(4, vision_w, generator=gen),
+        "image_encoder.transformer.resblocks.1.VPT_shallow":
+            0.5 * torch.randn(4, vision_w, generator=gen),
+    }
+    state.update({"image_encoder." + k: v.clone() for k, v in tclip.visual.state_dict().items()})
+    for part in ("transformer", "ln_final"):
+        state.update({f"text_encoder.{part}.{k}": v.clone()
+                      for k, v in getattr(tclip, part).state_dict().items()})
+    state["text_encoder.positional_embedding"] = tclip.positional_embedding.detach().clone()
+    state["text_encoder.text_projection"] = tclip.text_projection.detach().clone()
+    state["logit_scale"] = torch.tensor(math.log(30.0))
+    path = tmp_path_factory.mktemp("teacher") / "model-best.pth.tar"
+    torch.save({"state_dict": state, "epoch": 20}, str(path))
+    return str(path), teacher_clip_path
+
+
+def kd_opts(teacher):
+    return ("TRAINER.PROMPTKD.TEACHER_CKPT", teacher[0], "TRAINER.PROMPTKD.TEACHER_PATH", teacher[1],
+            "TRAINER.PROMPTKD.PREC", "fp32", "TRAINER.PROMPTKD.N_CTX_VISION", "4",
+            "TRAINER.PROMPTKD.PROMPT_DEPTH_VISION", "2", "TRAINER.MODAL", "base2novel",
+            "INPUT.SIZE", "(32, 32)")
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
+def test_promptkd_train_then_evaluate_new(demo, tmp_path, teacher, refiner):
+    check_train_then_eval(demo, tmp_path, "PromptKD", refiner, kd_opts(teacher) + (
+        "DATASET.NUM_SHOTS", "0"))
+
+
+# ------------------------------------------------------------------------------ parsing
+def test_unknown_trainer_is_exit_2(demo, tmp_path, capsys):
+    assert main(command(demo, "NoSuchMethod", tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "NoSuchMethod" in err and "CoOp" in err
+    assert not (tmp_path / "out" / "log.txt").exists()
+
+
+def test_missing_trainer_is_exit_2(capsys):
+    assert main(["--engine", "standalone"]) == 2
+    assert "--trainer" in capsys.readouterr().err
+
+
+def test_refiner_flags_set_the_config():
+    args = build_parser().parse_args(["--trainer", "CoOp", "--refiner", "--alpha", "0.3",
+                                      "--topk", "3", "--cache-size", "7"])
+    cfg = setup_cfg(args)
+    assert cfg.TRAINER.REFINER.ENABLED is True
+    assert cfg.TRAINER.REFINER.ALPHA == pytest.approx(0.3)
+    assert cfg.TRAINER.REFINER.TOPK == 3 and cfg.TRAINER.REFINER.CACHE_SIZE == 7
+    plain = setup_cfg(build_parser().parse_args(["--trainer", "CoOp"]))
+    assert plain.TRAINER.REFINER.ENABLED is False
+    assert plain.TRAINER.REFINER.ALPHA == pytest.approx(0.2)
+
+
+def test_flag_order_defaults_yaml_flags_pairs():
+    """KEY VALUE pairs win over the YAML files, which win over the defaults."""
+    args = build_parser().parse_args(["--trainer", "CoOp", "--config-file", DEMO_CFG,
+                                      "OPTIM.MAX_EPOCH", "7"])
+    cfg = setup_cfg(args)
+    assert cfg.OPTIM.MAX_EPOCH == 7
+    assert cfg.TRAINER.COOP.N_CTX == 4  # from the YAML
+
+
+def test_unknown_config_key_is_exit_2(demo, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(command(demo, "CoOp", out, "TRAINER.COOP.NOT_A_KEY", "3")) == 2
+    assert "TRAINER.COOP.NOT_A_KEY" in capsys.readouterr().err
+    assert not (out / "log.txt").exists()
+
+
+def test_missing_dataset_root_is_exit_2_and_writes_nothing(demo, tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = str(tmp_path / "no_such_data")
+    args = command(demo, "CoOp", out)
+    args[args.index("--root") + 1] = missing
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no_such_data" in err
+    assert not (out / "log.txt").exists()
+    assert not glob.glob(os.path.join(str(out), "**", "model.pth.tar-*"), recursive=True)
+    assert not (out / "tensorboard").exists()
+
+
+def test_engine_dassl_without_dassl_is_a_clear_error(demo, tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        return None if name == "dassl" or name.startswith("dassl.") else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    args = command(demo, "CoOp", tmp_path / "out")
+    args[args.index("--engine") + 1] = "dassl"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Dassl" in err and "--engine standalone" in err
