@@ -15,6 +15,15 @@ TEACHER_CLIP = dict(embed_dim=48, image_resolution=32, vision_layers=2, vision_w
 CLASSNAMES = ["red circle", "blue square", "green_triangle", "yellow star", "striped disc"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The toy models are too small to gain from threads; one avoids oversubscribing 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def clip_path(tmp_path_factory):
     return save_random_clip(str(tmp_path_factory.mktemp("clip") / "small_clip.pt"), **SMALL_CLIP)

@@ -191,7 +191,7 @@ def test_c_different_seeds_draw_different_few_shot_subsets(demo, tmp_path):
 
 # ------------------------------------------------------------------------------ (d) kill + resume
 RESUME_OPTS = ("DATALOADER.TRAIN_X.BATCH_SIZE", "1")
-RESUME_SHOTS = 16  # 80 single-image steps per epoch: long enough to kill the run mid-training
+RESUME_SHOTS = 8  # 40 single-image steps per epoch: long enough to kill the run mid-training
 
 
 def test_d_killed_run_resumes_to_the_same_result(demo, tmp_path):
@@ -272,8 +272,9 @@ def test_f_refiner_values_out_of_range_are_exit_2(demo, tmp_path, capsys, flag, 
 
 
 def test_g_promptkd_without_teacher_checkpoint_is_exit_2(demo, tmp_path, capsys):
-    args = command(demo, tmp_path / "out", "TRAINER.PROMPTKD.PREC", "fp32", "DATASET.NUM_SHOTS",
-                   "0", trainer="PromptKD")
+    args = command(demo, tmp_path / "out", "TRAINER.PROMPTKD.PREC", "fp32",
+                   "TRAINER.PROMPTKD.PROMPT_DEPTH_VISION", "2", "DATASET.NUM_SHOTS", "0",
+                   trainer="PromptKD")
     assert main(args) == 2
     assert "TRAINER.PROMPTKD.TEACHER_CKPT" in capsys.readouterr().err
 

@@ -6,7 +6,6 @@ leaves a truncated checkpoint behind.
 import os
 import pickle
 import tempfile
-import zipfile
 
 import torch
 
@@ -35,18 +34,20 @@ def read_checkpoint(path: str, what: str = "checkpoint") -> dict:
     if not os.path.isfile(path):
         raise UserError(f"The {what} {path!r} does not exist.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile,
-            AttributeError, ValueError) as exc:
-        if not _is_restricted_unpickling(exc):
-            raise UserError(f"The {what} {path!r} is corrupt or truncated ({type(exc).__name__}: "
-                            f"{exc}). Delete it and train again, or point to another file.") from None
-        # Older Dassl checkpoints may pickle plain Python objects: the user chose this file.
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = _load(path)
+    except Exception as exc:  # any failure to parse the file means it is damaged
+        raise UserError(f"The {what} {path!r} is corrupt or truncated ({type(exc).__name__}: "
+                        f"{exc}). Delete it and train again, or point to another file.") from None
     if not isinstance(obj, dict):
         raise UserError(f"The {what} {path!r} is not a checkpoint dictionary.")
     return obj
 
 
-def _is_restricted_unpickling(exc: Exception) -> bool:
-    return "weights_only" in str(exc) or "Unsupported global" in str(exc)
+def _load(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
+            raise
+    # Older Dassl checkpoints may pickle plain Python objects; the user chose this file.
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from ..clip_backbone import encode_text_tokens, tokenize
+from ..errors import UserError
 from .base import PromptMethod
 from .templates import template_for
 
@@ -12,6 +13,9 @@ class ZeroshotCLIP(PromptMethod):
 
     def __init__(self, cfg, classnames, clip_model):
         super().__init__(cfg, classnames, clip_model)
+        if cfg.TRAINER.REFINER.ENABLED:
+            raise UserError("ZeroshotCLIP trains nothing, so TextRefiner (which learns its cache "
+                            "and weights in training) cannot be added: drop --refiner.")
         template = template_for(cfg.DATASET.NAME)
         prompts = [template.format(name.replace("_", " ")) for name in classnames]
         with torch.no_grad():
