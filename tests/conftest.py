@@ -1,9 +1,14 @@
 """Shared fixtures: small random-weight CLIP checkpoints and configs, all on the CPU."""
-import pytest
-import torch
+import os
 
-from textrefiner.clip_backbone import load_clip, save_random_clip
-from textrefiner.config import load_cfg
+# Idle OpenMP threads must not spin on a shared 2-core machine (set before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from textrefiner.clip_backbone import load_clip, save_random_clip  # noqa: E402
+from textrefiner.config import load_cfg  # noqa: E402
 
 # Student-sized and teacher-sized toy CLIPs: the vision and text widths and the joint dims all
 # differ, so a mixed-up dimension fails loudly.
@@ -22,6 +27,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The offline demo's synthetic dataset and small random CLIP: {"root", "clip"}."""
+    from textrefiner.demo import prepare
+    return prepare(str(tmp_path_factory.mktemp("demo")))
 
 
 @pytest.fixture(scope="session")

@@ -115,6 +115,15 @@ def test_corrupt_files_raise_user_errors(tmp_path, clip_path):
         load_clip(str(not_clip))
 
 
+def test_jit_archive_of_another_model_raises_a_user_error(tmp_path):
+    path = str(tmp_path / "linear_jit.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(UserError, match="visual.proj"):
+        load_clip(path)
+
+
 def test_state_dict_wrapped_in_a_checkpoint_dict_loads(tmp_path, clip_path, model):
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"state_dict": torch.load(clip_path, weights_only=True), "epoch": 3}, wrapped)
@@ -329,10 +338,11 @@ def test_attach_ivlp_vision_prompts_names_and_use(small_clip, images):
     assert [id(p) for p in prompts] == [id(names["VPT"]),
                                         id(names["transformer.resblocks.1.VPT_shallow"]),
                                         id(names["transformer.resblocks.2.VPT_shallow"])]
-    assert ivlp_deep_prompts(visual) == prompts[1:]
+    assert [id(p) for p in ivlp_deep_prompts(visual)] == [id(p) for p in prompts[1:]]
     with torch.no_grad():
         ours = encode_image(visual, images, prompts=prompts).features
-    assert max_diff(ours, stock_image_pass(visual, images, [p.detach() for p in prompts])[0]) <= 1e-5
+    reference = stock_image_pass(visual, images, [p.detach() for p in prompts])[0]
+    assert max_diff(ours, reference) <= 1e-5
 
 
 def test_attach_ivlp_text_prompts_names(small_clip):
@@ -341,8 +351,19 @@ def test_attach_ivlp_text_prompts_names(small_clip):
     names = [name for name, _ in encoder.named_parameters() if "VPT" in name]
     assert names == ["transformer.resblocks.1.VPT_shallow"]
     assert not hasattr(encoder, "VPT")
-    assert ivlp_deep_prompts(encoder) == [encoder.transformer.resblocks[1].VPT_shallow]
+    assert [id(p) for p in ivlp_deep_prompts(encoder)] == [
+        id(encoder.transformer.resblocks[1].VPT_shallow)]
     assert encoder.transformer.resblocks[1].VPT_shallow.shape == (2, 64)
+
+
+def test_ivlp_prompts_take_the_dtype_of_fp16_weights(clip_path):
+    model = load_clip(clip_path, "fp16")
+    attach_ivlp_prompts(model.visual, n_ctx=2, depth=2, vision=True)
+    encoder = TextEncoder(model)
+    attach_ivlp_prompts(encoder, n_ctx=2, depth=3, vision=False)
+    prompts = ivlp_vision_prompts(model.visual) + ivlp_deep_prompts(encoder)
+    assert len(prompts) == 4
+    assert all(p.dtype == torch.float16 for p in prompts)
 
 
 def test_attach_ivlp_prompts_depth_limits(small_clip):
@@ -358,6 +379,10 @@ def test_attach_ivlp_prompts_depth_limits(small_clip):
 # --------------------------------------------------------------------------------------------
 NO_PKG_RESOURCES = """
 import sys
+import traceback
+
+from textrefiner import _compat
+
 
 class NoPkgResources:
     def find_spec(self, name, path=None, target=None):
@@ -365,23 +390,41 @@ class NoPkgResources:
             raise ImportError("pkg_resources is not installed here")
         return None
 
-sys.meta_path.insert(0, NoPkgResources())
+
+def check(label):
+    try:
+        import pkg_resources
+        raise SystemExit("the blocker did not work")
+    except ImportError:
+        pass
+    try:
+        import textrefiner
+        from textrefiner.clip_backbone import build_random_clip, tokenize
+        clip = _compat.import_clip()
+        assert callable(textrefiner.load_clip)
+        assert callable(clip.model.build_model) and callable(clip.clip.tokenize)
+        assert tokenize(["a photo"]).shape == (1, 77)
+        build_random_clip(vision_layers=1, transformer_layers=1)
+        assert sys.modules.get("pkg_resources") is None, "the stand-in must not stay behind"
+        print(label, "ok", flush=True)
+    except BaseException:
+        print(label, "FAILED", flush=True)
+        traceback.print_exc()
+
+
+# 1. a finder that refuses pkg_resources (as when setuptools >= 81 has no pkg_resources)
+blocker = NoPkgResources()
+sys.meta_path.insert(0, blocker)
 sys.modules.pop("pkg_resources", None)
-try:
-    import pkg_resources
-    raise SystemExit("the blocker did not work")
-except ImportError:
-    pass
-import textrefiner
-from textrefiner import _compat
-from textrefiner.clip_backbone import build_random_clip, tokenize
-clip = _compat.import_clip()
-assert callable(textrefiner.load_clip)
-assert callable(clip.model.build_model) and callable(clip.clip.tokenize)
-assert tokenize(["a photo"]).shape == (1, 77)
-build_random_clip(vision_layers=1, transformer_layers=1)
-assert "pkg_resources" not in sys.modules, "the stand-in must not stay behind"
-print("ok")
+check("meta_path")
+
+# 2. the other standard way to make an import fail: a None entry in sys.modules
+sys.meta_path.remove(blocker)
+for name in [m for m in sys.modules if m.split(".")[0] == "clip" or "_stock_clip" in m]:
+    del sys.modules[name]
+_compat._stock_clip = None
+sys.modules["pkg_resources"] = None
+check("none_entry")
 """
 
 FAKE_CLIP = """
@@ -416,9 +459,13 @@ def fresh_interpreters(tmp_path_factory):
         runs[name] = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    results = {}
+
     def result(name):
-        out, err = runs[name].communicate(timeout=180)
-        return out, err, runs[name].returncode
+        if name not in results:
+            out, err = runs[name].communicate(timeout=180)
+            results[name] = (out, err, runs[name].returncode)
+        return results[name]
 
     yield result
     for process in runs.values():
@@ -427,10 +474,11 @@ def fresh_interpreters(tmp_path_factory):
             process.wait()
 
 
-def test_import_clip_without_pkg_resources(fresh_interpreters):
+@pytest.mark.parametrize("blocker", ["meta_path", "none_entry"])
+def test_import_clip_without_pkg_resources(fresh_interpreters, blocker):
     out, err, code = fresh_interpreters("no_pkg_resources")
     assert code == 0, err[-3000:]
-    assert out.strip().endswith("ok")
+    assert f"{blocker} ok" in out.splitlines(), out + err[-3000:]
 
 
 def test_import_clip_with_a_fake_clip_package_on_the_path(fresh_interpreters):

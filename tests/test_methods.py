@@ -42,16 +42,6 @@ KD_OPTS = ("TRAINER.PROMPTKD.KD_WEIGHT", "3.0", "TRAINER.PROMPTKD.TEMPERATURE", 
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The toy models are too small to gain from threads; on a busy machine the thread pool's
-    busy-waiting costs several times the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base_clip(clip_path):
     return load_clip(clip_path, "fp32")

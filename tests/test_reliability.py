@@ -27,19 +27,6 @@ DEMO_CFG = "configs/trainers/CoOp/demo_cpu.yaml"
 MAPLE_OPTS = ("TRAINER.MAPLE.PREC", "fp32", "TRAINER.MAPLE.PROMPT_DEPTH", "2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return prepare(str(tmp_path_factory.mktemp("demo")))
-
-
 def command(demo, out, *opts, trainer="CoOp", refiner=True, seed=1, shots=2, epochs=2,
             classes="base", extra=()):
     args = ["--engine", "standalone", "--root", demo["root"], "--trainer", trainer,

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from textrefiner.clip_backbone import load_clip
-from textrefiner.demo import prepare
 from textrefiner.train import build_parser, main, run, setup_cfg
 
 DATASET_CFG = "configs/datasets/synthetic_shapes.yaml"
@@ -26,20 +25,6 @@ METHOD_OPTS = {
     "MaPLe": ("TRAINER.MAPLE.PREC", "fp32", "TRAINER.MAPLE.PROMPT_DEPTH", "2",
               "INPUT.SIZE", "(32, 32)"),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The toy models gain nothing from threads; on a busy machine the thread pool costs more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    return prepare(str(tmp_path_factory.mktemp("demo")))
 
 
 def command(demo, trainer, out, *opts, refiner=False, classes="base", extra=(), shots=2,

@@ -27,11 +27,12 @@ _stock_clip = None
 
 @contextmanager
 def _pkg_resources_stand_in():
-    if "pkg_resources" in sys.modules:
+    if sys.modules.get("pkg_resources") is not None:
         yield
         return
     import packaging.version
 
+    blocked = "pkg_resources" in sys.modules  # a None entry: the import was blocked on purpose
     stand_in = types.ModuleType("pkg_resources")
     stand_in.packaging = packaging
     sys.modules["pkg_resources"] = stand_in
@@ -39,7 +40,10 @@ def _pkg_resources_stand_in():
         yield
     finally:
         if sys.modules.get("pkg_resources") is stand_in:
-            del sys.modules["pkg_resources"]
+            if blocked:
+                sys.modules["pkg_resources"] = None
+            else:
+                del sys.modules["pkg_resources"]
 
 
 def _installed_clip_dir() -> Path:

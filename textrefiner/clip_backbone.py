@@ -33,22 +33,27 @@ def clip_cache_dir() -> str:
 
 
 def _read_state_dict(path: str) -> dict:
-    try:
-        with open(path, "rb") as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-            return torch.jit.load(f, map_location="cpu").state_dict()
-    except RuntimeError:
-        pass  # not a JIT archive: a plain state dict
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"Could not read CLIP weights from {path!r} ({exc}). The file must be an "
-                        "OpenAI JIT archive or a saved CLIP state dict.") from None
+    obj = _read_jit_state_dict(path)
+    if obj is None:  # not a JIT archive: a plain state dict
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(f"Could not read CLIP weights from {path!r} ({exc}). The file must "
+                            "be an OpenAI JIT archive or a saved CLIP state dict.") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or "visual.proj" not in obj:
         raise UserError(f"{path!r} does not hold a ViT CLIP state dict (no 'visual.proj' key).")
     return obj
+
+
+def _read_jit_state_dict(path: str):
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            return dict(torch.jit.load(f, map_location="cpu").state_dict())
+    except RuntimeError:
+        return None
 
 
 def _locate_weights(name_or_path: str, config_key: str) -> str:

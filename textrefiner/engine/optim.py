@@ -42,7 +42,8 @@ def lr_factor(epoch: int, ocfg) -> float:
     if scheduler == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * step / ocfg.MAX_EPOCH))
     if scheduler == "single_step":
-        stepsize = ocfg.STEPSIZE[0] if isinstance(ocfg.STEPSIZE, (list, tuple)) else ocfg.STEPSIZE
+        stepsize = ocfg.STEPSIZE[-1] if isinstance(ocfg.STEPSIZE, (list, tuple)) else ocfg.STEPSIZE
+        stepsize = stepsize if stepsize > 0 else ocfg.MAX_EPOCH  # Dassl: -1 means MAX_EPOCH
         return ocfg.GAMMA ** (step // stepsize)
     if scheduler == "multi_step":
         return ocfg.GAMMA ** sum(step >= m for m in ocfg.STEPSIZE)
