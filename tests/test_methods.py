@@ -416,7 +416,9 @@ def test_plain_training_loss_is_cross_entropy(build, base_clip, batch, method):
         logits = base_clip.logit_scale.exp() * F.normalize(feature, dim=-1) @ text.t()
     loss, parts = model.forward_train(images, labels)
     torch.testing.assert_close(loss.detach(), F.cross_entropy(logits, labels), atol=ATOL, rtol=1e-4)
-    assert set(parts) == {"loss_cls"}
+    assert set(parts) == {"loss_cls", "acc"}
+    expected_acc = (logits.argmax(dim=1) == labels).float().mean() * 100
+    torch.testing.assert_close(parts["acc"], expected_acc)
 
 
 @pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])

@@ -148,6 +148,11 @@ class MethodTrainer(TrainerX):
             self.update_lr()
         return summary
 
+    def after_epoch(self):
+        if self.model.skipped_cache_tokens:
+            print(f"cache: skipped {self.model.skipped_cache_tokens} non-finite local tokens so far")
+        super().after_epoch()
+
     def model_inference(self, images):
         return self.model(images)
 

@@ -244,9 +244,9 @@ class StandaloneTrainer:
         means = "  ".join(f"{k} {v / max(count, 1):.4f}" for k, v in totals.items())
         self.log(f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}] {means}  lr {lr:.4e}")
         self.write_scalar("train/lr", lr, epoch)
-        skipped = getattr(getattr(self.model.refiner, "cache", None), "skipped_tokens", 0)
-        if skipped:
-            self.log(f"cache: skipped {skipped} non-finite local tokens so far")
+        if self.model.skipped_cache_tokens:
+            self.log(f"cache: skipped {self.model.skipped_cache_tokens} non-finite local tokens "
+                     "so far")
         self.sched.step()
 
     def train_step(self, batch) -> dict:

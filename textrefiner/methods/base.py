@@ -115,25 +115,32 @@ class PromptMethod(nn.Module):
         return self.logit_scale.exp() * features @ classifier.to(features.dtype).t()
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
-        """One training forward: returns (loss, {name: detached loss part})."""
+        """One training forward: returns (loss, {name: detached loss part, "acc": batch %})."""
         text = self.text_features()
         out = self.encode_images(images, return_tokens=self.refiner is not None)
         features = F.normalize(out.features, dim=-1)
         scale = self.logit_scale.exp()
         if self.refiner is None:
-            loss = F.cross_entropy(scale * features @ text.t(), labels)
-            return loss, {"loss_cls": loss.detach()}
+            logits = scale * features @ text.t()
+            loss = F.cross_entropy(logits, labels)
+            return loss, {"loss_cls": loss.detach(), "acc": _accuracy(logits, labels)}
 
         aligned = self.refiner.align(out.tokens)                      # V' [B, 1+N, d]
         refined = self.refiner.refine(text)                            # read before write
-        loss_cls = F.cross_entropy(scale * features @ refined.t(), labels)
+        logits = scale * features @ refined.t()
+        loss_cls = F.cross_entropy(logits, labels)
         semantic = select_semantic_tokens(aligned, out.cls_attention, self.refiner.topk)
         loss_sem = semantic_loss(semantic, text, labels, scale)
         loss_reg = regularization_loss(refined, text)
         self.refiner.update(aligned)
         loss = loss_cls + self.sem_weight * loss_sem + self.reg_weight * loss_reg
         return loss, {"loss_cls": loss_cls.detach(), "loss_sem": loss_sem.detach(),
-                      "loss_reg": loss_reg.detach()}
+                      "loss_reg": loss_reg.detach(), "acc": _accuracy(logits, labels)}
+
+    @property
+    def skipped_cache_tokens(self) -> int:
+        """Non-finite local tokens the cache refused so far (0 without TextRefiner)."""
+        return 0 if self.refiner is None else self.refiner.cache.skipped_tokens
 
     # ---------------------------------------------------------------- parameters and state
     def trainable_parameters(self) -> Dict[str, nn.Parameter]:
@@ -160,6 +167,10 @@ class PromptMethod(nn.Module):
                     "prompt length, or class-specific prompts for another class list.")
         self.load_state_dict(state, strict=False)
         self.invalidate_classifier()
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.detach().argmax(dim=1) == labels).float().mean() * 100.0
 
 
 def _mismatch_message(method, source, missing, unexpected, refiner_on):
