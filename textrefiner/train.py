@@ -115,11 +115,21 @@ def run(argv=None):
                           load_epoch=args.load_epoch, no_train=args.no_train)
 
 
+def _user_message(exc: UserError) -> str:
+    """The message alone: an error raised in a DataLoader worker arrives wrapped in the worker's
+    traceback, whose last line holds the original message."""
+    message = str(exc)
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        message = last.split(f"{type(exc).__name__}: ", 1)[-1]
+    return message
+
+
 def main(argv=None) -> int:
     try:
         run(argv)
     except UserError as exc:
-        print(f"textrefiner-train: error: {exc}", file=sys.stderr)
+        print(f"textrefiner-train: error: {_user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("textrefiner-train: interrupted", file=sys.stderr)
