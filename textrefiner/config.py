@@ -12,7 +12,10 @@ import re
 import yaml
 from yacs.config import CfgNode as CN
 
+from .clip_backbone import PRECISIONS
 from .errors import UserError
+from .methods.prompts import POSITIONS as CLASS_TOKEN_POSITIONS
+from .refiner import WRITE_RULES
 
 __all__ = [
     "ConfigError",
@@ -28,11 +31,8 @@ __all__ = [
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
-PRECISIONS = ("fp16", "fp32", "amp")
 SUBSAMPLE_CHOICES = ("all", "base", "new")
 MODALS = ("base2novel", "cross")
-CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
-WRITE_RULES = ("released", "paper")
 
 
 class ConfigError(UserError):
