@@ -3,7 +3,8 @@ import os
 import re
 
 import torch
-import torch.nn.functional as F
+
+from textrefiner import TextRefiner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ def test_custom_trainer_example_runs(small_clip):
     namespace = {"clip_model": small_clip, "images": torch.randn(4, 3, 32, 32),
                  "labels": torch.tensor([0, 1, 2, 0]), "text_features": torch.randn(3, dim)}
     torch.manual_seed(0)
-    initial_cache = F.normalize(torch.rand(25, dim), dim=-1)
+    initial_cache = TextRefiner(dim).cache.entries.clone()  # what the example starts from
     torch.manual_seed(0)
     exec(compile(example, "README.md", "exec"), namespace)
     loss, refiner = namespace["loss"], namespace["refiner"]
