@@ -190,6 +190,14 @@ def test_write_keeps_entries_a_buffer_saved_in_the_state_dict():
     assert torch.equal(cache.state_dict()["entries"], cache.entries)
 
 
+def test_write_updates_the_buffer_in_place():
+    torch.manual_seed(7)
+    cache = LocalCache(4, 3)
+    buffer, before = cache.entries, cache.entries.clone()
+    cache.write(torch.randn(2, 5, 3))
+    assert cache.entries is buffer and not torch.equal(buffer, before)
+
+
 # --------------------------------------------------------------------------------------------
 # LocalCache: no gradients
 # --------------------------------------------------------------------------------------------

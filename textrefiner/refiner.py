@@ -40,6 +40,9 @@ class LocalCache(nn.Module):
     def read(self, text_features: torch.Tensor) -> torch.Tensor:
         """Ebar = softmax(cos(E, A), over entries) A  -> [C, d]  (Eq. 5-6)."""
         entries = self.entries.to(text_features.dtype)
+        if torch.is_grad_enabled() and entries is self.entries:
+            # The backward pass needs A as read, and this step's write changes it in place.
+            entries = entries.clone()
         weights = F.normalize(text_features, dim=-1) @ entries.t()   # [C, M] cosine
         return weights.softmax(dim=-1) @ entries
 
@@ -67,9 +70,7 @@ class LocalCache(nn.Module):
         hit = torch.bincount(assigned[:, 0], minlength=entries.shape[0]) > 0
         moved = self.momentum * entries + (1.0 - self.momentum) * gathered
         updated = torch.where(hit[:, None], moved, entries)
-        # A new tensor, not an in-place copy: this step's read may still need the old one for
-        # its backward pass.
-        self.entries = F.normalize(updated, dim=-1).to(self.entries.dtype)
+        self.entries.copy_(F.normalize(updated, dim=-1))
         return x.shape[0]
 
     def _token_weights(self, scores: torch.Tensor, assigned: torch.Tensor) -> torch.Tensor:
