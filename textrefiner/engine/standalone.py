@@ -95,6 +95,8 @@ class StandaloneTrainer:
         self.cfg = cfg
         self.rank, self.world = _distributed_setup(cfg)
         self.log = Logger(enabled=self.rank == 0)
+        # Progress bars on rank 0's terminal only (None: tqdm leaves them out when not a tty).
+        self._no_bar = None if self.rank == 0 else True
         self.device = _pick_device(cfg, self.rank)
         set_seed(cfg.SEED)
         cls = method_class(trainer_name)
@@ -229,8 +231,9 @@ class StandaloneTrainer:
         loader = self.train_loader(epoch)
         self.model.train()
         bar = tqdm(loader, desc=f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}]",
-                   disable=self.rank != 0, leave=False, dynamic_ncols=True)
-        totals, count = {}, 0
+                   disable=self._no_bar, leave=False, dynamic_ncols=True)
+        totals, count, started = {}, 0, time.time()
+        lr = self.optim.param_groups[0]["lr"]
         for batch_idx, batch in enumerate(bar):
             parts = self.train_step(batch)
             count += 1
@@ -240,9 +243,12 @@ class StandaloneTrainer:
             step = epoch * len(loader) + batch_idx
             for key, value in parts.items():
                 self.write_scalar(f"train/{key}", value, step)
-        lr = self.optim.param_groups[0]["lr"]
-        means = "  ".join(f"{k} {v / max(count, 1):.4f}" for k, v in totals.items())
-        self.log(f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}] {means}  lr {lr:.4e}")
+            if (batch_idx + 1) % max(cfg.TRAIN.PRINT_FREQ, 1) == 0:  # Dassl's log lines
+                self.log(f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}] batch [{batch_idx + 1}/"
+                         f"{len(loader)}] time {(time.time() - started) / count:.3f}s/batch "
+                         + _format(parts) + f"  lr {lr:.4e}")
+        means = _format({k: v / max(count, 1) for k, v in totals.items()})
+        self.log(f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}] done: {means}  lr {lr:.4e}")
         self.write_scalar("train/lr", lr, epoch)
         if self.model.skipped_cache_tokens:
             self.log(f"cache: skipped {self.model.skipped_cache_tokens} non-finite local tokens "
@@ -306,7 +312,7 @@ class StandaloneTrainer:
         self.log(f"Evaluate on the *{split}* set")
         autocast = torch.autocast(self.device.type, dtype=_amp_dtype(self.device),
                                   enabled=self.precision == "amp")
-        for batch in tqdm(loader, disable=self.rank != 0, leave=False, dynamic_ncols=True):
+        for batch in tqdm(loader, disable=self._no_bar, leave=False, dynamic_ncols=True):
             with autocast:
                 logits = self.model(batch["img"].to(self.device))
             evaluator.process(logits.float(), batch["label"])
@@ -322,6 +328,10 @@ class _Indexable:
 
     def __len__(self):
         return self.n
+
+
+def _format(parts: dict) -> str:
+    return "  ".join(f"{key} {value:.4f}" for key, value in parts.items())
 
 
 def _capture(evaluate, log):
