@@ -14,11 +14,9 @@ from dassl.engine import TRAINER_REGISTRY, build_trainer  # noqa: E402
 
 import textrefiner_trainers  # noqa: E402
 from textrefiner.checkpoint import read_checkpoint  # noqa: E402
-from textrefiner.clip_backbone import load_clip  # noqa: E402
 from textrefiner.config import CONFIG_DIR, ConfigError, load_cfg  # noqa: E402
 from textrefiner.data import DATASETS, synthetic_classnames, write_synthetic_dataset  # noqa: E402
 from textrefiner.errors import UserError  # noqa: E402
-from textrefiner.methods.promptkd import IVLPTeacher  # noqa: E402
 
 CACHE_KEY = "refiner.cache.entries"
 FOLDERS = {"CoOp": "prompt_learner", "MaPLe": "MultiModalPromptLearner",
@@ -170,25 +168,6 @@ def test_zeroshot_clip_evaluates(clip_path, data_root, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ PromptKD
-@pytest.fixture(scope="module")
-def teacher_ckpt(teacher_clip_path, tmp_path_factory):
-    """A PromptSRC-style teacher checkpoint (<dir>/VLPromptLearner/model-best.pth.tar)."""
-    clip_model = load_clip(teacher_clip_path, "fp32")
-    text_width = clip_model.ln_final.weight.shape[0]
-    vision_width = clip_model.visual.conv1.weight.shape[0]
-    torch.manual_seed(0)
-    prompts = {"prompt_learner.ctx": torch.randn(4, text_width) * 0.02,
-               "text_encoder.transformer.resblocks.1.VPT_shallow": torch.randn(4, text_width),
-               "image_encoder.VPT": torch.randn(4, vision_width) * 0.02,
-               "image_encoder.transformer.resblocks.1.VPT_shallow": torch.randn(4, vision_width)}
-    teacher = IVLPTeacher(["cat", "dog"], clip_model, prompts)  # classes are not saved
-    teacher.load_state_dict(prompts, strict=False)
-    path = tmp_path_factory.mktemp("teacher") / "VLPromptLearner" / "model-best.pth.tar"
-    path.parent.mkdir()
-    torch.save({"state_dict": teacher.state_dict(), "epoch": 20}, path)
-    return str(path)
-
-
 def test_promptkd_trains_on_all_classes_and_tests_on_novel(clip_path, teacher_clip_path,
                                                            teacher_ckpt, data_root, tmp_path,
                                                            capsys):

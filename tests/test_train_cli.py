@@ -6,13 +6,11 @@ the command line is an exit code 2 with a message naming what to fix.
 """
 import glob
 import importlib.util
-import math
 import os
 
 import pytest
 import torch
 
-from textrefiner.clip_backbone import load_clip
 from textrefiner.train import build_parser, main, run, setup_cfg
 
 DATASET_CFG = "configs/datasets/synthetic_shapes.yaml"
@@ -87,48 +85,19 @@ def test_train_base_then_evaluate_new(demo, tmp_path, trainer, refiner):
 
 
 # ------------------------------------------------------------------------------ PromptKD
-TEACHER_CLIP = dict(embed_dim=48, image_resolution=32, vision_layers=2, vision_width=192,
-                    vision_patch_size=8, transformer_width=128, transformer_layers=2, seed=1)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, teacher_clip_path):
-    """A PromptSRC-layout teacher checkpoint (Dassl dict) for the toy teacher CLIP."""
-    gen = torch.Generator().manual_seed(7)
-    tclip = load_clip(teacher_clip_path, "fp32")
-    text_w = tclip.ln_final.weight.shape[0]
-    vision_w = tclip.visual.conv1.weight.shape[0]
-    state = {
-        "prompt_learner.ctx": 0.5 * torch.randn(4, text_w, generator=gen),
-        "text_encoder.transformer.resblocks.1.VPT_shallow":
-            0.5 * torch.randn(4, text_w, generator=gen),
-        "image_encoder.VPT": 0.5 * torch.randn(4, vision_w, generator=gen),
-        "image_encoder.transformer.resblocks.1.VPT_shallow":
-            0.5 * torch.randn(4, vision_w, generator=gen),
-    }
-    state.update({"image_encoder." + k: v.clone() for k, v in tclip.visual.state_dict().items()})
-    for part in ("transformer", "ln_final"):
-        state.update({f"text_encoder.{part}.{k}": v.clone()
-                      for k, v in getattr(tclip, part).state_dict().items()})
-    state["text_encoder.positional_embedding"] = tclip.positional_embedding.detach().clone()
-    state["text_encoder.text_projection"] = tclip.text_projection.detach().clone()
-    state["logit_scale"] = torch.tensor(math.log(30.0))
-    path = tmp_path_factory.mktemp("teacher") / "model-best.pth.tar"
-    torch.save({"state_dict": state, "epoch": 20}, str(path))
-    return str(path), teacher_clip_path
-
-
-def kd_opts(teacher):
-    return ("TRAINER.PROMPTKD.TEACHER_CKPT", teacher[0], "TRAINER.PROMPTKD.TEACHER_PATH", teacher[1],
+def kd_opts(teacher_ckpt, teacher_clip_path):
+    return ("TRAINER.PROMPTKD.TEACHER_CKPT", teacher_ckpt,
+            "TRAINER.PROMPTKD.TEACHER_PATH", teacher_clip_path,
             "TRAINER.PROMPTKD.PREC", "fp32", "TRAINER.PROMPTKD.N_CTX_VISION", "4",
             "TRAINER.PROMPTKD.PROMPT_DEPTH_VISION", "2", "TRAINER.MODAL", "base2novel",
             "INPUT.SIZE", "(32, 32)")
 
 
 @pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
-def test_promptkd_train_then_evaluate_new(demo, tmp_path, teacher, refiner):
-    check_train_then_eval(demo, tmp_path, "PromptKD", refiner, kd_opts(teacher) + (
-        "DATASET.NUM_SHOTS", "0"))
+def test_promptkd_train_then_evaluate_new(demo, tmp_path, teacher_ckpt, teacher_clip_path,
+                                         refiner):
+    opts = kd_opts(teacher_ckpt, teacher_clip_path) + ("DATASET.NUM_SHOTS", "0")
+    check_train_then_eval(demo, tmp_path, "PromptKD", refiner, opts)
 
 
 # ------------------------------------------------------------------------------ parsing
