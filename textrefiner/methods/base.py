@@ -79,8 +79,11 @@ class PromptMethod(nn.Module):
 
     # ---------------------------------------------------------------- subclass hooks
     def text_features(self) -> torch.Tensor:
-        """Normalised class text features E [C, d] (recomputed while training)."""
-        raise NotImplementedError
+        """Normalised class text features E [C, d] (recomputed while training): by default the
+        prompt learner's prompts (and deep prompts) through the text encoder."""
+        learner = self.prompt_learner
+        features = self.text_encoder(learner(), learner.eot_indices, learner.deep_prompts())
+        return F.normalize(features, dim=-1)
 
     def encode_images(self, images: torch.Tensor, return_tokens: bool = False) -> ImageOutput:
         return encode_image(self.image_encoder, images, return_tokens=return_tokens)

@@ -1,7 +1,4 @@
 """CoOp: learnable context words shared by all classes (or one set per class), CLIP frozen."""
-import torch
-import torch.nn.functional as F
-
 from ..clip_backbone import TextEncoder
 from .base import PromptMethod
 from .prompts import PromptLearner
@@ -24,8 +21,3 @@ class CoOp(PromptMethod):
         dim = self.dims["embed_dim"]
         self._attach_refiner(cfg, dim, dim, clip_model.dtype)
         self._freeze()
-
-    def text_features(self) -> torch.Tensor:
-        learner = self.prompt_learner
-        features = self.text_encoder(learner(), learner.eot_indices)
-        return F.normalize(features, dim=-1)

@@ -4,7 +4,6 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..clip_backbone import TextEncoder, encode_image
 from ..errors import UserError
@@ -33,6 +32,9 @@ class MaPLePromptLearner(PromptLearner):
         self.compound_prompt_projections = nn.ModuleList(
             [copy.deepcopy(one) for _ in range(depth - 1)])
 
+    def deep_prompts(self):
+        return list(self.compound_prompts_text)
+
     def vision_prompts(self):
         """Per-layer vision prompts [n_ctx, vision width] for layers 0..depth-1."""
         deeper = [proj(prompt) for proj, prompt in
@@ -58,12 +60,6 @@ class MaPLe(PromptMethod):
         dim = self.dims["embed_dim"]
         self._attach_refiner(cfg, dim, dim, clip_model.dtype)
         self._freeze()
-
-    def text_features(self) -> torch.Tensor:
-        learner = self.prompt_learner
-        features = self.text_encoder(learner(), learner.eot_indices,
-                                     list(learner.compound_prompts_text))
-        return F.normalize(features, dim=-1)
 
     def encode_images(self, images, return_tokens=False):
         return encode_image(self.image_encoder, images, self.prompt_learner.vision_prompts(),

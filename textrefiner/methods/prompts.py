@@ -82,6 +82,10 @@ class PromptLearner(nn.Module):
             order = _position_order(name_lens, n_ctx, tokens.shape[1], position)
         self.register_buffer("order", order, persistent=False)
 
+    def deep_prompts(self):
+        """Text prompts for layers 1.. (none: context only at the input)."""
+        return []
+
     @property
     def n_cls(self) -> int:
         return self.token_prefix.shape[0]
