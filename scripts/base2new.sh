@@ -6,10 +6,11 @@
 #            [--out DIR] [--shots K] [--cfg NAME] [--load-epoch N] [KEY VALUE ...]
 #   trainer: CoOp | MaPLe | PromptKD | ZeroshotCLIP;  dataset: a name under configs/datasets/
 #   KEY VALUE pairs are config overrides passed to every run.
-# Environment: PYTHON (default python), DATA (default --root).
+# Environment: PYTHON (default python), DATA (default --root), TEACHERS (PromptKD's teacher
+# checkpoints, default teacher_model: TEACHERS/<DATASET.NAME>/VLPromptLearner/model-best.pth.tar).
 set -euo pipefail
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 [[ $# -ge 2 ]] || usage
 TRAINER=$1
@@ -66,6 +67,9 @@ if [[ $TRAINER == PromptKD ]]; then
     # distils on all training images of all classes whatever SUBSAMPLE_CLASSES says; it only
     # picks the classes the final test scores (base after training, new for the test step)
     METHOD_OPTS+=(TRAINER.MODAL base2novel TRAINER.PROMPTKD.KD_WEIGHT "$(promptkd_kd_weight "$DATASET")")
+    if ! has_key TRAINER.PROMPTKD.TEACHER_CKPT "${EXTRA[@]+"${EXTRA[@]}"}"; then
+        METHOD_OPTS+=(TRAINER.PROMPTKD.TEACHER_CKPT "$(promptkd_teacher_ckpt "$DATASET")")
+    fi
 fi
 
 COMMON=(--root "$ROOT" --trainer "$TRAINER"

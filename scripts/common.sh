@@ -19,6 +19,26 @@ promptkd_kd_weight() {
     esac
 }
 
+# PromptKD's teacher checkpoint where PromptKD's own code looks for it:
+# ${TEACHERS:-teacher_model}/<DATASET.NAME>/VLPromptLearner/model-best.pth.tar
+promptkd_teacher_ckpt() {
+    local name
+    name=$(sed -n 's/^[[:space:]]*NAME:[[:space:]]*"\{0,1\}\([A-Za-z0-9_-]*\)"\{0,1\}.*/\1/p' \
+        "configs/datasets/$1.yaml" | head -n 1)
+    echo "${TEACHERS:-teacher_model}/$name/VLPromptLearner/model-best.pth.tar"
+}
+
+# has_key KEY [KEY VALUE ...]: true when the overrides set KEY
+has_key() {
+    local key=$1
+    shift
+    while [[ $# -ge 2 ]]; do
+        [[ $1 != "$key" ]] || return 0
+        shift 2
+    done
+    return 1
+}
+
 # max_epoch CFG_FILE [KEY VALUE ...]: the epoch to load for testing, from an OPTIM.MAX_EPOCH
 # override or the config file; empty when neither says (the runner then picks its default).
 max_epoch() {

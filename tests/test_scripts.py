@@ -121,11 +121,16 @@ def test_promptkd_options(fake, tmp_path):
     # the base classes, so the train log ends with the base accuracy
     assert overrides(train) == {"DATASET.NUM_SHOTS": "0", "TRAINER.MODAL": "base2novel",
                                 "TRAINER.PROMPTKD.KD_WEIGHT": "200",
-                                "DATASET.SUBSAMPLE_CLASSES": "base"}
+                                "DATASET.SUBSAMPLE_CLASSES": "base",
+                                "TRAINER.PROMPTKD.TEACHER_CKPT": "teacher_model/"
+                                "DescribableTextures/VLPromptLearner/model-best.pth.tar"}
     assert overrides(test)["DATASET.SUBSAMPLE_CLASSES"] == "new"
     assert "shots_0/PromptKD+TR/vit_b16_c2_ep20_batch8_4+4ctx" in opt(train, "--output-dir")
-    fake("base2new.sh", "PromptKD", "caltech101", "--seeds", "1", "--out", str(tmp_path / "o"))
-    assert overrides(fake.calls()[2])["TRAINER.PROMPTKD.KD_WEIGHT"] == "1000"
+    fake("base2new.sh", "PromptKD", "caltech101", "--seeds", "1", "--out", str(tmp_path / "o"),
+         "TRAINER.PROMPTKD.TEACHER_CKPT", "mine.pth.tar")
+    third = overrides(fake.calls()[2])
+    assert third["TRAINER.PROMPTKD.KD_WEIGHT"] == "1000"
+    assert third["TRAINER.PROMPTKD.TEACHER_CKPT"] == "mine.pth.tar"  # given: not defaulted
 
 
 def test_zeroshot_evaluates_base_and_new(fake, tmp_path):
