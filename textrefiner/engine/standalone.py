@@ -103,6 +103,15 @@ class StandaloneTrainer:
         self.splits = build_dataset(cfg, all_classes_for_training=(
             cls.trains_on_all_classes and cfg.TRAINER.MODAL == "base2novel"))
         self.precision = cfg.TRAINER[cls.config_section].PREC
+        self.model = self._build_model(cls, trainer_name)
+        self.checkpoint_name = cls.checkpoint_name
+        self._build_optimisation()
+        self.writer = None
+        self.start_epoch = 0
+        self.best_result = -float("inf")
+
+    def _build_model(self, cls, trainer_name):
+        cfg = self.cfg
         backbone = cfg.MODEL.BACKBONE.PATH or cfg.MODEL.BACKBONE.NAME
         if not backbone:
             raise UserError("No CLIP backbone: set MODEL.BACKBONE.NAME (e.g. ViT-B/16) or "
@@ -113,23 +122,22 @@ class StandaloneTrainer:
         self.log(f"Building {trainer_name}"
                  f"{' + TextRefiner' if cfg.TRAINER.REFINER.ENABLED else ''} on "
                  f"{len(self.splits.classnames)} classes")
-        self.model = cls(cfg, self.splits.classnames, clip_model).to(self.device)
-        self.checkpoint_name = cls.checkpoint_name
-        self.trainable = self.model.trainable_parameters()
-        self.log(f"Parameters to be updated: {sorted(self.trainable)}")
+        return cls(cfg, self.splits.classnames, clip_model).to(self.device)
+
+    def _build_optimisation(self):
+        """Optimiser, schedule and amp scaler over the trainable parameters; DDP under torchrun."""
+        trainable = self.model.trainable_parameters()
+        self.log(f"Parameters to be updated: {sorted(trainable)}")
         self.optim = self.sched = None
-        if self.trainable:
-            self.optim = build_optimizer(self.trainable.values(), cfg.OPTIM)
-            self.sched = build_scheduler(self.optim, cfg.OPTIM)
-        self.scaler = torch.amp.GradScaler("cuda") if (
-            self.precision == "amp" and self.device.type == "cuda") else None
+        if trainable:
+            self.optim = build_optimizer(trainable.values(), self.cfg.OPTIM)
+            self.sched = build_scheduler(self.optim, self.cfg.OPTIM)
+        use_scaler = self.precision == "amp" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.step_module = TrainStep(self.model)
-        if self.world > 1 and self.trainable:
+        if self.world > 1 and trainable:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_module = nn.parallel.DistributedDataParallel(self.step_module, device_ids=ids)
-        self.writer = None
-        self.start_epoch = 0
-        self.best_result = -float("inf")
 
     # ------------------------------------------------------------------ outputs
     def open_outputs(self):
