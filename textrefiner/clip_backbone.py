@@ -11,6 +11,7 @@ Nothing here copies CLIP's model code. The encoders below walk the stock modules
 With no prompts and no tokens asked for, they compute exactly what the stock methods compute.
 """
 import os
+import socket
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -22,6 +23,7 @@ from ._compat import import_clip
 from .errors import UserError
 
 PRECISIONS = ("fp16", "fp32", "amp")
+DOWNLOAD_TIMEOUT_S = 60
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,17 +63,22 @@ def _locate_weights(name_or_path: str, config_key: str) -> str:
         return name_or_path
     clip = import_clip()
     if name_or_path not in clip.clip._MODELS:
-        raise UserError(f"Unknown CLIP backbone {name_or_path!r}: use one of "
-                        f"{sorted(clip.clip._MODELS)} or set {config_key} to a local weights file.")
+        raise UserError(f"CLIP backbone {name_or_path!r} is neither an existing file nor a model "
+                        f"name ({', '.join(sorted(clip.clip._MODELS))}): set {config_key} to a "
+                        "local weights file, or use one of those names.")
     url = clip.clip._MODELS[name_or_path]
     cached = os.path.join(clip_cache_dir(), os.path.basename(url))
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # offline clusters often drop, not refuse
     try:
         return clip.clip._download(url, clip_cache_dir())
-    except (OSError, RuntimeError) as exc:  # urllib's URLError is an OSError
+    except (OSError, RuntimeError) as exc:  # urllib's URLError and timeouts are OSErrors
         raise UserError(
             f"CLIP weights {name_or_path!r} are not on this machine and could not be downloaded "
             f"({exc}). Copy the file {os.path.basename(url)} to {cached}, or set {config_key} "
             "to the path of a local CLIP checkpoint.") from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
 
 
 def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
