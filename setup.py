@@ -13,7 +13,7 @@ setup(
     # never shadows, nor is shadowed by, the top-level `trainers` package of CoOp-style repos.
     package_dir={"textrefiner_trainers": "trainers"},
     install_requires=[
-        "torch>=2.0",
+        "torch>=2.3",  # torch.amp.GradScaler("cuda")
         "torchvision",
         "openai-clip",
         "packaging",
