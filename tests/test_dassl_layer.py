@@ -207,3 +207,37 @@ def test_training_resumes_from_the_output_dir(clip_path, data_root, tmp_path, ca
     second.train()
     assert "Found checkpoint" in capsys.readouterr().out
     assert saved_state(tmp_path, "CoOp", epoch=2)["epoch"] == 2
+
+
+# ------------------------------------------------------------------------------ command line
+def cli_args(trainer, out, clip_path, data_root, classes, flags=(), opts=()):
+    """`textrefiner-train --engine dassl ...` on the synthetic data; flags go before KEY VALUE."""
+    return (["--engine", "dassl", "--root", data_root, "--trainer", trainer, "--seed", "1",
+             "--dataset-config-file", os.path.join(CONFIG_DIR, "datasets", "synthetic_shapes.yaml"),
+             "--config-file", os.path.join(CONFIG_DIR, "trainers", "CoOp", "demo_cpu.yaml"),
+             "--output-dir", str(out)] + list(flags)
+            + SMALL_OPTS + ["MODEL.BACKBONE.PATH", clip_path, "DATASET.SUBSAMPLE_CLASSES", classes]
+            + list(opts))
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
+@pytest.mark.parametrize("trainer", ["CoOp", "MaPLe", "PromptKD"])
+def test_command_line_on_the_dassl_engine(tmp_path, clip_path, data_root,
+                                          teacher_ckpt, teacher_clip_path, trainer, refiner):
+    from textrefiner.train import main
+
+    flags = ["--refiner"] if refiner else []
+    opts = []
+    if trainer == "PromptKD":
+        opts = ["TRAINER.PROMPTKD.TEACHER_CKPT", teacher_ckpt, "TRAINER.PROMPTKD.TEACHER_PATH",
+                teacher_clip_path, "DATASET.NUM_SHOTS", "0", "TRAINER.MODAL", "base2novel"]
+    base, new = tmp_path / "base", tmp_path / "new"
+    assert main(cli_args(trainer, base, clip_path, data_root, "base", flags, opts)) == 0
+    state = saved_state(str(base), trainer)["state_dict"]
+    assert (CACHE_KEY in state) == refiner
+    eval_flags = flags + ["--eval-only", "--model-dir", str(base), "--load-epoch", "2"]
+    assert main(cli_args(trainer, new, clip_path, data_root, "new", eval_flags, opts)) == 0
+    for out in (base, new):
+        log = (out / "log.txt").read_text()
+        assert "* accuracy:" in log
+    assert "Loaded" in (new / "log.txt").read_text()

@@ -9,7 +9,9 @@
 otherwise; both read the same configs and write the same outputs.
 """
 import argparse
+import contextlib
 import importlib.util
+import os
 import sys
 
 from .config import add_refiner_args, apply_refiner_args, load_cfg
@@ -82,9 +84,39 @@ def resolve_engine(engine: str) -> str:
     return engine
 
 
+class _Tee:
+    """Copies what is printed to a log file (Dassl's runs print their log)."""
+
+    def __init__(self, console, file):
+        self.console, self.file = console, file
+
+    def write(self, text):
+        self.console.write(text)
+        self.file.write(text)
+
+    def flush(self):
+        self.console.flush()
+        self.file.flush()
+
+
+@contextlib.contextmanager
+def _print_to_log(output_dir: str):
+    """Append everything printed to <output_dir>/log.txt, then give stdout back. (Dassl's own
+    `setup_logger` starts a new, time-stamped file when log.txt exists and closes the console
+    when it is garbage-collected.)"""
+    os.makedirs(output_dir, exist_ok=True)
+    console = sys.stdout
+    with open(os.path.join(output_dir, "log.txt"), "a", encoding="utf-8") as file:
+        sys.stdout = _Tee(console, file)
+        try:
+            yield
+        finally:
+            sys.stdout = console
+
+
 def run_dassl(cfg, args):
     from dassl.engine import build_trainer
-    from dassl.utils import collect_env_info, set_random_seed, setup_logger
+    from dassl.utils import collect_env_info, set_random_seed
 
     from textrefiner_trainers import TRAINER_NAMES
 
@@ -93,14 +125,14 @@ def run_dassl(cfg, args):
     cfg.freeze()
     if cfg.SEED >= 0:
         set_random_seed(cfg.SEED)
-    setup_logger(cfg.OUTPUT_DIR)
-    print(f"Collecting env info ...\n{collect_env_info()}")
-    trainer = build_trainer(cfg)
-    if args.eval_only:
-        trainer.load_model(args.model_dir, epoch=args.load_epoch)
-        trainer.test()
-    elif not args.no_train:
-        trainer.train()
+    with _print_to_log(cfg.OUTPUT_DIR):
+        print(f"Collecting env info ...\n{collect_env_info()}")
+        trainer = build_trainer(cfg)
+        if args.eval_only:
+            trainer.load_model(args.model_dir, epoch=args.load_epoch)
+            trainer.test()
+        elif not args.no_train:
+            trainer.train()
     return trainer
 
 
