@@ -25,26 +25,12 @@ SHOTS=""
 CFG=""
 LOAD_EPOCH=""
 EXTRA=()
-while [[ $# -gt 0 ]]; do
-    case $1 in
-        --refiner) REFINER=1; shift ;;
-        --seeds) SEEDS=$2; shift 2 ;;
-        --root) ROOT=$2; shift 2 ;;
-        --out) OUT=$2; shift 2 ;;
-        --shots) SHOTS=$2; shift 2 ;;
-        --cfg) CFG=$2; shift 2 ;;
-        --load-epoch) LOAD_EPOCH=$2; shift 2 ;;
-        -h|--help) usage 0 ;;
-        --*) echo "unknown option: $1" >&2; usage ;;
-        *) [[ $# -ge 2 ]] || { echo "override $1 has no value" >&2; exit 1; }
-           EXTRA+=("$1" "$2"); shift 2 ;;
-    esac
-done
 
 PY=${PYTHON:-python}
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/common.sh
 source "$SCRIPT_DIR/common.sh"
+parse_options "$@"
 
 set_trainer_defaults "$TRAINER"
 [[ -n $SHOTS ]] || SHOTS=$DEFAULT_SHOTS
@@ -58,6 +44,8 @@ if [[ $REFINER == 1 ]]; then
 fi
 
 CFG_FILE=configs/trainers/$TRAINER/$CFG.yaml
+require_config "$CFG_FILE"
+require_config "configs/datasets/$DATASET.yaml"
 [[ -n $LOAD_EPOCH ]] || LOAD_EPOCH=$(max_epoch "$CFG_FILE" "${EXTRA[@]+"${EXTRA[@]}"}")
 
 METHOD_OPTS=(DATASET.NUM_SHOTS "$SHOTS")

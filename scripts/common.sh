@@ -1,5 +1,45 @@
 # Helpers shared by base2new.sh and xd.sh (sourced, not run).
 
+# parse_options ARGS...: the options both scripts take, into REFINER SEEDS ROOT OUT SHOTS CFG
+# LOAD_EPOCH and EXTRA (trailing KEY VALUE overrides); --targets only where TARGETS is set.
+# The caller sets the defaults first and defines usage().
+parse_options() {
+    require_repo_root
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            --refiner) REFINER=1; shift ;;
+            --seeds) SEEDS=$2; shift 2 ;;
+            --root) ROOT=$2; shift 2 ;;
+            --out) OUT=$2; shift 2 ;;
+            --shots) SHOTS=$2; shift 2 ;;
+            --cfg) CFG=$2; shift 2 ;;
+            --load-epoch) LOAD_EPOCH=$2; shift 2 ;;
+            --targets) [[ -n ${TARGETS+set} ]] || { echo "unknown option: $1" >&2; usage; }
+                       TARGETS=$2; shift 2 ;;
+            -h|--help) usage 0 ;;
+            --*) echo "unknown option: $1" >&2; usage ;;
+            *) [[ $# -ge 2 ]] || { echo "override $1 has no value" >&2; exit 1; }
+               EXTRA+=("$1" "$2"); shift 2 ;;
+        esac
+    done
+}
+
+# The scripts use the configs/ of the checkout they run from, like CoOp's scripts.
+require_repo_root() {
+    [[ -d configs/datasets && -d configs/trainers ]] || {
+        echo "run this from the root of the textrefiner checkout (no configs/ folder in $PWD)" >&2
+        exit 1
+    }
+}
+
+# require_config FILE: a clear error listing what exists when a config file is missing.
+require_config() {
+    [[ -f $1 ]] || {
+        echo "no config file $1; available: $(ls "$(dirname "$1")" 2>/dev/null | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
+        exit 1
+    }
+}
+
 # Default config and shots per trainer: sets DEFAULT_CFG and DEFAULT_SHOTS.
 set_trainer_defaults() {
     case $1 in

@@ -24,27 +24,12 @@ LOAD_EPOCH=""
 TARGETS="caltech101 oxford_pets stanford_cars oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101
          imagenetv2 imagenet_sketch imagenet_a imagenet_r"
 EXTRA=()
-while [[ $# -gt 0 ]]; do
-    case $1 in
-        --refiner) REFINER=1; shift ;;
-        --seeds) SEEDS=$2; shift 2 ;;
-        --root) ROOT=$2; shift 2 ;;
-        --out) OUT=$2; shift 2 ;;
-        --shots) SHOTS=$2; shift 2 ;;
-        --cfg) CFG=$2; shift 2 ;;
-        --load-epoch) LOAD_EPOCH=$2; shift 2 ;;
-        --targets) TARGETS=$2; shift 2 ;;
-        -h|--help) usage 0 ;;
-        --*) echo "unknown option: $1" >&2; usage ;;
-        *) [[ $# -ge 2 ]] || { echo "override $1 has no value" >&2; exit 1; }
-           EXTRA+=("$1" "$2"); shift 2 ;;
-    esac
-done
 
 PY=${PYTHON:-python}
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/common.sh
 source "$SCRIPT_DIR/common.sh"
+parse_options "$@"
 
 if [[ $TRAINER == PromptKD ]]; then
     echo "xd.sh covers training on ImageNet only; PromptKD's cross-dataset recipe distils on each target set." >&2
@@ -62,6 +47,7 @@ if [[ $REFINER == 1 ]]; then
 fi
 
 CFG_FILE=configs/trainers/$TRAINER/$CFG.yaml
+require_config "$CFG_FILE"
 [[ -n $LOAD_EPOCH ]] || LOAD_EPOCH=$(max_epoch "$CFG_FILE" "${EXTRA[@]+"${EXTRA[@]}"}")
 LOAD=()
 [[ -z $LOAD_EPOCH ]] || LOAD=(--load-epoch "$LOAD_EPOCH")
