@@ -35,13 +35,7 @@ parse_options "$@"
 set_trainer_defaults "$TRAINER"
 [[ -n $SHOTS ]] || SHOTS=$DEFAULT_SHOTS
 [[ -n $CFG ]] || CFG=$DEFAULT_CFG
-METHOD=$TRAINER
-REFINER_FLAG=()
-if [[ $REFINER == 1 ]]; then
-    [[ $TRAINER != ZeroshotCLIP ]] || { echo "ZeroshotCLIP has nothing to refine; drop --refiner" >&2; exit 1; }
-    METHOD="$TRAINER+TR"
-    REFINER_FLAG=(--refiner)
-fi
+set_method "$TRAINER" "$REFINER"
 
 CFG_FILE=configs/trainers/$TRAINER/$CFG.yaml
 require_config "$CFG_FILE"

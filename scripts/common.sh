@@ -40,6 +40,18 @@ require_config() {
     }
 }
 
+# set_method TRAINER REFINER(0|1): METHOD, the output folder name ("CoOp" or "CoOp+TR"), and
+# REFINER_FLAG, the flag to pass to the runs.
+set_method() {
+    METHOD=$1
+    REFINER_FLAG=()
+    if [[ $2 == 1 ]]; then
+        [[ $1 != ZeroshotCLIP ]] || { echo "ZeroshotCLIP has nothing to refine; drop --refiner" >&2; exit 1; }
+        METHOD="$1+TR"
+        REFINER_FLAG=(--refiner)
+    fi
+}
+
 # Default config and shots per trainer: sets DEFAULT_CFG and DEFAULT_SHOTS.
 set_trainer_defaults() {
     case $1 in

@@ -38,13 +38,7 @@ fi
 set_trainer_defaults "$TRAINER"
 [[ $TRAINER != MaPLe ]] || DEFAULT_CFG=vit_b16_c2_ep5_batch4_2ctx_cross_datasets  # MaPLe's ImageNet recipe: 2 epochs
 [[ -n $CFG ]] || CFG=$DEFAULT_CFG
-METHOD=$TRAINER
-REFINER_FLAG=()
-if [[ $REFINER == 1 ]]; then
-    [[ $TRAINER != ZeroshotCLIP ]] || { echo "ZeroshotCLIP has nothing to refine; drop --refiner" >&2; exit 1; }
-    METHOD="$TRAINER+TR"
-    REFINER_FLAG=(--refiner)
-fi
+set_method "$TRAINER" "$REFINER"
 
 CFG_FILE=configs/trainers/$TRAINER/$CFG.yaml
 require_config "$CFG_FILE"
