@@ -727,6 +727,12 @@ def test_checkpoint_with_other_embedding_size_is_refused(build, teacher_clip_pat
         build("CoOp", refiner=True).load_checkpoint_state(state)
 
 
+def test_checkpoint_with_other_cache_size_names_the_setting(build):
+    state = build("CoOp", "TRAINER.REFINER.CACHE_SIZE", "7", refiner=True).checkpoint_state()
+    with pytest.raises(UserError, match="TRAINER.REFINER.CACHE_SIZE 7"):
+        build("CoOp", refiner=True).load_checkpoint_state(state)
+
+
 def test_class_specific_checkpoint_into_other_class_count_is_refused(build):
     state = build("CoOp", "TRAINER.COOP.CSC", "True", classnames=CLASSNAMES[:3]).checkpoint_state()
     with pytest.raises(UserError, match="shape"):

@@ -163,17 +163,24 @@ class PromptMethod(nn.Module):
                                               self.refiner is not None))
         for key, value in state.items():
             if value.shape != expected[key].shape:
-                raise UserError(
-                    f"{source}: {key!r} has shape {tuple(value.shape)} but this "
-                    f"{type(self).__name__} model expects {tuple(expected[key].shape)}. The "
-                    "checkpoint was trained with another CLIP backbone (embedding size), another "
-                    "prompt length, or class-specific prompts for another class list.")
+                raise UserError(_shape_message(type(self).__name__, source, key, value.shape,
+                                               expected[key].shape))
         self.load_state_dict(state, strict=False)
         self.invalidate_classifier()
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.detach().argmax(dim=1) == labels).float().mean() * 100.0
+
+
+def _shape_message(method, source, key, saved, wanted):
+    message = (f"{source}: {key!r} has shape {tuple(saved)} but this {method} model expects "
+               f"{tuple(wanted)}.")
+    if key == "refiner.cache.entries" and saved[1:] == wanted[1:]:
+        return message + (f" It was trained with {saved[0]} cache entries: set "
+                          f"TRAINER.REFINER.CACHE_SIZE {saved[0]} (--cache-size).")
+    return message + (" The checkpoint was trained with another CLIP backbone (embedding size), "
+                      "another prompt length, or class-specific prompts for another class list.")
 
 
 def _mismatch_message(method, source, missing, unexpected, refiner_on):
