@@ -2,6 +2,7 @@
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -104,10 +105,18 @@ def test_ddp_under_torchrun(demo, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = demo_args(demo, tmp_path, "USE_CUDA", "False", "DATASET.NUM_SHOTS", "4")
-    result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "textrefiner.train"]
-        + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # Its own process group, so that a hang cannot leave the worker processes behind.
+    proc = subprocess.Popen(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "textrefiner.train"] + args,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("torchrun did not finish in 300 s")
+    assert proc.returncode == 0, stderr[-2000:]
     log = (tmp_path / "log.txt").read_text()
     assert log.count("* accuracy:") == 1  # only rank 0 writes
     checkpoint = torch.load(tmp_path / "prompt_learner" / "model.pth.tar-1", weights_only=True)
