@@ -6,7 +6,6 @@ model, its losses and what a checkpoint holds. Checkpoints keep Dassl's layout,
 `method.checkpoint_state()` (prompts, refiner weights and cache), so a model trained on the base
 classes loads into one built for the novel classes.
 """
-import os
 import os.path as osp
 
 import torch
@@ -15,19 +14,18 @@ from dassl.engine import TrainerX
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_lr_scheduler, build_optimizer
 
-from textrefiner.checkpoint import read_checkpoint, write_checkpoint
+from textrefiner.checkpoint import (LATEST_MARKER, checkpoint_path, load_method_checkpoint,
+                                    save_method_checkpoint)
 from textrefiner.clip_backbone import check_image_size, load_clip
 from textrefiner.config import ConfigError, validate_cfg
 from textrefiner.data import DATASETS
 from textrefiner.engine.optim import build_scheduler as standalone_scheduler
-from textrefiner.errors import UserError
 from textrefiner.methods import build_method, method_class
 
 # --trainer value -> name in Dassl's TRAINER_REGISTRY (prefixed so that the original codebases'
 # trainers, registered in the same process, never clash with ours)
 TRAINER_NAMES = {name: "TR_" + name for name in ("CoOp", "MaPLe", "PromptKD", "ZeroshotCLIP")}
 DATASET_PREFIX = "TR_"
-LAST_CHECKPOINT_FILE = "checkpoint"  # Dassl's marker naming the latest file, read to resume
 
 
 def register_once(registry, cls):
@@ -172,21 +170,14 @@ class MethodTrainer(TrainerX):
         if self.method_cls.checkpoint_name is None:
             return
         for name in self.get_model_names():
-            optim, sched = self._optims[name], self._scheds[name]
-            state = {
-                "state_dict": self._models[name].checkpoint_state(),
-                "epoch": epoch + 1,
-                "optimizer": None if optim is None else optim.state_dict(),
-                "scheduler": None if sched is None else sched.state_dict(),
-                "val_result": val_result,
-            }
             filename = model_name or f"model.pth.tar-{epoch + 1}"
-            folder = osp.join(directory, name)
-            path = write_checkpoint(state, osp.join(folder, filename))
+            path = save_method_checkpoint(self._models[name], osp.join(directory, name, filename),
+                                          epoch, self._optims[name], self._scheds[name], val_result)
             print(f"Checkpoint saved to {path}")
-            _write_text(osp.join(folder, LAST_CHECKPOINT_FILE), filename + "\n")
             if is_best:
-                best = write_checkpoint(state, osp.join(folder, "model-best.pth.tar"))
+                best = save_method_checkpoint(
+                    self._models[name], checkpoint_path(directory, name), epoch,
+                    self._optims[name], self._scheds[name], val_result, mark_latest=False)
                 print(f"Best checkpoint saved to {best}")
 
     def load_model(self, directory, epoch=None):
@@ -197,22 +188,15 @@ class MethodTrainer(TrainerX):
         if self.method_cls.checkpoint_name is None:
             print(f"{self.method_name} has no trained weights: nothing to load")
             return
-        filename = "model-best.pth.tar" if epoch is None else f"model.pth.tar-{epoch}"
         for name in self.get_model_names():
-            model = self._models[name]
-            path = osp.join(directory, name, filename)
-            if not osp.isfile(path):
-                raise UserError(
-                    f"No checkpoint at {path}. Check --model-dir (the OUTPUT_DIR of the training "
-                    f"run) and --load-epoch (the run saved {name}/model.pth.tar-<epoch>).")
-            checkpoint = read_checkpoint(path)
-            model.load_checkpoint_state(checkpoint["state_dict"], source=path)
+            path = checkpoint_path(directory, name, epoch)
+            checkpoint = load_method_checkpoint(self._models[name], path)
             print(f"Loaded {path} into {name} (epoch = {checkpoint.get('epoch')})")
 
     def resume_model_if_exist(self, directory):
         """Resume from the latest checkpoint under `directory`, as Dassl does; returns the epoch."""
         names = self.get_model_names()
-        markers = [osp.join(directory, name, LAST_CHECKPOINT_FILE) for name in names]
+        markers = [osp.join(directory, name, LATEST_MARKER) for name in names]
         if not all(osp.isfile(marker) for marker in markers):
             print("No checkpoint found, train from scratch")
             return 0
@@ -221,8 +205,7 @@ class MethodTrainer(TrainerX):
         for name, marker in zip(names, markers):
             with open(marker) as f:
                 path = osp.join(directory, name, f.readline().strip())
-            checkpoint = read_checkpoint(path)
-            self._models[name].load_checkpoint_state(checkpoint["state_dict"], source=path)
+            checkpoint = load_method_checkpoint(self._models[name], path)
             if self._optims[name] is not None and checkpoint.get("optimizer") is not None:
                 self._optims[name].load_state_dict(checkpoint["optimizer"])
             if self._scheds[name] is not None and checkpoint.get("scheduler") is not None:
@@ -241,10 +224,3 @@ def build_scheduler(optim, optim_cfg):
         print(f"Dassl's learning-rate scheduler fails on torch {torch.__version__} ({exc}); "
               "using textrefiner.engine.optim's schedule, which gives the same rates")
         return standalone_scheduler(optim, optim_cfg)
-
-
-def _write_text(path: str, text: str):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

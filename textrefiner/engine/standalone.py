@@ -21,16 +21,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..checkpoint import read_checkpoint, write_checkpoint
+from ..checkpoint import checkpoint_path, load_method_checkpoint, save_method_checkpoint
 from ..clip_backbone import check_image_size, load_clip
 from ..data import build_dataset, build_loader
 from ..errors import UserError
 from ..methods import method_class
 from .evaluator import Classification
 from .optim import build_optimizer, build_scheduler
-
-BEST = "model-best.pth.tar"
-
 
 def set_seed(seed: int):
     random.seed(seed)
@@ -40,11 +37,6 @@ def set_seed(seed: int):
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return (max(seed, 0) * 10007 + epoch) % 2 ** 31
-
-
-def checkpoint_file(directory: str, name: str, epoch=None) -> str:
-    filename = BEST if epoch is None else f"model.pth.tar-{epoch}"
-    return os.path.join(directory, name, filename)
 
 
 class Logger:
@@ -160,27 +152,18 @@ class StandaloneTrainer:
     def save(self, epoch: int, filename_epoch=None, val_result=None):
         if self.rank != 0 or not self.checkpoint_name:
             return
-        state = {"state_dict": self.model.checkpoint_state(), "epoch": epoch + 1,
-                 "optimizer": self.optim.state_dict() if self.optim else None,
-                 "scheduler": self.sched.state_dict() if self.sched else None,
-                 "val_result": val_result, "best_result": self.best_result,
-                 "classnames": self.model.classnames}
-        path = checkpoint_file(self.cfg.OUTPUT_DIR, self.checkpoint_name, filename_epoch)
-        write_checkpoint(state, path)
-        with open(os.path.join(os.path.dirname(path), "checkpoint"), "w") as f:
-            f.write(os.path.basename(path) + "\n")
+        path = checkpoint_path(self.cfg.OUTPUT_DIR, self.checkpoint_name, filename_epoch)
+        save_method_checkpoint(self.model, path, epoch, self.optim, self.sched, val_result,
+                               mark_latest=filename_epoch is not None,
+                               best_result=self.best_result, classnames=self.model.classnames)
 
     def load_model(self, directory: str, epoch=None):
         """Load prompts, refiner and cache from a Dassl-layout folder (e.g. base -> novel)."""
         if not self.checkpoint_name:
             self.log(f"{type(self.model).__name__} has no weights to load")
             return
-        path = checkpoint_file(directory, self.checkpoint_name, epoch)
-        if not os.path.isfile(path):
-            raise UserError(f"No checkpoint at {path}: check --model-dir and --load-epoch "
-                            "(without --load-epoch the best model, model-best.pth.tar, is loaded).")
-        checkpoint = read_checkpoint(path)
-        self.model.load_checkpoint_state(checkpoint["state_dict"], source=path)
+        path = checkpoint_path(directory, self.checkpoint_name, epoch)
+        checkpoint = load_method_checkpoint(self.model, path)
         self.log(f"Loaded {path} (epoch {checkpoint.get('epoch')})")
         return checkpoint
 
@@ -299,7 +282,7 @@ class StandaloneTrainer:
         previous = epoch  # file number of the previous epoch's checkpoint
         if self.rank == 0 and self.checkpoint_name and previous >= 1 and not (
                 freq > 0 and previous % freq == 0):
-            path = checkpoint_file(cfg.OUTPUT_DIR, self.checkpoint_name, previous)
+            path = checkpoint_path(cfg.OUTPUT_DIR, self.checkpoint_name, previous)
             if os.path.isfile(path):
                 os.remove(path)
 
