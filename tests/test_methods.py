@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import CLASSNAMES, make_cfg
 from textrefiner._compat import import_clip
-from textrefiner.clip_backbone import load_clip
+from textrefiner.clip_backbone import encode_image, load_clip
 from textrefiner.errors import UserError
 from textrefiner.methods import CoOp, PromptKD, build_method
 from textrefiner.methods.promptkd import load_teacher
@@ -538,6 +538,30 @@ def test_evaluation_computes_class_embeddings_once(build, method, refiner):
 
 def model_slice(model):
     return getattr(model, "class_slice", slice(None))
+
+
+def test_maple_projects_its_vision_prompts_once_per_evaluation(build):
+    model = build("MaPLe", refiner=True)
+    perturb_prompts(model)
+    learner, calls = model.prompt_learner, []
+    project = learner.vision_prompts
+    learner.vision_prompts = lambda: calls.append(1) or project()
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(2, 3, 32, 32, generator=gen) for _ in range(3)]
+    model.eval()
+    with torch.no_grad():
+        cached = [model(x) for x in batches]
+    assert len(calls) == 1
+    with torch.no_grad():  # equal to projecting afresh for every batch
+        for x, logits in zip(batches, cached):
+            features = encode_image(model.image_encoder, x, project()).features
+            fresh = model.logit_scale.exp() * F.normalize(features, dim=-1) @ \
+                model.classifier().t()
+            torch.testing.assert_close(logits, fresh, atol=ATOL, rtol=1e-4)
+        model.train()
+        model.eval()
+        model(batches[0])
+    assert len(calls) == 2, "train() must drop the projected prompts"
 
 
 @pytest.mark.parametrize("method", TRAINED)

@@ -103,11 +103,12 @@ class PromptMethod(nn.Module):
                 self._classifier = self.classifier()
         return self._classifier
 
-    def invalidate_classifier(self):
+    def invalidate_eval_cache(self):
+        """Forget what evaluation computed once (after training steps or loading weights)."""
         self._classifier = None
 
     def train(self, mode: bool = True):
-        self.invalidate_classifier()
+        self.invalidate_eval_cache()
         return super().train(mode)
 
     # ---------------------------------------------------------------- forward passes
@@ -166,7 +167,7 @@ class PromptMethod(nn.Module):
                 raise UserError(_shape_message(type(self).__name__, source, key, value.shape,
                                                expected[key].shape))
         self.load_state_dict(state, strict=False)
-        self.invalidate_classifier()
+        self.invalidate_eval_cache()
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

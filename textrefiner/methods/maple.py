@@ -57,10 +57,24 @@ class MaPLe(PromptMethod):
         self.prompt_learner = MaPLePromptLearner(classnames, clip_model, mcfg.N_CTX,
                                                  mcfg.CTX_INIT, mcfg.PROMPT_DEPTH)
         self.text_encoder = TextEncoder(clip_model)
+        self._eval_vision_prompts = None
         dim = self.dims["embed_dim"]
         self._attach_refiner(cfg, dim, dim, clip_model.dtype)
         self._freeze()
 
     def encode_images(self, images, return_tokens=False):
-        return encode_image(self.image_encoder, images, self.prompt_learner.vision_prompts(),
+        return encode_image(self.image_encoder, images, self._vision_prompts(),
                             return_tokens=return_tokens)
+
+    def _vision_prompts(self):
+        """The projected vision prompts; in eval mode projected once, like the classifier."""
+        if self.training:
+            return self.prompt_learner.vision_prompts()
+        if self._eval_vision_prompts is None:
+            with torch.no_grad():
+                self._eval_vision_prompts = self.prompt_learner.vision_prompts()
+        return self._eval_vision_prompts
+
+    def invalidate_eval_cache(self):
+        super().invalidate_eval_cache()
+        self._eval_vision_prompts = None
