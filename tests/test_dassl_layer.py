@@ -241,3 +241,12 @@ def test_command_line_on_the_dassl_engine(tmp_path, clip_path, data_root,
         log = (out / "log.txt").read_text()
         assert "* accuracy:" in log
     assert "Loaded" in (new / "log.txt").read_text()
+
+
+def test_amp_trains_on_the_cpu_through_dassl(tmp_path, clip_path, data_root):
+    from textrefiner.train import main
+
+    args = cli_args("MaPLe", tmp_path, clip_path, data_root, "base", ["--refiner"],
+                    ["TRAINER.MAPLE.PREC", "amp", "OPTIM.MAX_EPOCH", "1"])
+    assert main(args) == 0
+    assert "* accuracy:" in (tmp_path / "log.txt").read_text()

@@ -98,6 +98,12 @@ def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
     return model.to(device).eval()
 
 
+def amp_autocast(precision: str, device: torch.device):
+    """torch.autocast for PREC "amp" (float16 on CUDA, bfloat16 on the CPU); off otherwise."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision == "amp")
+
+
 def check_image_size(cfg, clip_model: nn.Module):
     """INPUT.SIZE must be the CLIP's input resolution (CoOp asserts the same)."""
     size = clip_model.visual.input_resolution

@@ -11,12 +11,11 @@ import os.path as osp
 import torch
 from dassl.data import DataManager
 from dassl.engine import TrainerX
-from dassl.metrics import compute_accuracy
 from dassl.optim import build_lr_scheduler, build_optimizer
 
 from textrefiner.checkpoint import (LATEST_MARKER, checkpoint_path, load_method_checkpoint,
                                     save_method_checkpoint)
-from textrefiner.clip_backbone import check_image_size, load_clip
+from textrefiner.clip_backbone import amp_autocast, check_image_size, load_clip
 from textrefiner.config import ConfigError, validate_cfg
 from textrefiner.data import DATASETS
 from textrefiner.engine.optim import build_scheduler as standalone_scheduler
@@ -125,23 +124,17 @@ class MethodTrainer(TrainerX):
 
     def forward_backward(self, batch):
         images, labels = self.parse_batch_train(batch)
-        if self.scaler is None:
+        with amp_autocast(self.precision, self.device):
             loss, parts = self.model.forward_train(images, labels)
+        if self.scaler is None:
             self.model_backward_and_update(loss)
         else:
-            with torch.autocast(device_type=self.device.type):
-                loss, parts = self.model.forward_train(images, labels)
             self.model_zero_grad()
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optim)
             self.scaler.update()
-
         summary = {"loss": loss.item()}
-        logits = parts.pop("logits", None)  # methods may hand back their training logits
         summary.update({name: float(value) for name, value in parts.items()})
-        if logits is not None:
-            summary["acc"] = compute_accuracy(logits, labels)[0].item()
-
         if (self.batch_idx + 1) == self.num_batches:  # per-epoch schedule, as CoOp
             self.update_lr()
         return summary
@@ -152,7 +145,8 @@ class MethodTrainer(TrainerX):
         super().after_epoch()
 
     def model_inference(self, images):
-        return self.model(images)
+        with amp_autocast(self.precision, self.device):
+            return self.model(images).float()
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()

@@ -22,7 +22,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..checkpoint import checkpoint_path, load_method_checkpoint, save_method_checkpoint
-from ..clip_backbone import check_image_size, load_clip
+from ..clip_backbone import amp_autocast, check_image_size, load_clip
 from ..data import build_dataset, build_loader
 from ..errors import UserError
 from ..methods import method_class
@@ -249,9 +249,7 @@ class StandaloneTrainer:
     def train_step(self, batch) -> dict:
         images = batch["img"].to(self.device)
         labels = batch["label"].to(self.device)
-        autocast = torch.autocast(self.device.type, dtype=_amp_dtype(self.device),
-                                  enabled=self.precision == "amp")
-        with autocast:
+        with amp_autocast(self.precision, self.device):
             loss, parts = self.step_module(images, labels)
         if not torch.isfinite(loss):
             raise UserError(f"The training loss became {float(loss.detach())}: lower OPTIM.LR or use "
@@ -301,10 +299,8 @@ class StandaloneTrainer:
         num_classes = self.model.class_embeddings().shape[0]
         evaluator = Classification(num_classes)
         self.log(f"Evaluate on the *{split}* set")
-        autocast = torch.autocast(self.device.type, dtype=_amp_dtype(self.device),
-                                  enabled=self.precision == "amp")
         for batch in tqdm(loader, disable=self._no_bar, leave=False, dynamic_ncols=True):
-            with autocast:
+            with amp_autocast(self.precision, self.device):
                 logits = self.model(batch["img"].to(self.device))
             evaluator.process(logits.float(), batch["label"])
         results = _capture(evaluator.evaluate, self.log)
@@ -336,10 +332,6 @@ def _capture(evaluate, log):
     for line in stream.getvalue().rstrip("\n").split("\n"):
         log(line)
     return results
-
-
-def _amp_dtype(device):
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
 def _pick_device(cfg, rank):
