@@ -2,7 +2,8 @@
 
 `<output dir>/<model name>/model.pth.tar-<epoch>` and `model-best.pth.tar`, each a dict
 `{"state_dict", "epoch", "optimizer", "scheduler", "val_result", ...}`, plus Dassl's marker file
-`checkpoint` naming the latest one. A method's `state_dict` is its `checkpoint_state()`.
+`checkpoint` naming the latest one. A method's `state_dict` is its `checkpoint_state()`; what else
+it needs to resume (`run_state()`, e.g. PromptSRC's running GPA sum) goes under "method_state".
 
 Writes are atomic (temporary file in the same folder, then rename), so a kill during a save never
 leaves a truncated checkpoint behind.
@@ -53,6 +54,9 @@ def save_method_checkpoint(model, path: str, epoch: int, optimizer=None, schedul
              "optimizer": None if optimizer is None else optimizer.state_dict(),
              "scheduler": None if scheduler is None else scheduler.state_dict(),
              "val_result": val_result, **extra}
+    run_state = model.run_state()
+    if run_state:
+        state["method_state"] = run_state  # e.g. PromptSRC's running GPA sum, needed to resume
     write_checkpoint(state, path)
     if mark_latest:
         marker = os.path.join(os.path.dirname(path), LATEST_MARKER)
@@ -68,6 +72,7 @@ def load_method_checkpoint(model, path: str) -> dict:
                         "loaded).")
     checkpoint = read_checkpoint(path)
     model.load_checkpoint_state(checkpoint["state_dict"], source=path)
+    model.load_run_state(checkpoint.get("method_state"))
     return checkpoint
 
 

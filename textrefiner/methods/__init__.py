@@ -7,13 +7,14 @@ from .base import PromptMethod, build_refiner
 from .coop import CoOp
 from .maple import MaPLe
 from .promptkd import PromptKD
+from .promptsrc import PromptSRC
 from .zeroshot import ZeroshotCLIP
 
-METHODS = {cls.__name__: cls for cls in (CoOp, MaPLe, PromptKD, ZeroshotCLIP)}
+METHODS = {cls.__name__: cls for cls in (CoOp, MaPLe, PromptKD, PromptSRC, ZeroshotCLIP)}
 
 
 def method_class(name: str):
-    """The method class for a trainer name ("CoOp", "MaPLe", "PromptKD", "ZeroshotCLIP")."""
+    """The method class for a trainer name (a key of METHODS, e.g. "CoOp")."""
     if name not in METHODS:
         raise UserError(f"Unknown trainer {name!r}: choose one of {sorted(METHODS)}.")
     return METHODS[name]
@@ -23,5 +24,5 @@ def build_method(name: str, cfg, classnames, clip_model) -> PromptMethod:
     return method_class(name)(cfg, classnames, clip_model)
 
 
-__all__ = ["PromptMethod", "CoOp", "MaPLe", "PromptKD", "ZeroshotCLIP", "METHODS",
+__all__ = ["PromptMethod", "CoOp", "MaPLe", "PromptKD", "PromptSRC", "ZeroshotCLIP", "METHODS",
            "method_class", "build_method", "build_refiner"]
