@@ -58,8 +58,9 @@ set_trainer_defaults() {
         CoOp) DEFAULT_CFG=vit_b16_ep10_ctxv1; DEFAULT_SHOTS=16 ;;
         MaPLe) DEFAULT_CFG=vit_b16_c2_ep5_batch4_2ctx; DEFAULT_SHOTS=16 ;;
         PromptKD) DEFAULT_CFG=vit_b16_c2_ep20_batch8_4+4ctx; DEFAULT_SHOTS=0 ;;
+        PromptSRC) DEFAULT_CFG=vit_b16_c2_ep20_batch4_4+4ctx; DEFAULT_SHOTS=16 ;;
         ZeroshotCLIP) DEFAULT_CFG=vit_b16; DEFAULT_SHOTS=0 ;;
-        *) echo "unknown trainer '$1' (expected CoOp, MaPLe, PromptKD or ZeroshotCLIP)" >&2; exit 1 ;;
+        *) echo "unknown trainer '$1' (expected CoOp, MaPLe, PromptKD, PromptSRC or ZeroshotCLIP)" >&2; exit 1 ;;
     esac
 }
 
