@@ -335,3 +335,13 @@ def test_promptsrc_teacher_trained_here_distils_a_promptkd_student(demo, tmp_pat
     teacher_state = trainer.model.teacher.state_dict()
     for key, value in read_checkpoint(str(teacher_file))["state_dict"].items():
         assert torch.equal(teacher_state[key], value), key
+
+
+def test_a_refiner_trained_promptsrc_checkpoint_is_no_teacher(base_clip, tmp_path, clip_path):
+    from textrefiner.methods.promptkd import load_teacher
+
+    path = str(tmp_path / "model-best.pth.tar")
+    torch.save({"state_dict": build(base_clip, refiner=True).checkpoint_state()}, path)
+    cfg = make_cfg("TRAINER.PROMPTKD.TEACHER_CKPT", path, "TRAINER.PROMPTKD.TEACHER_PATH", clip_path)
+    with pytest.raises(UserError, match="without --refiner"):
+        load_teacher(cfg, CLASSNAMES, "fp32")
