@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..checkpoint import checkpoint_path, load_method_checkpoint, save_method_checkpoint
+from ..checkpoint import (checkpoint_path, load_init_weights, load_method_checkpoint,
+                          save_method_checkpoint)
 from ..clip_backbone import amp_autocast, check_image_size, load_clip
 from ..data import build_dataset, build_loader
 from ..errors import UserError
@@ -96,6 +97,8 @@ class StandaloneTrainer:
             cls.trains_on_all_classes and cfg.TRAINER.MODAL == "base2novel"))
         self.precision = cfg.TRAINER[cls.config_section].PREC
         self.model = self._build_model(cls, trainer_name)
+        if cfg.MODEL.INIT_WEIGHTS:
+            load_init_weights(self.model, cfg.MODEL.INIT_WEIGHTS, self.log)
         self.checkpoint_name = cls.checkpoint_name
         self._build_optimisation()
         self.writer = None
@@ -163,7 +166,7 @@ class StandaloneTrainer:
             self.log(f"{type(self.model).__name__} has no weights to load")
             return
         path = checkpoint_path(directory, self.checkpoint_name, epoch)
-        checkpoint = load_method_checkpoint(self.model, path)
+        checkpoint = load_method_checkpoint(self.model, path, self.log)
         self.log(f"Loaded {path} (epoch {checkpoint.get('epoch')})")
         return checkpoint
 
