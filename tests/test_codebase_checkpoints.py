@@ -143,7 +143,8 @@ def trained_values(case, model, seed=3):
 
 
 def write_codebase_checkpoint(directory, case, values, clip, epoch=3):
-    """`<directory>/<folder>/model.pth.tar-<epoch>` as Dassl's save_checkpoint writes it."""
+    """`<directory>/<folder>/model.pth.tar-<epoch>` and the marker file `checkpoint` naming it, as
+    Dassl's save_checkpoint writes them."""
     state = {**case.extras(clip), **values}
     if case.conv_1x1:  # a BatchNorm2d also saves its step count
         state["VPT_image_trans.conv1.1.num_batches_tracked"] = torch.tensor(40)
@@ -152,6 +153,8 @@ def write_codebase_checkpoint(directory, case, values, clip, epoch=3):
     torch.save({"state_dict": state, "epoch": epoch, "val_result": None,
                 "optimizer": {"state": {}, "param_groups": [{"lr": 0.002, "params": [0]}]},
                 "scheduler": {"last_epoch": epoch, "base_lrs": [0.002]}}, path)
+    with open(os.path.join(os.path.dirname(path), "checkpoint"), "w") as marker:
+        marker.write(os.path.basename(path) + "\n")
     return path
 
 
@@ -360,3 +363,12 @@ def test_codebase_folder_with_refiner_at_eval_is_exit_2(demo, tmp_path, capsys):
         "--refiner", "--eval-only", "--model-dir", str(folder), "--load-epoch", "3"))
     assert main(args) == 2
     assert "MODEL.INIT_WEIGHTS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_resuming_a_codebase_run_says_use_init_weights(demo, tmp_path, engine, capsys):
+    folder, _ = codebase_dir(demo, tmp_path, "CoOp")
+    assert main(engine_args(engine, demo, "CoOp", folder, "base")) == 2
+    err = capsys.readouterr().err
+    assert "a CoOp-codebase checkpoint" in err and "cannot be resumed" in err
+    assert "MODEL.INIT_WEIGHTS" in err

@@ -64,15 +64,20 @@ def save_method_checkpoint(model, path: str, epoch: int, optimizer=None, schedul
     return path
 
 
-def load_method_checkpoint(model, path: str, log=print) -> dict:
+def load_method_checkpoint(model, path: str, log=print, resume: bool = False) -> dict:
     """Load a checkpoint into `model` (a PromptMethod): ours, or one its original codebase wrote
-    (textrefiner.codebase_checkpoints). Logs which layout was read; returns the checkpoint dict."""
+    (textrefiner.codebase_checkpoints). Logs which layout was read; returns the checkpoint dict.
+    `resume`: the run continues with its optimiser and schedule, which only ours hold."""
     if not os.path.isfile(path):
         raise UserError(f"No checkpoint at {path}. Check --model-dir (the OUTPUT_DIR of the "
                         "training run) and --load-epoch (without it, model-best.pth.tar is "
                         "loaded)." + _other_folders(path))
     checkpoint = read_checkpoint(path)
     read = model.load_checkpoint_state(_state_dict(checkpoint, path), source=path)
+    if resume and "-codebase" in read:
+        raise UserError(f"{path} is {read}: a run of that codebase cannot be resumed here (its "
+                        "optimiser and schedule are the codebase's). Start a new run from its "
+                        f"weights with MODEL.INIT_WEIGHTS {path}, or set another OUTPUT_DIR.")
     log(f"Read {read} from {path}")
     return checkpoint
 

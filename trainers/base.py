@@ -201,7 +201,7 @@ class MethodTrainer(TrainerX):
         for name, marker in zip(names, markers):
             with open(marker) as f:
                 path = osp.join(directory, name, f.readline().strip())
-            checkpoint = load_method_checkpoint(self._models[name], path)
+            checkpoint = load_method_checkpoint(self._models[name], path, resume=True)
             if self._optims[name] is not None and checkpoint.get("optimizer") is not None:
                 self._optims[name].load_state_dict(checkpoint["optimizer"])
             if self._scheds[name] is not None and checkpoint.get("scheduler") is not None:

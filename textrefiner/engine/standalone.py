@@ -160,13 +160,13 @@ class StandaloneTrainer:
                                mark_latest=filename_epoch is not None,
                                best_result=self.best_result, classnames=self.model.classnames)
 
-    def load_model(self, directory: str, epoch=None):
+    def load_model(self, directory: str, epoch=None, resume=False):
         """Load prompts, refiner and cache from a Dassl-layout folder (e.g. base -> novel)."""
         if not self.checkpoint_name:
             self.log(f"{type(self.model).__name__} has no weights to load")
             return
         path = checkpoint_path(directory, self.checkpoint_name, epoch)
-        checkpoint = load_method_checkpoint(self.model, path, self.log)
+        checkpoint = load_method_checkpoint(self.model, path, self.log, resume)
         self.log(f"Loaded {path} (epoch {checkpoint.get('epoch')})")
         return checkpoint
 
@@ -179,7 +179,7 @@ class StandaloneTrainer:
                   if f.startswith("model.pth.tar-")] if os.path.isdir(folder) else []
         if not epochs:
             return
-        checkpoint = self.load_model(directory, max(epochs))
+        checkpoint = self.load_model(directory, max(epochs), resume=True)
         if checkpoint.get("optimizer") and self.optim:
             self.optim.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scheduler") and self.sched:
