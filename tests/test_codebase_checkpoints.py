@@ -6,6 +6,7 @@ for whole-model layouts, the frozen CLIP weights), from the names in REFERENCE.m
 codebases' trainers, never from our own `checkpoint_state()`. The expected logits come from a
 model whose parameters were set by hand, through attributes named in this file, to the same values.
 """
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Tuple
@@ -196,7 +197,8 @@ def test_codebase_checkpoint_scores_like_prompts_set_by_hand(build, base_clip, i
     lines = []
     checkpoint = load_method_checkpoint(model, path, log=lines.append)
     assert checkpoint["epoch"] == 3
-    assert lines and lines[0].startswith(f"Read {case.layout}"), lines
+    assert len(lines) == 1 and lines[0].startswith(f"Read {path}: {case.layout}"), lines
+    assert "differ" not in lines[0]
     expected = eval_logits(reference, images)
     assert not torch.allclose(before, expected, atol=1e-3)  # the load is what makes them equal
     torch.testing.assert_close(eval_logits(model, images), expected, atol=1e-5, rtol=1e-4)
@@ -256,6 +258,19 @@ def test_frozen_clip_of_another_backbone_is_refused(build, teacher_clip_path, tm
     path = write_codebase_checkpoint(tmp_path, case, trained_values(case, model), other)
     with pytest.raises(UserError, match="another backbone"):
         load_method_checkpoint(model, path)
+
+
+def test_frozen_clip_weights_that_differ_are_named_in_the_log(build, base_clip, tmp_path):
+    case = CASES["MaPLe"]
+    model = build("MaPLe")
+    other = copy.deepcopy(base_clip)
+    with torch.no_grad():
+        other.text_projection.add_(0.01)
+    path = write_codebase_checkpoint(tmp_path, case, trained_values(case, model), other)
+    lines = []
+    load_method_checkpoint(model, path, log=lines.append)
+    assert "(1 differ from this model's CLIP, e.g. 'text_encoder.text_projection'" in lines[0]
+    assert torch.equal(model.text_encoder.text_projection, base_clip.text_projection)
 
 
 def test_model_dir_of_another_method_names_its_folder(build, base_clip, tmp_path):
@@ -329,7 +344,7 @@ def test_eval_only_reads_a_codebase_folder(demo, tmp_path, engine, method):
     trainer = run(engine_args(engine, demo, method, out, "new", (
         "--eval-only", "--model-dir", str(folder), "--load-epoch", "3")))
     log = read_log(out)
-    assert f"Read {CASES[method].layout}" in log and "* accuracy:" in log
+    assert f": {CASES[method].layout}" in log and "* accuracy:" in log
     for key, tensor in CASES[method].targets(trainer.model).items():
         assert torch.equal(tensor.detach().cpu(), values[key].float()), key
 
@@ -343,7 +358,7 @@ def test_init_weights_start_refiner_training_from_a_codebase_prompt(demo, tmp_pa
                               ("MODEL.INIT_WEIGHTS", path)))
     assert torch.equal(trainer.model.prompt_learner.ctx.detach(), values["ctx"].float())
     log = read_log(out)
-    assert "MODEL.INIT_WEIGHTS): read a CoOp-codebase checkpoint" in log
+    assert f"(MODEL.INIT_WEIGHTS): read {path}: a CoOp-codebase checkpoint" in log
     assert "TextRefiner starts fresh" in log
 
 
@@ -354,7 +369,7 @@ def test_init_weights_then_training_runs(demo, tmp_path):
     assert main(engine_args("standalone", demo, "MaPLe", out, "base", ("--refiner",),
                             ("MODEL.INIT_WEIGHTS", path, "OPTIM.MAX_EPOCH", "1"))) == 0
     log = read_log(out)
-    assert "read a MaPLe-codebase checkpoint" in log and "* accuracy:" in log
+    assert f"read {path}: a MaPLe-codebase checkpoint" in log and "* accuracy:" in log
 
 
 def test_codebase_folder_with_refiner_at_eval_is_exit_2(demo, tmp_path, capsys):

@@ -78,7 +78,7 @@ def load_method_checkpoint(model, path: str, log=print, resume: bool = False) ->
         raise UserError(f"{path} is {read}: a run of that codebase cannot be resumed here (its "
                         "optimiser and schedule are the codebase's). Start a new run from its "
                         f"weights with MODEL.INIT_WEIGHTS {path}, or set another OUTPUT_DIR.")
-    log(f"Read {read} from {path}")
+    log(f"Read {path}: {read}")
     return checkpoint
 
 
@@ -91,7 +91,7 @@ def load_init_weights(model, path: str, log=print):
     checkpoint = read_checkpoint(path, "MODEL.INIT_WEIGHTS file")
     read = model.load_checkpoint_state(_state_dict(checkpoint, path), source=path,
                                        fresh_refiner=True)
-    log(f"Initial weights (MODEL.INIT_WEIGHTS): read {read} from {path}")
+    log(f"Initial weights (MODEL.INIT_WEIGHTS): read {path}: {read}")
 
 
 def _state_dict(checkpoint: dict, path: str) -> dict:

@@ -138,19 +138,23 @@ def as_own_state(model, state: Dict[str, torch.Tensor], source: str):
     layout = layout_of(model)
     if layout is None or is_own_layout(state, model.checkpoint_state()):
         return state, "a textrefiner checkpoint"
-    weights, frozen = from_codebase(model, state, layout, source)
+    weights, frozen, differing = from_codebase(model, state, layout, source)
     description = layout.describe(model.checkpoint_name)
     if frozen:
         description += f"; its {frozen} frozen CLIP tensors are not loaded"
+    if differing:
+        description += (f" ({len(differing)} differ from this model's CLIP, e.g. "
+                        f"{differing[0]!r}: scores use the CLIP of MODEL.BACKBONE)")
     return weights, description
 
 
 def from_codebase(model, state: Dict[str, torch.Tensor], layout: CodebaseLayout, source: str):
     """The trainable weights of a codebase-layout `state` under our names; returns (weights,
-    number of frozen CLIP tensors left out). Keys that fit nothing are a UserError."""
+    number of frozen CLIP tensors left out, keys of those that differ from our CLIP's). Keys
+    that fit nothing are a UserError."""
     expected = model.checkpoint_state()
     own = model.state_dict()
-    weights, frozen, unknown = {}, 0, []
+    weights, frozen, differing, unknown = {}, 0, [], []
     for key, value in state.items():
         name = layout.our_name(_strip_module(key))
         if layout.is_dropped(name):
@@ -164,13 +168,15 @@ def from_codebase(model, state: Dict[str, torch.Tensor], layout: CodebaseLayout,
                     f"this model's CLIP has {tuple(own[name].shape)}. It was trained on "
                     "another backbone: check MODEL.BACKBONE.NAME (or MODEL.BACKBONE.PATH).")
             frozen += 1
+            if not torch.equal(value.to(own[name].dtype), own[name].cpu()):
+                differing.append(key)
         else:
             unknown.append(key)
     if unknown:
         shown = ", ".join(unknown[:4]) + (" ..." if len(unknown) > 4 else "")
         raise UserError(f"{source} does not fit a {type(model).__name__} model (unknown keys: "
                         f"{shown}). {what_it_is(state, type(model).__name__)}")
-    return weights, frozen
+    return weights, frozen, differing
 
 
 def _fit(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
