@@ -318,15 +318,15 @@ def engine_args(engine, demo, method, out, classes, flags=(), opts=()):
         from test_dassl_layer import cli_args
         return cli_args(method, out, demo["clip"], demo["root"], classes, flags, opts)
     from test_train_cli import METHOD_OPTS, command
-    return command(demo, method, out, *(METHOD_OPTS[method] + tuple(opts)), classes=classes,
-                   extra=flags)
+    return command(demo, method, out, *(METHOD_OPTS.get(method, ()) + tuple(opts)),
+                   classes=classes, extra=flags)
 
 
-def codebase_dir(demo, tmp_path, method):
+def codebase_dir(demo, tmp_path, method, opts=()):
     """A folder as the method's codebase leaves it, for the demo CLIP; returns (folder, values)."""
     case = CASES[method]
     clip = load_clip(demo["clip"], "fp32")
-    model = build_method(method, make_cfg(), ["a", "b"], clip)
+    model = build_method(method, make_cfg(*opts), ["a", "b"], clip)
     values = trained_values(case, model)
     write_codebase_checkpoint(tmp_path / "codebase", case, values, clip)
     return tmp_path / "codebase", values
@@ -336,17 +336,20 @@ def read_log(out):
     return (out / "log.txt").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("method", ["CoOp", "MaPLe"])
+@pytest.mark.parametrize("method", ["CoOp", "MaPLe", "PromptKD"])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_eval_only_reads_a_codebase_folder(demo, tmp_path, engine, method):
-    folder, values = codebase_dir(demo, tmp_path, method)
+def test_eval_only_reads_a_codebase_folder(demo, tmp_path, teacher_ckpt, teacher_clip_path,
+                                           engine, method):
+    from test_train_cli import kd_opts as cli_kd_opts
+    opts = cli_kd_opts(teacher_ckpt, teacher_clip_path) if method == "PromptKD" else ()
+    folder, values = codebase_dir(demo, tmp_path, method, opts)
     out = tmp_path / "eval"
     trainer = run(engine_args(engine, demo, method, out, "new", (
-        "--eval-only", "--model-dir", str(folder), "--load-epoch", "3")))
+        "--eval-only", "--model-dir", str(folder), "--load-epoch", "3"), opts))
     log = read_log(out)
     assert f": {CASES[method].layout}" in log and "* accuracy:" in log
     for key, tensor in CASES[method].targets(trainer.model).items():
-        assert torch.equal(tensor.detach().cpu(), values[key].float()), key
+        assert torch.equal(tensor.detach().cpu(), values[key].float().reshape(tensor.shape)), key
 
 
 @pytest.mark.parametrize("engine", ENGINES)
