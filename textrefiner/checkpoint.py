@@ -14,6 +14,7 @@ import tempfile
 
 import torch
 
+from .codebase_checkpoints import is_codebase_read
 from .errors import UserError
 
 
@@ -74,7 +75,7 @@ def load_method_checkpoint(model, path: str, log=print, resume: bool = False) ->
                         "loaded)." + _other_folders(path))
     checkpoint = read_checkpoint(path)
     read = model.load_checkpoint_state(_state_dict(checkpoint, path), source=path)
-    if resume and "-codebase" in read:
+    if resume and is_codebase_read(read):
         raise UserError(f"{path} is {read}: a run of that codebase cannot be resumed here (its "
                         "optimiser and schedule are the codebase's). Start a new run from its "
                         f"weights with MODEL.INIT_WEIGHTS {path}, or set another OUTPUT_DIR.")

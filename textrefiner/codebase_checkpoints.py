@@ -30,6 +30,12 @@ CLASS_BUFFERS = ("token_prefix", "token_suffix", "token_prefix2", "token_suffix2
                  "tokenized_prompts")
 UNUSED_COPIES = ("ZS_image_encoder",)
 REFINER = "refiner."
+OWN_CHECKPOINT = "a textrefiner checkpoint"  # how the log names ours
+
+
+def is_codebase_read(read: str) -> bool:
+    """Whether `load_checkpoint_state` read a codebase's layout (from what it returned)."""
+    return not read.startswith(OWN_CHECKPOINT)
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,7 @@ def as_own_state(model, state: Dict[str, torch.Tensor], source: str):
     state = {_strip_module(k): v for k, v in state.items()}
     layout = layout_of(model)
     if layout is None or is_own_layout(state, model.checkpoint_state()):
-        return state, "a textrefiner checkpoint"
+        return state, OWN_CHECKPOINT
     weights, frozen, differing = from_codebase(model, state, layout, source)
     description = layout.describe(model.checkpoint_name)
     if frozen:

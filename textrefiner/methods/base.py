@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..clip_backbone import ImageOutput, clip_dims, encode_image
-from ..codebase_checkpoints import as_own_state, what_it_is
+from ..codebase_checkpoints import as_own_state, is_codebase_read, what_it_is
 from ..errors import UserError
 from ..losses import regularization_loss, select_semantic_tokens, semantic_loss
 from ..refiner import TextRefiner
@@ -217,7 +217,7 @@ def _mismatch_message(method, source, missing, unexpected, refiner_on, state, re
         return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
 
     hint = ""
-    if any(k.startswith("refiner.") for k in missing) and "-codebase" in read:
+    if any(k.startswith("refiner.") for k in missing) and is_codebase_read(read):
         hint = (f" It is {read}, and the codebases have no TextRefiner: drop --refiner, or start "
                 "training TextRefiner from it with MODEL.INIT_WEIGHTS <this file>.")
     elif any(k.startswith("refiner.") for k in missing):
