@@ -8,7 +8,8 @@ A method is built from (cfg, class names, CLIP model) and offers:
 * `trainable_parameters()`: everything the optimiser updates (all of CLIP is frozen);
 * `checkpoint_state()` / `load_checkpoint_state(state)`: what a checkpoint holds (prompts, refiner
   weights and cache), without the class-dependent buffers, so a base-trained checkpoint loads into
-  a model built for the novel classes.
+  a model built for the novel classes; `load_checkpoint_state` also reads what the method's
+  original codebase saved (textrefiner.codebase_checkpoints).
 """
 from typing import Dict, Optional, Sequence, Tuple
 
