@@ -2,7 +2,8 @@
 
 `<output dir>/<model name>/model.pth.tar-<epoch>` and `model-best.pth.tar`, each a dict
 `{"state_dict", "epoch", "optimizer", "scheduler", "val_result", ...}`, plus Dassl's marker file
-`checkpoint` naming the latest one. A method's `state_dict` is its `checkpoint_state()`.
+`checkpoint` naming the latest one. A method's `state_dict` is its `checkpoint_state()`; files
+the original codebases wrote load too (textrefiner.codebase_checkpoints).
 
 Writes are atomic (temporary file in the same folder, then rename), so a kill during a save never
 leaves a truncated checkpoint behind.
@@ -13,10 +14,14 @@ import tempfile
 
 import torch
 
+from .codebase_checkpoints import is_codebase_read
 from .errors import UserError
 
 
 BEST = "model-best.pth.tar"
+# Dassl model names -> the methods (ours and their codebases') that save under them
+CODEBASE_FOLDERS = {"prompt_learner": "CoOp and CoCoOp", "MultiModalPromptLearner": "MaPLe",
+                    "VLPromptLearner": "PromptSRC and PromptKD"}
 LATEST_MARKER = "checkpoint"  # Dassl's file naming the latest checkpoint, read to resume
 
 
@@ -60,15 +65,53 @@ def save_method_checkpoint(model, path: str, epoch: int, optimizer=None, schedul
     return path
 
 
-def load_method_checkpoint(model, path: str) -> dict:
-    """Load a checkpoint into `model` (a PromptMethod); returns the whole checkpoint dict."""
+def load_method_checkpoint(model, path: str, log=print, resume: bool = False) -> dict:
+    """Load a checkpoint into `model` (a PromptMethod): ours, or one its original codebase wrote
+    (textrefiner.codebase_checkpoints). Logs which layout was read; returns the checkpoint dict.
+    `resume`: the run continues with its optimiser and schedule, which only ours hold."""
     if not os.path.isfile(path):
         raise UserError(f"No checkpoint at {path}. Check --model-dir (the OUTPUT_DIR of the "
                         "training run) and --load-epoch (without it, model-best.pth.tar is "
-                        "loaded).")
+                        "loaded)." + _other_folders(path))
     checkpoint = read_checkpoint(path)
-    model.load_checkpoint_state(checkpoint["state_dict"], source=path)
+    read = model.load_checkpoint_state(_state_dict(checkpoint, path), source=path)
+    if resume and is_codebase_read(read):
+        raise UserError(f"{path} is {read}: a run of that codebase cannot be resumed here (its "
+                        "optimiser and schedule are the codebase's). Start a new run from its "
+                        f"weights with MODEL.INIT_WEIGHTS {path}, or set another OUTPUT_DIR.")
+    log(f"Read {path}: {read}")
     return checkpoint
+
+
+def load_init_weights(model, path: str, log=print):
+    """MODEL.INIT_WEIGHTS: start training from the weights in the file `path` (as Dassl), ours or
+    the method's codebase's; a refiner the file lacks starts fresh."""
+    if os.path.isdir(path):
+        raise UserError(f"MODEL.INIT_WEIGHTS is a folder ({path!r}); it names a checkpoint file, "
+                        "as in Dassl, e.g. <output dir>/prompt_learner/model-best.pth.tar.")
+    checkpoint = read_checkpoint(path, "MODEL.INIT_WEIGHTS file")
+    read = model.load_checkpoint_state(_state_dict(checkpoint, path), source=path,
+                                       fresh_refiner=True)
+    log(f"Initial weights (MODEL.INIT_WEIGHTS): read {path}: {read}")
+
+
+def _state_dict(checkpoint: dict, path: str) -> dict:
+    """The weights of a Dassl checkpoint dict, or the dict itself when it holds weights only."""
+    state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no state_dict of tensors: it is not a model "
+                        "checkpoint (Dassl's dict with 'state_dict', or a state_dict).")
+    return state
+
+
+def _other_folders(path: str) -> str:
+    """A hint naming the codebases' checkpoint folders that the model dir holds instead."""
+    name_dir = os.path.dirname(path)
+    model_dir, wanted = os.path.dirname(name_dir), os.path.basename(name_dir)
+    present = [name for name in CODEBASE_FOLDERS
+               if name != wanted and os.path.isdir(os.path.join(model_dir, name))]
+    return "".join(f" {model_dir} holds {name}/, the checkpoints of "
+                   f"{CODEBASE_FOLDERS[name]}: check --trainer." for name in present)
 
 
 def read_checkpoint(path: str, what: str = "checkpoint") -> dict:

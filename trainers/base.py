@@ -13,8 +13,8 @@ from dassl.data import DataManager
 from dassl.engine import TrainerX
 from dassl.optim import build_lr_scheduler, build_optimizer
 
-from textrefiner.checkpoint import (LATEST_MARKER, checkpoint_path, load_method_checkpoint,
-                                    save_method_checkpoint)
+from textrefiner.checkpoint import (LATEST_MARKER, checkpoint_path, load_init_weights,
+                                    load_method_checkpoint, save_method_checkpoint)
 from textrefiner.clip_backbone import amp_autocast, check_image_size, load_clip
 from textrefiner.config import ConfigError, validate_cfg
 from textrefiner.data import DATASETS
@@ -108,6 +108,8 @@ class MethodTrainer(TrainerX):
         print(f"Building {self.method_name}"
               + (" with TextRefiner" if cfg.TRAINER.REFINER.ENABLED else ""))
         self.model = build_method(self.method_name, cfg, self.dm.dataset.classnames, clip_model)
+        if cfg.MODEL.INIT_WEIGHTS:  # as Dassl and the codebases: a file, before training
+            load_init_weights(self.model, cfg.MODEL.INIT_WEIGHTS)
         self.model.to(self.device)
 
         params = list(self.model.trainable_parameters().values())
@@ -199,7 +201,7 @@ class MethodTrainer(TrainerX):
         for name, marker in zip(names, markers):
             with open(marker) as f:
                 path = osp.join(directory, name, f.readline().strip())
-            checkpoint = load_method_checkpoint(self._models[name], path)
+            checkpoint = load_method_checkpoint(self._models[name], path, resume=True)
             if self._optims[name] is not None and checkpoint.get("optimizer") is not None:
                 self._optims[name].load_state_dict(checkpoint["optimizer"])
             if self._scheds[name] is not None and checkpoint.get("scheduler") is not None:

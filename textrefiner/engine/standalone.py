@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..checkpoint import checkpoint_path, load_method_checkpoint, save_method_checkpoint
+from ..checkpoint import (checkpoint_path, load_init_weights, load_method_checkpoint,
+                          save_method_checkpoint)
 from ..clip_backbone import amp_autocast, check_image_size, load_clip
 from ..data import build_dataset, build_loader
 from ..errors import UserError
@@ -96,6 +97,8 @@ class StandaloneTrainer:
             cls.trains_on_all_classes and cfg.TRAINER.MODAL == "base2novel"))
         self.precision = cfg.TRAINER[cls.config_section].PREC
         self.model = self._build_model(cls, trainer_name)
+        if cfg.MODEL.INIT_WEIGHTS:
+            load_init_weights(self.model, cfg.MODEL.INIT_WEIGHTS, self.log)
         self.checkpoint_name = cls.checkpoint_name
         self._build_optimisation()
         self.writer = None
@@ -157,13 +160,13 @@ class StandaloneTrainer:
                                mark_latest=filename_epoch is not None,
                                best_result=self.best_result, classnames=self.model.classnames)
 
-    def load_model(self, directory: str, epoch=None):
+    def load_model(self, directory: str, epoch=None, resume=False):
         """Load prompts, refiner and cache from a Dassl-layout folder (e.g. base -> novel)."""
         if not self.checkpoint_name:
             self.log(f"{type(self.model).__name__} has no weights to load")
             return
         path = checkpoint_path(directory, self.checkpoint_name, epoch)
-        checkpoint = load_method_checkpoint(self.model, path)
+        checkpoint = load_method_checkpoint(self.model, path, self.log, resume)
         self.log(f"Loaded {path} (epoch {checkpoint.get('epoch')})")
         return checkpoint
 
@@ -176,7 +179,7 @@ class StandaloneTrainer:
                   if f.startswith("model.pth.tar-")] if os.path.isdir(folder) else []
         if not epochs:
             return
-        checkpoint = self.load_model(directory, max(epochs))
+        checkpoint = self.load_model(directory, max(epochs), resume=True)
         if checkpoint.get("optimizer") and self.optim:
             self.optim.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scheduler") and self.sched:

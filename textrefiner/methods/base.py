@@ -8,7 +8,8 @@ A method is built from (cfg, class names, CLIP model) and offers:
 * `trainable_parameters()`: everything the optimiser updates (all of CLIP is frozen);
 * `checkpoint_state()` / `load_checkpoint_state(state)`: what a checkpoint holds (prompts, refiner
   weights and cache), without the class-dependent buffers, so a base-trained checkpoint loads into
-  a model built for the novel classes.
+  a model built for the novel classes; `load_checkpoint_state` also reads what the method's
+  original codebase saved (textrefiner.codebase_checkpoints).
 """
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..clip_backbone import ImageOutput, clip_dims, encode_image
+from ..codebase_checkpoints import as_own_state, is_codebase_read, what_it_is
 from ..errors import UserError
 from ..losses import regularization_loss, select_semantic_tokens, semantic_loss
 from ..refiner import TextRefiner
@@ -50,6 +52,9 @@ class PromptMethod(nn.Module):
     trainable_prefixes: Tuple[str, ...] = ()
     trains_on_all_classes = False  # PromptKD's base-to-novel protocol
     checkpoint_name = None  # folder of its checkpoints in a Dassl output dir; None: nothing saved
+    # How its original codebase saves it (textrefiner.codebase_checkpoints); None: as the
+    # checkpoint name implies (a submodule of that name registered alone, else the whole model)
+    codebase_layout = None
 
     def __init__(self, cfg, classnames: Sequence[str], clip_model: nn.Module):
         super().__init__()
@@ -154,20 +159,44 @@ class PromptMethod(nn.Module):
         """Trainable weights plus refiner buffers (cache, BatchNorm statistics)."""
         return {k: v for k, v in self.state_dict().items() if self._is_saved(k)}
 
-    def load_checkpoint_state(self, state: Dict[str, torch.Tensor], source: str = "checkpoint"):
-        """Load `checkpoint_state()` output; any mismatch is a UserError that says why."""
+    def load_checkpoint_state(self, state: Dict[str, torch.Tensor], source: str = "checkpoint",
+                              fresh_refiner: bool = False) -> str:
+        """Load `checkpoint_state()` output, or a state_dict in the layout of the method's original
+        codebase; returns what was read. Any mismatch is a UserError that says why.
+
+        `fresh_refiner` (training starts from another run's weights): a refiner the checkpoint
+        lacks keeps its initial weights, and the checkpoint's refiner is left out when it is off.
+        """
+        loaded, read = as_own_state(self, state, source)
+        if fresh_refiner:
+            loaded, note = _fresh_refiner(self, loaded)
+            read += note
         expected = self.checkpoint_state()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
+        missing = sorted(set(expected) - set(loaded))
+        unexpected = sorted(set(loaded) - set(expected))
         if missing or unexpected:
             raise UserError(_mismatch_message(type(self).__name__, source, missing, unexpected,
-                                              self.refiner is not None))
-        for key, value in state.items():
+                                              self.refiner is not None, state, read))
+        for key, value in loaded.items():
             if value.shape != expected[key].shape:
                 raise UserError(_shape_message(type(self).__name__, source, key, value.shape,
                                                expected[key].shape))
-        self.load_state_dict(state, strict=False)
+        self.load_state_dict(loaded, strict=False)
         self.invalidate_eval_cache()
+        return read
+
+
+def _fresh_refiner(model, state):
+    """`state` with the refiner as `load_checkpoint_state(fresh_refiner=True)` wants it, and a
+    note for the log."""
+    has_refiner = any(k.startswith("refiner.") for k in state)
+    if model.refiner is None and has_refiner:
+        return ({k: v for k, v in state.items() if not k.startswith("refiner.")},
+                "; its TextRefiner weights are not used (TextRefiner is off)")
+    if model.refiner is not None and not has_refiner:
+        fresh = {k: v for k, v in model.checkpoint_state().items() if k.startswith("refiner.")}
+        return {**state, **fresh}, "; TextRefiner starts fresh (the checkpoint has none)"
+    return state, ""
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -184,17 +213,20 @@ def _shape_message(method, source, key, saved, wanted):
                       "another prompt length, or class-specific prompts for another class list.")
 
 
-def _mismatch_message(method, source, missing, unexpected, refiner_on):
+def _mismatch_message(method, source, missing, unexpected, refiner_on, state, read):
     def show(keys):
         return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
 
     hint = ""
-    if any(k.startswith("refiner.") for k in missing):
+    if any(k.startswith("refiner.") for k in missing) and is_codebase_read(read):
+        hint = (f" It is {read}, and the codebases have no TextRefiner: drop --refiner, or start "
+                "training TextRefiner from it with MODEL.INIT_WEIGHTS <this file>.")
+    elif any(k.startswith("refiner.") for k in missing):
         hint = " It was trained without TextRefiner: drop --refiner (TRAINER.REFINER.ENABLED)."
     elif any(k.startswith("refiner.") for k in unexpected) and not refiner_on:
         hint = " It was trained with TextRefiner: add --refiner (TRAINER.REFINER.ENABLED True)."
     else:
-        hint = " It was probably saved by another method: check --trainer and the config file."
+        hint = " " + what_it_is(state, method)
     parts = [f"{source} does not fit a {method} model."]
     if missing:
         parts.append(f"Missing: {show(missing)}.")
