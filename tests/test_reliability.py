@@ -17,7 +17,7 @@ from textrefiner import clip_backbone
 from textrefiner._compat import import_clip
 from textrefiner.checkpoint import read_checkpoint, write_checkpoint
 from textrefiner.demo import prepare
-from textrefiner.errors import UserError
+from textrefiner.errors import OutputError, UserError
 from textrefiner.refiner import LocalCache
 from textrefiner.train import main, run
 
@@ -85,7 +85,7 @@ def test_a_failed_save_leaves_no_partial_file(tmp_path, monkeypatch, existing):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full"):
         write_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, str(target))
     monkeypatch.setattr(torch, "save", real_save)
     if existing:

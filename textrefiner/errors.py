@@ -3,3 +3,18 @@
 
 class UserError(Exception):
     """A problem in the user's input (paths, config, checkpoints), reported without a traceback."""
+
+    exit_code = 2
+
+
+class OutputError(UserError):
+    """A file of the run cannot be written or read (disk full, no permission): the environment
+    failed, not the user's input, so the command exits with 1 instead of 2."""
+
+    exit_code = 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`<file>: <reason>` for an OSError (e.g. "out/log.txt: No space left on device")."""
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename else reason

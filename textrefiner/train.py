@@ -15,7 +15,7 @@ import os
 import sys
 
 from .config import add_refiner_args, apply_refiner_args, load_cfg
-from .errors import UserError
+from .errors import OutputError, UserError, describe_os_error
 from .methods import METHODS, method_class
 
 ENGINES = ("auto", "dassl", "standalone")
@@ -139,6 +139,9 @@ def run_dassl(cfg, args):
 def run(argv=None):
     args = build_parser().parse_args(argv)
     cfg = setup_cfg(args)
+    if cfg.RESUME and not os.path.isdir(cfg.RESUME):
+        raise UserError(f"--resume {cfg.RESUME} is not a folder: give the --output-dir of the run "
+                        "to continue.")
     engine = resolve_engine(args.engine)
     if engine == "dassl":
         return run_dassl(cfg, args)
@@ -147,10 +150,10 @@ def run(argv=None):
                           load_epoch=args.load_epoch, no_train=args.no_train)
 
 
-def _user_message(exc: UserError) -> str:
+def _message(exc: Exception) -> str:
     """The message alone: an error raised in a DataLoader worker arrives wrapped in the worker's
     traceback, whose last line holds the original message."""
-    message = str(exc)
+    message = str(exc) if not isinstance(exc, OSError) else describe_os_error(exc)
     if "Original Traceback" in message:
         last = message.strip().splitlines()[-1]
         message = last.split(f"{type(exc).__name__}: ", 1)[-1]
@@ -161,8 +164,13 @@ def main(argv=None) -> int:
     try:
         run(argv)
     except UserError as exc:
-        print(f"textrefiner-train: error: {_user_message(exc)}", file=sys.stderr)
-        return 2
+        print(f"textrefiner-train: error: {_message(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:  # the environment failed: disk full, no permission, a file gone
+        print(f"textrefiner-train: error: {_message(exc)} ({type(exc).__name__}). Fix the file or "
+              "folder (permissions, free space), then run the same command again: training "
+              "resumes from the last checkpoint in --output-dir.", file=sys.stderr)
+        return OutputError.exit_code
     except KeyboardInterrupt:
         print("textrefiner-train: interrupted", file=sys.stderr)
         return 130

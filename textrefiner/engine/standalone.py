@@ -21,13 +21,15 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..checkpoint import checkpoint_path, load_method_checkpoint, save_method_checkpoint
+from ..checkpoint import (carry_best_checkpoint, checkpoint_path,
+                          load_method_checkpoint, missing_best_error, no_checkpoint_to_resume,
+                          save_method_checkpoint)
 from ..clip_backbone import amp_autocast, check_image_size, load_clip
 from ..data import build_dataset, build_loader
 from ..errors import UserError
 from ..methods import method_class
 from .evaluator import Classification
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, check_loss, explained_step_errors
 
 def set_seed(seed: int):
     random.seed(seed)
@@ -175,6 +177,8 @@ class StandaloneTrainer:
         epochs = [int(f.rsplit("-", 1)[1]) for f in os.listdir(folder)
                   if f.startswith("model.pth.tar-")] if os.path.isdir(folder) else []
         if not epochs:
+            if self.cfg.RESUME:
+                raise no_checkpoint_to_resume(directory, self.checkpoint_name)
             return
         checkpoint = self.load_model(directory, max(epochs))
         if checkpoint.get("optimizer") and self.optim:
@@ -184,6 +188,10 @@ class StandaloneTrainer:
         self.start_epoch = checkpoint["epoch"]
         self.best_result = checkpoint.get("best_result", -float("inf"))
         self.log(f"Resumed from epoch {self.start_epoch} of {directory}")
+        carried = self.rank == 0 and carry_best_checkpoint(directory, self.cfg.OUTPUT_DIR,
+                                                           self.checkpoint_name)
+        if carried:
+            self.log(carried)
 
     # ------------------------------------------------------------------ training
     def train(self):
@@ -199,6 +207,9 @@ class StandaloneTrainer:
         if not cfg.TEST.NO_TEST:
             if cfg.TEST.FINAL_MODEL == "best_val" and self.checkpoint_name:
                 self.log("Deploy the model with the best val performance")
+                if not os.path.isfile(checkpoint_path(cfg.OUTPUT_DIR, self.checkpoint_name)):
+                    raise missing_best_error(cfg.OUTPUT_DIR, cfg.RESUME, self.checkpoint_name,
+                                             max(max_epoch - self.start_epoch, 0))
                 self.load_model(cfg.OUTPUT_DIR)
             else:
                 self.log("Deploy the last-epoch model")
@@ -251,17 +262,16 @@ class StandaloneTrainer:
         labels = batch["label"].to(self.device)
         with amp_autocast(self.precision, self.device):
             loss, parts = self.step_module(images, labels)
-        if not torch.isfinite(loss):
-            raise UserError(f"The training loss became {float(loss.detach())}: lower OPTIM.LR or use "
-                            "PREC fp32/amp instead of fp16.")
+        check_loss(loss, self.precision)
         self.optim.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optim)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optim.step()
+        with explained_step_errors(self.precision, self.optim):
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optim)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optim.step()
         summary = {"loss": float(loss.detach())}
         summary.update({k: float(v) for k, v in parts.items()})
         return summary
