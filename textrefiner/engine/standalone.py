@@ -158,6 +158,7 @@ class StandaloneTrainer:
         save_method_checkpoint(self.model, path, epoch, self.optim, self.sched, val_result,
                                mark_latest=filename_epoch is not None,
                                best_result=self.best_result, classnames=self.model.classnames)
+        self.log(f"Checkpoint saved to {path}")  # as Dassl prints it
 
     def load_model(self, directory: str, epoch=None):
         """Load prompts, refiner and cache from a Dassl-layout folder (e.g. base -> novel)."""
