@@ -167,10 +167,12 @@ def main(argv=None) -> int:
         print(f"textrefiner-train: error: {_message(exc)}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # the environment failed: disk full, no permission, a file gone
-        print(f"textrefiner-train: error: {_message(exc)} ({type(exc).__name__}). Fix the file or "
-              "folder (permissions, free space), then run the same command again: training "
-              "resumes from the last checkpoint in --output-dir.", file=sys.stderr)
-        return OutputError.exit_code
+        print(f"textrefiner-train: error: {_message(exc)} ({type(exc).__name__}). Fix that file "
+              "or folder (a file where a folder belongs, permissions, free disk space), then run "
+              "the same command again: training resumes from the last checkpoint in "
+              "--output-dir.", file=sys.stderr)
+        # errno unset: a file's content is wrong (e.g. an image PIL cannot identify)
+        return OutputError.exit_code if exc.errno is not None else UserError.exit_code
     except KeyboardInterrupt:
         print("textrefiner-train: interrupted", file=sys.stderr)
         return 130
