@@ -26,10 +26,13 @@ DASSL = pytest.param("dassl", marks=pytest.mark.skipif(not HAS_DASSL,
 EPOCHS = 3
 FOLDER = "prompt_learner"
 KILL_LINES = {"between": "model.pth.tar-1", "inside": f"epoch [2/{EPOCHS}] batch [2/"}
-# Each engine sees both TEST.FINAL_MODEL values, both --refiner settings and both kill points.
+# Each engine sees every (TEST.FINAL_MODEL, --refiner) pair and both kill points; the two engines
+# together cover all eight combinations.
 CASES = {
-    "standalone": [("best_val", True, "between"), ("last_step", False, "inside")],
-    "dassl": [("best_val", False, "inside"), ("last_step", True, "between")],
+    "standalone": [("best_val", True, "between"), ("last_step", False, "inside"),
+                   ("best_val", False, "inside"), ("last_step", True, "between")],
+    "dassl": [("best_val", False, "between"), ("last_step", True, "inside"),
+              ("best_val", True, "inside"), ("last_step", False, "between")],
 }
 
 
