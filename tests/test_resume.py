@@ -172,3 +172,14 @@ def test_resume_from_a_folder_without_checkpoints_is_exit_2(demo, tmp_path, caps
                             extra=("--resume", str(where)))) == 2
         assert f"--resume {where}" in capsys.readouterr().err
     assert not (tmp_path / "out" / FOLDER).exists()
+
+
+@pytest.mark.parametrize("engine", [DASSL])
+def test_resume_marker_naming_a_missing_checkpoint_is_exit_2(demo, tmp_path, capsys, engine):
+    marker = tmp_path / "A" / FOLDER / "checkpoint"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("model.pth.tar-5\n")
+    assert main(command(demo, tmp_path / "B", engine, "last_step", False,
+                        extra=("--resume", str(tmp_path / "A")))) == 2
+    err = capsys.readouterr().err
+    assert "model.pth.tar-5" in err and "--model-dir" not in err, err

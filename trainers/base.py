@@ -22,6 +22,7 @@ from textrefiner.data import DATASETS
 from textrefiner.engine.optim import build_scheduler as standalone_scheduler
 from textrefiner.engine.optim import check_loss, explained_step_errors
 from textrefiner.engine.standalone import epoch_seed, set_seed
+from textrefiner.errors import UserError
 from textrefiner.methods import build_method, method_class
 
 # --trainer value -> name in Dassl's TRAINER_REGISTRY (prefixed so that the original codebases'
@@ -208,6 +209,9 @@ class MethodTrainer(TrainerX):
         for name, marker in zip(names, markers):
             with open(marker) as f:
                 path = osp.join(directory, name, f.readline().strip())
+            if not osp.isfile(path):
+                raise UserError(f"{marker} names {path} as the checkpoint to resume from, but it "
+                                f"is missing: restore it, or delete {marker} to train from scratch.")
             checkpoint = load_method_checkpoint(self._models[name], path)
             if self._optims[name] is not None and checkpoint.get("optimizer") is not None:
                 self._optims[name].load_state_dict(checkpoint["optimizer"])
