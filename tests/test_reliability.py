@@ -327,6 +327,7 @@ def test_j_full_disk_while_saving_then_resume(demo, tmp_path, capsys, monkeypatc
     assert "No space left on device" in line and "run the same command again" in line, line
     assert checkpoints_left(out) == ["checkpoint", "model.pth.tar-1"]
     assert (out / "prompt_learner" / "checkpoint").read_text() == "model.pth.tar-1\n"
+    assert (out / "log.txt").read_text().splitlines()[-1] == line  # the log says what happened
 
     monkeypatch.setattr(torch, "save", real_save)  # space freed
     assert main(args) == 0

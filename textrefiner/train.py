@@ -137,7 +137,10 @@ def run_dassl(cfg, args):
 
 
 def run(argv=None):
-    args = build_parser().parse_args(argv)
+    return run_args(build_parser().parse_args(argv))
+
+
+def run_args(args):
     cfg = setup_cfg(args)
     if cfg.RESUME and not os.path.isdir(cfg.RESUME):
         raise UserError(f"--resume {cfg.RESUME} is not a folder: give the --output-dir of the run "
@@ -161,22 +164,34 @@ def _message(exc: Exception) -> str:
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        run(argv)
+        run_args(args)
     except UserError as exc:
-        print(f"textrefiner-train: error: {_message(exc)}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(args, _message(exc), exc.exit_code)
     except OSError as exc:  # the environment failed: disk full, no permission, a file gone
-        print(f"textrefiner-train: error: {_message(exc)} ({type(exc).__name__}). Fix that file "
-              "or folder (a file where a folder belongs, permissions, free disk space), then run "
-              "the same command again: training resumes from the last checkpoint in "
-              "--output-dir.", file=sys.stderr)
         # errno unset: a file's content is wrong (e.g. an image PIL cannot identify)
-        return OutputError.exit_code if exc.errno is not None else UserError.exit_code
+        code = OutputError.exit_code if exc.errno is not None else UserError.exit_code
+        return _fail(args, f"{_message(exc)} ({type(exc).__name__}). Fix that file or folder (a "
+                     "file where a folder belongs, permissions, free disk space), then run the "
+                     "same command again: training resumes from the last checkpoint in "
+                     "--output-dir.", code)
     except KeyboardInterrupt:
         print("textrefiner-train: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _fail(args, message: str, code: int) -> int:
+    """Print the error line, and add it to the run's log.txt when there is one."""
+    line = f"textrefiner-train: error: {message}"
+    print(line, file=sys.stderr)
+    log = os.path.join(args.output_dir, "log.txt")
+    if args.output_dir and os.path.isfile(log):
+        with contextlib.suppress(OSError):  # the log itself may be what failed
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+    return code
 
 
 if __name__ == "__main__":
