@@ -353,6 +353,18 @@ def test_j_outputs_follow_the_umask(demo, tmp_path, engine):
         assert os.stat(path).st_mode & 0o777 == 0o640, path
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_j_full_disk_while_logging_is_one_line(demo, tmp_path, capsys, engine):
+    """log.txt on a full disk (a link to /dev/full, where every write fails with ENOSPC)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "log.txt").symlink_to("/dev/full")
+    assert main(command(demo, out, engine=engine, epochs=1)) == 1
+    line = error_line(capsys)
+    assert str(out / "log.txt") in line and "No space left on device" in line, line
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("blocked", ["output_dir", "tensorboard"])
 def test_j_unwritable_outputs_are_one_line(demo, tmp_path, capsys, engine, blocked):

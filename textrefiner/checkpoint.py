@@ -15,7 +15,7 @@ import shutil
 
 import torch
 
-from .errors import OutputError, UserError, describe_os_error
+from .errors import OutputError, UserError, output_failed
 
 
 BEST = "model-best.pth.tar"
@@ -60,11 +60,8 @@ def _atomic_write(path: str, write, mode: str):
 
 
 def _write_failed(path: str, exc: OSError) -> OutputError:
-    kept = (f" The previous {os.path.basename(path)} is intact." if os.path.isfile(path) else "")
-    return OutputError(
-        f"Could not write {path}: {exc.strerror or exc}.{kept} Nothing saved before was changed: "
-        "free disk space (or make the folder writable), then run the same command again to resume "
-        "from the last saved checkpoint.")
+    kept = f" The previous {os.path.basename(path)} is intact." if os.path.isfile(path) else ""
+    return output_failed(path, exc, kept + " Nothing saved before was changed.")
 
 
 def write_checkpoint(obj: dict, path: str) -> str:

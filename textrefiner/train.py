@@ -15,7 +15,7 @@ import os
 import sys
 
 from .config import add_refiner_args, apply_refiner_args, load_cfg
-from .errors import OutputError, UserError, describe_os_error
+from .errors import OutputError, UserError, describe_os_error, output_failed
 from .methods import METHODS, method_class
 
 ENGINES = ("auto", "dassl", "standalone")
@@ -92,11 +92,17 @@ class _Tee:
 
     def write(self, text):
         self.console.write(text)
-        self.file.write(text)
+        self._to_file(self.file.write, text)
 
     def flush(self):
         self.console.flush()
-        self.file.flush()
+        self._to_file(self.file.flush)
+
+    def _to_file(self, operation, *args):
+        try:
+            operation(*args)
+        except OSError as exc:
+            raise output_failed(self.file.name, exc) from None
 
 
 @contextlib.contextmanager

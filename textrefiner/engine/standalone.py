@@ -26,7 +26,7 @@ from ..checkpoint import (carry_best_checkpoint, checkpoint_path,
                           save_method_checkpoint)
 from ..clip_backbone import amp_autocast, check_image_size, load_clip
 from ..data import build_dataset, build_loader
-from ..errors import UserError
+from ..errors import UserError, output_failed
 from ..methods import method_class
 from .evaluator import Classification
 from .optim import build_optimizer, build_scheduler, check_loss, explained_step_errors
@@ -60,17 +60,22 @@ class Logger:
         if self.file is None:
             self.buffer.append(message)
         else:
-            self.file.write(message + "\n")
-            self.file.flush()
+            self._write(message)
 
     def open(self, path: str):
         if not self.enabled:
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.file = open(path, "a", encoding="utf-8")
-        self.file.write("\n".join(self.buffer) + "\n")
-        self.file.flush()
+        self._write("\n".join(self.buffer))
         self.buffer = []
+
+    def _write(self, text: str):
+        try:
+            self.file.write(text + "\n")
+            self.file.flush()
+        except OSError as exc:
+            raise output_failed(self.file.name, exc) from None
 
 
 class TrainStep(nn.Module):
@@ -148,7 +153,10 @@ class StandaloneTrainer:
 
     def write_scalar(self, tag, value, step):
         if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+            try:
+                self.writer.add_scalar(tag, value, step)
+            except OSError as exc:  # raised here by TensorBoard's writer thread
+                raise output_failed(self.writer.log_dir, exc) from None
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch: int, filename_epoch=None, val_result=None):
