@@ -292,6 +292,19 @@ def test_j_divergence_is_one_clear_line(demo, tmp_path, capsys, engine, precisio
         assert "model.pth.tar-1" in left
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_j_rerun_with_a_lower_lr_says_where_to_train(demo, tmp_path, capsys, engine):
+    """After "lower OPTIM.LR", the same folder would resume at the saved rate: that is an error
+    naming the way out, not a silent rerun of the diverging schedule."""
+    out = tmp_path / "out"
+    assert main(command(demo, out, *EVERY_EPOCH, engine=engine, epochs=1)) == 0
+    capsys.readouterr()
+    assert main(command(demo, out, "OPTIM.LR", "0.001", *EVERY_EPOCH, engine=engine)) == 2
+    line = error_line(capsys)
+    assert "OPTIM.LR 0.002" in line and "new --output-dir" in line, line
+    assert checkpoints_left(out) == ["checkpoint", "model.pth.tar-1"]
+
+
 def test_j_diverged_weights_never_replace_a_checkpoint(demo, tmp_path):
     from textrefiner.checkpoint import save_method_checkpoint
 

@@ -8,6 +8,7 @@ Writes are atomic (temporary file in the same folder, then rename), so a kill or
 a save never leaves a truncated checkpoint behind and never touches the previous one. Saved files
 follow the user's umask, like every other output of the run.
 """
+import math
 import os
 import pickle
 import secrets
@@ -109,6 +110,16 @@ def carry_best_checkpoint(resume_dir: str, output_dir: str, name: str):
 
 def same_folder(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_resumable_lr(checkpoint: dict, lr: float, path: str):
+    """Resuming restores the saved schedule, whose learning rate would silently override a new
+    OPTIM.LR (e.g. one lowered after the training loss became NaN)."""
+    saved = (checkpoint.get("scheduler") or {}).get("base_lrs") or []
+    if any(not math.isclose(base, lr, rel_tol=1e-6) for base in saved):
+        raise UserError(f"{path} was trained with OPTIM.LR {saved[0]:g}, but this command sets "
+                        f"{lr:g}, and resuming keeps the saved rate: train into a new --output-dir "
+                        f"to use {lr:g}, or set OPTIM.LR {saved[0]:g} to resume.")
 
 
 def no_checkpoint_to_resume(resume_dir: str, name: str) -> UserError:

@@ -13,8 +13,8 @@ from dassl.data import DataManager
 from dassl.engine import TrainerX
 from dassl.optim import build_lr_scheduler, build_optimizer
 
-from textrefiner.checkpoint import (LATEST_MARKER, carry_best_checkpoint, checkpoint_path,
-                                    load_method_checkpoint, missing_best_error,
+from textrefiner.checkpoint import (LATEST_MARKER, carry_best_checkpoint, check_resumable_lr,
+                                    checkpoint_path, load_method_checkpoint, missing_best_error,
                                     no_checkpoint_to_resume, save_method_checkpoint)
 from textrefiner.clip_backbone import amp_autocast, check_image_size, load_clip
 from textrefiner.config import ConfigError, validate_cfg
@@ -213,6 +213,7 @@ class MethodTrainer(TrainerX):
                 raise UserError(f"{marker} names {path} as the checkpoint to resume from, but it "
                                 f"is missing: restore it, or delete {marker} to train from scratch.")
             checkpoint = load_method_checkpoint(self._models[name], path)
+            check_resumable_lr(checkpoint, self.cfg.OPTIM.LR, path)
             if self._optims[name] is not None and checkpoint.get("optimizer") is not None:
                 self._optims[name].load_state_dict(checkpoint["optimizer"])
             if self._scheds[name] is not None and checkpoint.get("scheduler") is not None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..checkpoint import (carry_best_checkpoint, checkpoint_path,
+from ..checkpoint import (carry_best_checkpoint, check_resumable_lr, checkpoint_path,
                           load_method_checkpoint, missing_best_error, no_checkpoint_to_resume,
                           save_method_checkpoint)
 from ..clip_backbone import amp_autocast, check_image_size, load_clip
@@ -190,6 +190,8 @@ class StandaloneTrainer:
                 raise no_checkpoint_to_resume(directory, self.checkpoint_name)
             return
         checkpoint = self.load_model(directory, max(epochs))
+        check_resumable_lr(checkpoint, self.cfg.OPTIM.LR, checkpoint_path(
+            directory, self.checkpoint_name, max(epochs)))
         if checkpoint.get("optimizer") and self.optim:
             self.optim.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scheduler") and self.sched:
