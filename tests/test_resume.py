@@ -183,3 +183,15 @@ def test_resume_marker_naming_a_missing_checkpoint_is_exit_2(demo, tmp_path, cap
                         extra=("--resume", str(tmp_path / "A")))) == 2
     err = capsys.readouterr().err
     assert "model.pth.tar-5" in err and "--model-dir" not in err, err
+
+
+def test_best_result_of_checkpoints_written_by_dassl_itself(tmp_path):
+    """Dassl's own checkpoints carry no best result: it is read from model-best's val_result."""
+    from textrefiner.checkpoint import restored_best_result, write_checkpoint
+
+    latest = {"state_dict": {}, "epoch": 3, "val_result": None}
+    assert restored_best_result(latest, str(tmp_path), FOLDER) == float("-inf")
+    write_checkpoint({"state_dict": {}, "epoch": 2, "val_result": 42.5},
+                     str(tmp_path / FOLDER / "model-best.pth.tar"))
+    assert restored_best_result(latest, str(tmp_path), FOLDER) == 42.5
+    assert restored_best_result(dict(latest, best_result=50.0), str(tmp_path), FOLDER) == 50.0

@@ -108,6 +108,16 @@ def carry_best_checkpoint(resume_dir: str, output_dir: str, name: str):
             "TEST.FINAL_MODEL best_val tests it unless a later epoch beats it")
 
 
+def restored_best_result(checkpoint: dict, directory: str, name: str) -> float:
+    """The best validation result so far of the run being resumed: saved with its checkpoints, or
+    (checkpoints written by Dassl itself) the `val_result` of its model-best.pth.tar."""
+    if checkpoint.get("best_result") is not None:
+        return float(checkpoint["best_result"])
+    best = checkpoint_path(directory, name)
+    result = read_checkpoint(best).get("val_result") if os.path.isfile(best) else None
+    return -math.inf if result is None else float(result)
+
+
 def same_folder(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 

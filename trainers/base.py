@@ -15,7 +15,8 @@ from dassl.optim import build_lr_scheduler, build_optimizer
 
 from textrefiner.checkpoint import (LATEST_MARKER, carry_best_checkpoint, check_resumable_lr,
                                     checkpoint_path, load_method_checkpoint, missing_best_error,
-                                    no_checkpoint_to_resume, save_method_checkpoint)
+                                    no_checkpoint_to_resume, restored_best_result,
+                                    save_method_checkpoint)
 from textrefiner.clip_backbone import amp_autocast, check_image_size, load_clip
 from textrefiner.config import ConfigError, validate_cfg
 from textrefiner.data import DATASETS
@@ -220,7 +221,7 @@ class MethodTrainer(TrainerX):
                 self._scheds[name].load_state_dict(checkpoint["scheduler"])
             start_epoch = checkpoint["epoch"]
             # Dassl starts the best validation result afresh; an uninterrupted run remembers it.
-            self.best_result = checkpoint.get("best_result", self.best_result)
+            self.best_result = restored_best_result(checkpoint, directory, name)
             print(f"Resumed {name} from {path} (epoch = {start_epoch})")
             carried = carry_best_checkpoint(directory, self.output_dir, name)
             if carried:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..checkpoint import (carry_best_checkpoint, check_resumable_lr, checkpoint_path,
                           load_method_checkpoint, missing_best_error, no_checkpoint_to_resume,
-                          save_method_checkpoint)
+                          restored_best_result, save_method_checkpoint)
 from ..clip_backbone import amp_autocast, check_image_size, load_clip
 from ..data import build_dataset, build_loader
 from ..errors import UserError, output_failed
@@ -197,7 +197,7 @@ class StandaloneTrainer:
         if checkpoint.get("scheduler") and self.sched:
             self.sched.load_state_dict(checkpoint["scheduler"])
         self.start_epoch = checkpoint["epoch"]
-        self.best_result = checkpoint.get("best_result", -float("inf"))
+        self.best_result = restored_best_result(checkpoint, directory, self.checkpoint_name)
         self.log(f"Resumed from epoch {self.start_epoch} of {directory}")
         carried = self.rank == 0 and carry_best_checkpoint(directory, self.cfg.OUTPUT_DIR,
                                                            self.checkpoint_name)
