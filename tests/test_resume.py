@@ -109,6 +109,13 @@ def assert_same_files(out, reference, required):
             assert_same(read_checkpoint(path), read_checkpoint(ref), f"{out}/{name}")
 
 
+def finished(out) -> bool:
+    """scripts/common.sh's test of a finished run (its scripts skip those)."""
+    check = subprocess.run(["bash", "-c", 'source scripts/common.sh && finished "$0"', str(out)],
+                           cwd=REPO)
+    return check.returncode == 0
+
+
 def digests(folder):
     return {os.path.relpath(os.path.join(root, f), folder):
             hashlib.sha256(open(os.path.join(root, f), "rb").read()).hexdigest()
@@ -127,6 +134,7 @@ def test_killed_run_resumes_like_an_uninterrupted_one(demo, tmp_path, engine, fi
     assert "model.pth.tar-1" in saved and f"model.pth.tar-{EPOCHS}" not in saved, saved
     assert ("model-best.pth.tar" in saved) == (final_model == "best_val")
     before = digests(killed / FOLDER)
+    assert not finished(killed), "scripts/common.sh must rerun (resume) a killed run"
 
     assert main(command(demo, other, engine, final_model, refiner,
                         extra=("--resume", str(killed)))) == 0
@@ -140,6 +148,7 @@ def test_killed_run_resumes_like_an_uninterrupted_one(demo, tmp_path, engine, fi
     final = read_checkpoint(str(straight / FOLDER / f"model.pth.tar-{EPOCHS}"))["state_dict"]
     assert ("refiner.cache.entries" in final) == refiner
     for out in (other, killed):
+        assert finished(out)
         assert_same_files(out, straight, required)
         assert final_tests(out) == final_tests(straight)
     other_log = (other / "log.txt").read_text()
