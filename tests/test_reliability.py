@@ -397,11 +397,13 @@ def test_j_unwritable_outputs_are_one_line(demo, tmp_path, capsys, engine, block
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_j_dataset_unreadable_mid_run_then_resume(demo, tmp_path, capsys, monkeypatch, engine):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_j_dataset_unreadable_mid_run_then_resume(demo, tmp_path, capsys, monkeypatch, engine,
+                                                  workers):
     from PIL import Image
 
     out = tmp_path / "out"
-    args = command(demo, out, *EVERY_EPOCH, engine=engine)
+    args = command(demo, out, *EVERY_EPOCH, "DATALOADER.NUM_WORKERS", str(workers), engine=engine)
     first = out / "prompt_learner" / "model.pth.tar-1"
     real_open = Image.open
 

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import re
 import sys
 
 from .config import add_refiner_args, apply_refiner_args, load_cfg
@@ -176,8 +177,10 @@ def main(argv=None) -> int:
     except UserError as exc:
         return _fail(args, _message(exc), exc.exit_code)
     except OSError as exc:  # the environment failed: disk full, no permission, a file gone
-        # errno unset: a file's content is wrong (e.g. an image PIL cannot identify)
-        code = OutputError.exit_code if exc.errno is not None else UserError.exit_code
+        # No errno: a file's content is wrong (e.g. an image PIL cannot identify). A DataLoader
+        # worker's error arrives without its errno, but with "[Errno N]" in its message.
+        environment = exc.errno is not None or re.search(r"\[Errno \d+\]", str(exc))
+        code = OutputError.exit_code if environment else UserError.exit_code
         return _fail(args, f"{_message(exc)} ({type(exc).__name__}). Fix that file or folder (a "
                      "file where a folder belongs, permissions, free disk space), then run the "
                      "same command again: training resumes from the last checkpoint in "
