@@ -7,6 +7,8 @@ import io
 import json
 import os
 import random
+import subprocess
+import sys
 import tarfile
 import threading
 import zipfile
@@ -292,3 +294,17 @@ def test_full_disk_during_extraction_keeps_the_archive(server, tmp_path, capsys,
     assert prepare.main(args("fgvc_aircraft", tmp_path, server.url)) == 0
     assert len(server.requests) == requests
     assert (tmp_path / "fgvc_aircraft/images/0034309.jpg").read_bytes() == b"plane" * 2000
+
+
+def test_a_killed_extraction_leaves_nothing_behind_on_rerun(server, tmp_path, capsys):
+    server.files["/fgvc_aircraft/fgvc-aircraft-2013b.tar.gz"] = FGVC_TAR
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = tmp_path / "fgvc_aircraft"
+    stale = folder / f"{prepare.EXTRACT_PREFIX}{gone.pid}-abc123"  # its process was killed
+    running = folder / f"{prepare.EXTRACT_PREFIX}{os.getpid()}-def456"  # still extracting
+    for leftover in (stale, running):
+        (leftover / "fgvc-aircraft-2013b").mkdir(parents=True)
+    assert prepare.main(args("fgvc_aircraft", tmp_path, server.url)) == 0
+    assert not stale.exists() and running.exists()
+    assert f"removing {stale}" in capsys.readouterr().out

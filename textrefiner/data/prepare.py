@@ -519,9 +519,34 @@ def _move(src: Path, dst: Path) -> None:
     shutil.move(str(src), str(dst))
 
 
+EXTRACT_PREFIX = ".extract-"
+
+
+def remove_stale_extractions(folder: Path, log=print) -> None:
+    """Delete the temporary folders of extractions whose process is gone (a killed run leaves
+    them behind, and they can be as large as the dataset)."""
+    for stale in folder.glob(EXTRACT_PREFIX + "*"):
+        pid = stale.name[len(EXTRACT_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        log(f"removing {stale}, left by an interrupted extraction")
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def install_archive(archive: Archive, path: Path, folder: Path) -> None:
     """Extract `path` in a temporary folder next to `folder`, then move the wanted parts in place."""
-    with tempfile.TemporaryDirectory(prefix=".extract-", dir=folder) as tmp:
+    prefix = f"{EXTRACT_PREFIX}{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=folder) as tmp:
         tmp_root = Path(tmp)
         extract(path, tmp_root)
         for inner in archive.inner:
@@ -574,6 +599,7 @@ def prepare(name: str, root: Path, sources: Sources, keep_archives: bool = False
     spec = DATASETS[name]
     folder = root / spec.folder
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_extractions(folder, log)
     for remote in spec.files:
         fetch(sources.locate(name, remote, is_archive=False), folder / remote.filename, remote)
     for archive in spec.archives:
