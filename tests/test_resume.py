@@ -7,7 +7,6 @@ without --refiner. The kill points are log lines: right after epoch 1's checkpoi
 import hashlib
 import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -212,7 +212,7 @@ class MethodTrainer(TrainerX):
                 path = osp.join(directory, name, f.readline().strip())
             if not osp.isfile(path):
                 raise UserError(f"{marker} names {path} as the checkpoint to resume from, but it "
-                                f"is missing: restore it, or delete {marker} to train from scratch.")
+                                f"is missing: restore it, or delete {marker} to start afresh.")
             checkpoint = load_method_checkpoint(self._models[name], path)
             check_resumable_lr(checkpoint, self.cfg.OPTIM.LR, path)
             if self._optims[name] is not None and checkpoint.get("optimizer") is not None:

@@ -57,7 +57,8 @@ def build_scheduler(optimizer, ocfg) -> torch.optim.lr_scheduler.LambdaLR:
 
 
 def _divergence_advice(precision: str) -> str:
-    return "lower OPTIM.LR" + (" or use PREC fp32/amp instead of fp16" if precision == "fp16" else "")
+    fp16 = " or use PREC fp32/amp instead of fp16" if precision == "fp16" else ""
+    return "lower OPTIM.LR" + fp16
 
 
 def check_loss(loss, precision: str):
