@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from textrefiner.checkpoint import read_checkpoint
+from textrefiner.results import read_accuracy
 from textrefiner.train import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,6 +135,7 @@ def test_killed_run_resumes_like_an_uninterrupted_one(demo, tmp_path, engine, fi
     assert ("model-best.pth.tar" in saved) == (final_model == "best_val")
     before = digests(killed / FOLDER)
     assert not finished(killed), "scripts/common.sh must rerun (resume) a killed run"
+    assert read_accuracy(killed / "log.txt") is None, "a validation result is no test result"
 
     assert main(command(demo, other, engine, final_model, refiner,
                         extra=("--resume", str(killed)))) == 0
@@ -148,6 +150,7 @@ def test_killed_run_resumes_like_an_uninterrupted_one(demo, tmp_path, engine, fi
     assert ("refiner.cache.entries" in final) == refiner
     for out in (other, killed):
         assert finished(out)
+        assert read_accuracy(out / "log.txt") == read_accuracy(straight / "log.txt") is not None
         assert_same_files(out, straight, required)
         assert final_tests(out) == final_tests(straight)
     other_log = (other / "log.txt").read_text()

@@ -19,6 +19,7 @@ from pathlib import Path
 from statistics import mean
 
 ACCURACY_LINE = re.compile(r"^\s*\* accuracy: ([0-9]+(?:\.[0-9]+)?)%", re.MULTILINE)
+EVALUATION_HEADER = re.compile(r"Evaluate on the \*(\w+)\* set")
 SEED_DIR = re.compile(r"^seed_?(\d+)$")
 
 # Paper order and display names (CoOp's dataset config names as keys).
@@ -96,12 +97,16 @@ def harmonic_mean(base: float | None, novel: float | None) -> float | None:
 
 
 def read_accuracy(log: Path) -> float | None:
-    """The last "* accuracy: x%" value in `log`, or None if the file or the line is missing."""
+    """The last "* accuracy: x%" value in `log` that is not a validation result (a run killed
+    while validating every epoch for TEST.FINAL_MODEL best_val has only those), or None."""
     try:
         text = log.read_text(errors="replace")
     except OSError:
         return None
-    found = ACCURACY_LINE.findall(text)
+    parts = EVALUATION_HEADER.split(text)  # [before, split, section, split, section, ...]
+    sections = [parts[0]] + [body for split, body in zip(parts[1::2], parts[2::2])
+                             if split != "val"]
+    found = [value for section in sections for value in ACCURACY_LINE.findall(section)]
     return float(found[-1]) if found else None
 
 
