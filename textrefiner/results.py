@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
+from textrefiner.errors import describe_os_error
+
 ACCURACY_LINE = re.compile(r"^\s*\* accuracy: ([0-9]+(?:\.[0-9]+)?)%", re.MULTILINE)
 EVALUATION_HEADER = re.compile(r"Evaluate on the \*(\w+)\* set")
 SEED_DIR = re.compile(r"^seed_?(\d+)$")
@@ -365,10 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None or args.xd_summary:
         print(markdown)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.md").write_text(markdown)
-        (args.out / "results.csv").write_text(to_csv(b2n, xd))
-        plot(b2n, xd, args.out / "results.png")
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "results.md").write_text(markdown)
+            (args.out / "results.csv").write_text(to_csv(b2n, xd))
+            plot(b2n, xd, args.out / "results.png")
+        except OSError as err:
+            print(f"error: cannot write the tables to --out: {describe_os_error(err)}",
+                  file=sys.stderr)
+            return 1
         print(f"wrote {args.out / 'results.md'}, results.csv, results.png")
     return 0
 
