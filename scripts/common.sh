@@ -106,9 +106,13 @@ max_epoch() {
     echo "$epoch"
 }
 
-# finished DIR: true when DIR/log.txt holds an accuracy line.
+# finished DIR: true when DIR/log.txt holds an accuracy line that is not a validation result
+# (TEST.FINAL_MODEL best_val validates every epoch: a killed run has those, and must resume).
 finished() {
-    [[ -f $1/log.txt ]] && grep -qE '^[[:space:]]*\* accuracy: [0-9.]+%' "$1/log.txt"
+    [[ -f $1/log.txt ]] && awk '/Evaluate on the \*val\* set/ { val = 1 }
+        /Evaluate on the \*test\* set/ { val = 0 }
+        !val && /^[[:space:]]*\* accuracy: [0-9.]+%/ { done = 1 }
+        END { exit !done }' "$1/log.txt"
 }
 
 # run_once DIR COMMAND...: run COMMAND unless DIR already holds a finished run.

@@ -97,3 +97,10 @@ def test_base2new_summary_cli(tree, capsys):
 def test_empty_tree_is_reported(tmp_path, capsys):
     assert results.main([str(tmp_path)]) == 1
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_one_line(tree, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert results.main([str(tree), "--out", str(tmp_path / "a_file" / "report")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: cannot write the tables" in err and "a_file" in err

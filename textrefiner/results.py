@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
+from textrefiner.errors import describe_os_error
+
 ACCURACY_LINE = re.compile(r"^\s*\* accuracy: ([0-9]+(?:\.[0-9]+)?)%", re.MULTILINE)
+EVALUATION_HEADER = re.compile(r"Evaluate on the \*(\w+)\* set")
 SEED_DIR = re.compile(r"^seed_?(\d+)$")
 
 # Paper order and display names (CoOp's dataset config names as keys).
@@ -96,12 +99,16 @@ def harmonic_mean(base: float | None, novel: float | None) -> float | None:
 
 
 def read_accuracy(log: Path) -> float | None:
-    """The last "* accuracy: x%" value in `log`, or None if the file or the line is missing."""
+    """The last "* accuracy: x%" value in `log` that is not a validation result (a run killed
+    while validating every epoch for TEST.FINAL_MODEL best_val has only those), or None."""
     try:
         text = log.read_text(errors="replace")
     except OSError:
         return None
-    found = ACCURACY_LINE.findall(text)
+    parts = EVALUATION_HEADER.split(text)  # [before, split, section, split, section, ...]
+    sections = [parts[0]] + [body for split, body in zip(parts[1::2], parts[2::2])
+                             if split != "val"]
+    found = [value for section in sections for value in ACCURACY_LINE.findall(section)]
     return float(found[-1]) if found else None
 
 
@@ -360,10 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None or args.xd_summary:
         print(markdown)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.md").write_text(markdown)
-        (args.out / "results.csv").write_text(to_csv(b2n, xd))
-        plot(b2n, xd, args.out / "results.png")
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "results.md").write_text(markdown)
+            (args.out / "results.csv").write_text(to_csv(b2n, xd))
+            plot(b2n, xd, args.out / "results.png")
+        except OSError as err:
+            print(f"error: cannot write the tables to --out: {describe_os_error(err)}",
+                  file=sys.stderr)
+            return 1
         print(f"wrote {args.out / 'results.md'}, results.csv, results.png")
     return 0
 
