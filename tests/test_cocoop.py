@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_cfg
-from test_methods import (ATOL, N_SEM, REFINER_NAMES, TOPK, hand_cache_write, hand_mlp,
-                          hand_refine, hand_semantic, hand_text, hand_vision, perturb_prompts,
-                          prompted_embeddings, tokenize)
+from test_methods import (ATOL, N_SEM, REFINER_NAMES, TOPK, _train_one_step, check_refiner_step,
+                          hand_cache_write, hand_mlp, hand_refine, hand_semantic, hand_text,
+                          hand_vision, perturb_prompts, prompted_embeddings, tokenize)
 from textrefiner.checkpoint import read_checkpoint
 from textrefiner.clip_backbone import amp_autocast, load_clip
 from textrefiner.errors import UserError
@@ -201,14 +201,7 @@ def test_refiner_training_loss_per_image_matches_formula(build, base_clip, batch
         loss_reg = torch.stack([(F.normalize(refined[b], dim=-1) - text[b]).abs().mean()
                                 for b in range(len(images))]).mean()
         expected_cache = hand_cache_write(cache, aligned)
-
-    loss, parts = model.forward_train(images, labels)
-    torch.testing.assert_close(parts["loss_cls"], loss_cls, atol=ATOL, rtol=1e-4)
-    torch.testing.assert_close(parts["loss_sem"], loss_sem, atol=ATOL, rtol=1e-4)
-    torch.testing.assert_close(parts["loss_reg"], loss_reg, atol=1e-6, rtol=1e-4)
-    torch.testing.assert_close(loss.detach(), loss_cls + 0.02 * loss_sem + 20 * loss_reg,
-                               atol=ATOL, rtol=1e-4)
-    torch.testing.assert_close(model.refiner.cache.entries, expected_cache, atol=ATOL, rtol=1e-4)
+    check_refiner_step(model, images, labels, (loss_cls, loss_sem, loss_reg), expected_cache)
 
 
 @pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
@@ -235,15 +228,6 @@ def test_cache_moves_in_training_only(build, batch):
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def _train_one_step(model, batch, lr=0.05):
-    model.train()
-    optimizer = torch.optim.SGD(list(model.trainable_parameters().values()), lr=lr)
-    loss, _ = model.forward_train(*batch)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-
-
 @pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
 def test_checkpoint_moves_from_base_to_novel_classes(build, base_clip, refiner):
     base, novel = CLASSNAMES[:3], CLASSNAMES[3:]
