@@ -3,7 +3,8 @@
 A method is built from (cfg, class names, CLIP model) and offers:
 
 * `forward_train(images, labels) -> (loss, parts)`: one training forward with named loss parts;
-* `forward(images) -> logits`: evaluation, using class embeddings computed once per evaluation;
+* `forward(images) -> logits`: evaluation, using class embeddings computed once per evaluation
+  (CoCoOp's depend on the image: it computes them per image);
 * `class_embeddings()`: the (refined, if TextRefiner is on) classifier [C, d];
 * `num_eval_classes`: how many classes evaluation scores (the columns of `forward`'s logits);
 * `trainable_parameters()`: everything the optimiser updates (all of CLIP is frozen);
@@ -183,8 +184,8 @@ class PromptMethod(nn.Module):
 
 
 def image_text_logits(features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """Cosine logits [B, C] (before the scale) of image features [B, d] against a classifier
-    shared by the batch [C, d] or one per image [B, C, d]."""
+    """Logits [B, C] (before the scale) of image features [B, d] against a classifier shared by
+    the batch [C, d] or one per image [B, C, d]."""
     classifier = classifier.to(features.dtype)
     if classifier.dim() == 2:
         return features @ classifier.t()
