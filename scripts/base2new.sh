@@ -4,7 +4,7 @@
 #
 # usage: bash scripts/base2new.sh <trainer> <dataset> [--refiner] [--seeds "1 2 3"] [--root DIR]
 #            [--out DIR] [--shots K] [--cfg NAME] [--load-epoch N] [KEY VALUE ...]
-#   trainer: CoOp | MaPLe | PromptKD | ZeroshotCLIP;  dataset: a name under configs/datasets/
+#   trainer: CoOp | CoCoOp | MaPLe | PromptKD | ZeroshotCLIP;  dataset: a name under configs/datasets/
 #   KEY VALUE pairs are config overrides passed to every run.
 # Environment: PYTHON (default python), DATA (default --root), TEACHERS (PromptKD's teacher
 # checkpoints, default teacher_model: TEACHERS/<DATASET.NAME>/VLPromptLearner/model-best.pth.tar).

@@ -24,8 +24,8 @@ ENGINES = ("auto", "dassl", "standalone")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="textrefiner-train", description="Train or evaluate CoOp, MaPLe, PromptKD or "
-        "zero-shot CLIP, with TextRefiner on (--refiner) or off.")
+        prog="textrefiner-train", description="Train or evaluate a prompt-tuned CLIP (--trainer), "
+        "with TextRefiner on (--refiner) or off.")
     parser.add_argument("--root", default="", help="path to the datasets folder")
     parser.add_argument("--output-dir", default="", help="output directory")
     parser.add_argument("--resume", default="", help="checkpoint directory to resume from")

@@ -28,7 +28,8 @@ from textrefiner.methods import build_method, method_class
 
 # --trainer value -> name in Dassl's TRAINER_REGISTRY (prefixed so that the original codebases'
 # trainers, registered in the same process, never clash with ours)
-TRAINER_NAMES = {name: "TR_" + name for name in ("CoOp", "MaPLe", "PromptKD", "ZeroshotCLIP")}
+TRAINER_NAMES = {name: "TR_" + name
+                 for name in ("CoOp", "CoCoOp", "MaPLe", "PromptKD", "ZeroshotCLIP")}
 DATASET_PREFIX = "TR_"
 
 

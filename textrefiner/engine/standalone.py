@@ -320,7 +320,7 @@ class StandaloneTrainer:
         self.model.eval()
         loader = build_loader(items, cfg, is_train=False,
                               batch_size=cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False)
-        num_classes = self.model.class_embeddings().shape[0]
+        num_classes = self.model.num_eval_classes
         evaluator = Classification(num_classes)
         self.log(f"Evaluate on the *{split}* set")
         for batch in tqdm(loader, disable=self._no_bar, leave=False, dynamic_ncols=True):

@@ -4,16 +4,17 @@
 """
 from ..errors import UserError
 from .base import PromptMethod, build_refiner
+from .cocoop import CoCoOp
 from .coop import CoOp
 from .maple import MaPLe
 from .promptkd import PromptKD
 from .zeroshot import ZeroshotCLIP
 
-METHODS = {cls.__name__: cls for cls in (CoOp, MaPLe, PromptKD, ZeroshotCLIP)}
+METHODS = {cls.__name__: cls for cls in (CoOp, CoCoOp, MaPLe, PromptKD, ZeroshotCLIP)}
 
 
 def method_class(name: str):
-    """The method class for a trainer name ("CoOp", "MaPLe", "PromptKD", "ZeroshotCLIP")."""
+    """The method class for a trainer name (a key of METHODS, e.g. "CoOp")."""
     if name not in METHODS:
         raise UserError(f"Unknown trainer {name!r}: choose one of {sorted(METHODS)}.")
     return METHODS[name]
@@ -23,5 +24,5 @@ def build_method(name: str, cfg, classnames, clip_model) -> PromptMethod:
     return method_class(name)(cfg, classnames, clip_model)
 
 
-__all__ = ["PromptMethod", "CoOp", "MaPLe", "PromptKD", "ZeroshotCLIP", "METHODS",
+__all__ = ["PromptMethod", "CoOp", "CoCoOp", "MaPLe", "PromptKD", "ZeroshotCLIP", "METHODS",
            "method_class", "build_method", "build_refiner"]

@@ -3,8 +3,10 @@
 A method is built from (cfg, class names, CLIP model) and offers:
 
 * `forward_train(images, labels) -> (loss, parts)`: one training forward with named loss parts;
-* `forward(images) -> logits`: evaluation, using class embeddings computed once per evaluation;
+* `forward(images) -> logits`: evaluation, using class embeddings computed once per evaluation
+  (CoCoOp's depend on the image: it computes them per image);
 * `class_embeddings()`: the (refined, if TextRefiner is on) classifier [C, d];
+* `num_eval_classes`: how many classes evaluation scores (the columns of `forward`'s logits);
 * `trainable_parameters()`: everything the optimiser updates (all of CLIP is frozen);
 * `checkpoint_state()` / `load_checkpoint_state(state)`: what a checkpoint holds (prompts, refiner
   weights and cache), without the class-dependent buffers, so a base-trained checkpoint loads into
@@ -90,14 +92,22 @@ class PromptMethod(nn.Module):
         features = self.text_encoder(learner(), learner.eot_indices, learner.deep_prompts())
         return F.normalize(features, dim=-1)
 
+    def batch_text_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """E for one training batch: [C, d] shared by its images (this default), or [B, C, d]
+        conditioned on each image's normalised feature (CoCoOp)."""
+        return self.text_features()
+
     def encode_images(self, images: torch.Tensor, return_tokens: bool = False) -> ImageOutput:
         return encode_image(self.image_encoder, images, return_tokens=return_tokens)
 
     # ---------------------------------------------------------------- classifier
+    def refined(self, text: torch.Tensor) -> torch.Tensor:
+        """Ehat = refine(E) when TextRefiner is on, else E; E is [C, d] or [B, C, d]."""
+        return text if self.refiner is None else self.refiner.refine(text)
+
     def classifier(self) -> torch.Tensor:
         """E, or Ehat = refine(E) when TextRefiner is on; computed afresh."""
-        text = self.text_features()
-        return text if self.refiner is None else self.refiner.refine(text)
+        return self.refined(self.text_features())
 
     def class_embeddings(self) -> torch.Tensor:
         """The classifier; in eval mode computed once and reused until the next train()/load."""
@@ -107,6 +117,10 @@ class PromptMethod(nn.Module):
             with torch.no_grad():
                 self._classifier = self.classifier()
         return self._classifier
+
+    @property
+    def num_eval_classes(self) -> int:
+        return self.class_embeddings().shape[0]
 
     def invalidate_eval_cache(self):
         """Forget what evaluation computed once (after training steps or loading weights)."""
@@ -120,23 +134,22 @@ class PromptMethod(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Evaluation logits [B, C]: plain image encoder against the (cached) classifier."""
         features = F.normalize(self.encode_images(images).features, dim=-1)
-        classifier = self.class_embeddings()
-        return self.logit_scale.exp() * features @ classifier.to(features.dtype).t()
+        return self.logit_scale.exp() * image_text_logits(features, self.class_embeddings())
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
         """One training forward: returns (loss, {name: detached loss part, "acc": batch %})."""
-        text = self.text_features()
         out = self.encode_images(images, return_tokens=self.refiner is not None)
         features = F.normalize(out.features, dim=-1)
+        text = self.batch_text_features(features)                     # E [C, d] or [B, C, d]
         scale = self.logit_scale.exp()
         if self.refiner is None:
-            logits = scale * features @ text.t()
+            logits = scale * image_text_logits(features, text)
             loss = F.cross_entropy(logits, labels)
             return loss, {"loss_cls": loss.detach(), "acc": _accuracy(logits, labels)}
 
         aligned = self.refiner.align(out.tokens)                      # V' [B, 1+N, d]
         refined = self.refiner.refine(text)                            # read before write
-        logits = scale * features @ refined.t()
+        logits = scale * image_text_logits(features, refined)
         loss_cls = F.cross_entropy(logits, labels)
         semantic = select_semantic_tokens(aligned, out.cls_attention, self.refiner.topk)
         loss_sem = semantic_loss(semantic, text, labels, scale)
@@ -197,6 +210,15 @@ def _fresh_refiner(model, state):
         fresh = {k: v for k, v in model.checkpoint_state().items() if k.startswith("refiner.")}
         return {**state, **fresh}, "; TextRefiner starts fresh (the checkpoint has none)"
     return state, ""
+
+
+def image_text_logits(features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """Logits [B, C] (before the scale) of image features [B, d] against a classifier shared by
+    the batch [C, d] or one per image [B, C, d]."""
+    classifier = classifier.to(features.dtype)
+    if classifier.dim() == 2:
+        return features @ classifier.t()
+    return torch.einsum("bd,bcd->bc", features, classifier)
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
