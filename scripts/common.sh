@@ -56,11 +56,12 @@ set_method() {
 set_trainer_defaults() {
     case $1 in
         CoOp) DEFAULT_CFG=vit_b16_ep10_ctxv1; DEFAULT_SHOTS=16 ;;
+        CoCoOp) DEFAULT_CFG=vit_b16_c4_ep10_batch1_ctxv1; DEFAULT_SHOTS=16 ;;
         MaPLe) DEFAULT_CFG=vit_b16_c2_ep5_batch4_2ctx; DEFAULT_SHOTS=16 ;;
         PromptKD) DEFAULT_CFG=vit_b16_c2_ep20_batch8_4+4ctx; DEFAULT_SHOTS=0 ;;
         PromptSRC) DEFAULT_CFG=vit_b16_c2_ep20_batch4_4+4ctx; DEFAULT_SHOTS=16 ;;
         ZeroshotCLIP) DEFAULT_CFG=vit_b16; DEFAULT_SHOTS=0 ;;
-        *) echo "unknown trainer '$1' (expected CoOp, MaPLe, PromptKD, PromptSRC or ZeroshotCLIP)" >&2; exit 1 ;;
+        *) echo "unknown trainer '$1' (expected CoOp, CoCoOp, MaPLe, PromptKD, PromptSRC or ZeroshotCLIP)" >&2; exit 1 ;;
     esac
 }
 
@@ -107,9 +108,13 @@ max_epoch() {
     echo "$epoch"
 }
 
-# finished DIR: true when DIR/log.txt holds an accuracy line.
+# finished DIR: true when DIR/log.txt holds an accuracy line that is not a validation result
+# (TEST.FINAL_MODEL best_val validates every epoch: a killed run has those, and must resume).
 finished() {
-    [[ -f $1/log.txt ]] && grep -qE '^[[:space:]]*\* accuracy: [0-9.]+%' "$1/log.txt"
+    [[ -f $1/log.txt ]] && awk '/Evaluate on the \*val\* set/ { val = 1 }
+        /Evaluate on the \*test\* set/ { val = 0 }
+        !val && /^[[:space:]]*\* accuracy: [0-9.]+%/ { done = 1 }
+        END { exit !done }' "$1/log.txt"
 }
 
 # run_once DIR COMMAND...: run COMMAND unless DIR already holds a finished run.

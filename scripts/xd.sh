@@ -4,8 +4,8 @@
 #
 # usage: bash scripts/xd.sh <trainer> [--refiner] [--seeds "1 2 3"] [--root DIR] [--out DIR]
 #            [--shots K] [--cfg NAME] [--load-epoch N] [--targets "dtd eurosat ..."] [KEY VALUE ...]
-#   trainer: CoOp | MaPLe | PromptSRC | ZeroshotCLIP (PromptKD distils on each target set, a
-#   different protocol)
+#   trainer: CoOp | CoCoOp | MaPLe | PromptSRC | ZeroshotCLIP (PromptKD distils on each target set,
+#   a different protocol)
 # Environment: PYTHON (default python), DATA (default --root).
 set -euo pipefail
 

@@ -174,6 +174,8 @@ def test_defaults_are_the_published_ones(base):
     assert cfg.TRAINER.MODAL == "base2novel"
     assert cfg.DATASET.SUBSAMPLE_CLASSES == "all"
     assert cfg.MODEL.BACKBONE.PATH == "" and cfg.TEST.NO_TEST is False
+    cocoop = cfg.TRAINER.COCOOP  # CoOp repository's train.py
+    assert (cocoop.N_CTX, cocoop.CTX_INIT, cocoop.PREC) == (16, "", "fp16")
     for name in ("COCOOP", "IVLP", "PROMPTSRC"):
         assert cfg.TRAINER[name].PREC == "fp16"
     C.validate_cfg(cfg)
@@ -283,6 +285,28 @@ def test_maple_configs_are_published(suffix, lr, epochs, depth):
     assert (maple.N_CTX, maple.CTX_INIT, maple.PREC, maple.PROMPT_DEPTH) == (2, "a photo of a", "fp16", depth)
 
 
+def test_cocoop_config_is_published():
+    cfg = C.load_cfg(_cfg_path("trainers", "CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1.yaml"))
+    _common_published(cfg, 1, 0.002, 10)
+    cocoop = cfg.TRAINER.COCOOP
+    assert (cocoop.N_CTX, cocoop.CTX_INIT, cocoop.PREC) == (4, "a photo of a", "fp16")
+
+
+def _codebase_file(relative):
+    found = [os.path.join(repo, relative) for repo in EXTERNAL_CODEBASES
+             if os.path.isfile(os.path.join(repo, relative))]
+    if not found:
+        pytest.skip(f"no checkout in TEXTREFINER_CODEBASES holds {relative}")
+    return found[0]
+
+
+@pytest.mark.parametrize("name", ["CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml"])
+def test_configs_equal_the_codebase_files_of_the_same_name(name):
+    """configs/trainers/<name> loads to the same config as the codebase's file of that name."""
+    published = _flat(C.load_cfg(_codebase_file("configs/trainers/" + name)))
+    assert _flat(C.load_cfg(_cfg_path("trainers", *name.split("/")))) == published
+
+
 @pytest.mark.parametrize("suffix, depth, modal", [("", 9, "base2novel"), ("_cross_datasets", 3, "cross")])
 def test_promptkd_configs_are_published(suffix, depth, modal):
     cfg = C.load_cfg(_cfg_path("trainers", "PromptKD", f"vit_b16_c2_ep20_batch8_4+4ctx{suffix}.yaml"))
@@ -336,7 +360,11 @@ def test_original_codebase_yamls_load_unchanged():
     files = _ext_yaml_files()
     assert files
     for path in files:
-        C.load_cfg(path)
+        cfg = C.load_cfg(path)
+        if os.sep + "CoCoOp" + os.sep in path:  # CoCoOp's keys reach TRAINER.COCOOP as written
+            with open(path) as f:
+                written = CN.load_cfg(f).TRAINER.COCOOP
+            assert {k: cfg.TRAINER.COCOOP[k] for k in written} == dict(written), path
 
 
 # ---------------------------------------------------------------- loading errors

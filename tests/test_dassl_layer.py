@@ -19,12 +19,14 @@ from textrefiner.data import DATASETS, synthetic_classnames, write_synthetic_dat
 from textrefiner.errors import UserError  # noqa: E402
 
 CACHE_KEY = "refiner.cache.entries"
-FOLDERS = {"CoOp": "prompt_learner", "MaPLe": "MultiModalPromptLearner",
-           "PromptKD": "VLPromptLearner", "PromptSRC": "VLPromptLearner"}
+FOLDERS = {"CoOp": "prompt_learner", "CoCoOp": "prompt_learner",
+           "MaPLe": "MultiModalPromptLearner", "PromptKD": "VLPromptLearner",
+           "PromptSRC": "VLPromptLearner"}
 SMALL_OPTS = ["INPUT.SIZE", "(32, 32)", "USE_CUDA", "False", "SEED", "1",
               "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "2",
               "TRAINER.COOP.PREC", "fp32", "TRAINER.MAPLE.PREC", "fp32",
-              "TRAINER.PROMPTKD.PREC", "fp32", "TRAINER.MAPLE.PROMPT_DEPTH", "2",
+              "TRAINER.PROMPTKD.PREC", "fp32", "TRAINER.COCOOP.PREC", "fp32",
+              "TRAINER.MAPLE.PROMPT_DEPTH", "2",
               "TRAINER.PROMPTKD.PROMPT_DEPTH_VISION", "2", "TRAINER.PROMPTSRC.PREC", "fp32",
               "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", "2", "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "2"]
 
@@ -71,7 +73,7 @@ def test_names_are_registered():
 
 
 def test_importing_twice_raises_nothing():
-    for name in ("datasets", "coop", "maple", "promptkd", "zsclip"):
+    for name in ("datasets", "coop", "cocoop", "maple", "promptkd", "zsclip"):
         importlib.reload(importlib.import_module(f"textrefiner_trainers.{name}"))
     importlib.reload(textrefiner_trainers)
     assert TRAINER_REGISTRY.get("TR_CoOp").method_name == "CoOp"
@@ -115,7 +117,8 @@ def test_without_dassl_the_import_error_says_what_to_install(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ train + eval-only
-@pytest.mark.parametrize("trainer,refiner", [("CoOp", False), ("CoOp", True), ("MaPLe", True)])
+@pytest.mark.parametrize("trainer,refiner", [("CoOp", False), ("CoOp", True), ("MaPLe", True),
+                                             ("CoCoOp", True)])
 def test_train_then_eval_on_novel_classes(trainer, refiner, clip_path, data_root, tmp_path,
                                           capsys):
     out = tmp_path / "base"
@@ -222,7 +225,7 @@ def cli_args(trainer, out, clip_path, data_root, classes, flags=(), opts=()):
 
 
 @pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
-@pytest.mark.parametrize("trainer", ["CoOp", "MaPLe", "PromptKD", "PromptSRC"])
+@pytest.mark.parametrize("trainer", ["CoOp", "CoCoOp", "MaPLe", "PromptKD", "PromptSRC"])
 def test_command_line_on_the_dassl_engine(tmp_path, clip_path, data_root,
                                           teacher_ckpt, teacher_clip_path, trainer, refiner):
     from textrefiner.train import main

@@ -122,6 +122,34 @@ def test_semantic_loss_equals_cross_entropy_with_interleaved_labels():
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_semantic_loss_with_per_image_text_features():
+    """CoCoOp: image b's K vectors against its own E_b [C, d]; rows in the same order as the
+    shared form, so the loss is the mean of the per-image losses."""
+    torch.manual_seed(5)
+    sem = torch.randn(3, 7, 8)
+    text = F.normalize(torch.randn(3, 5, 8), dim=-1)   # [B, C, d]
+    labels = torch.tensor([4, 0, 2])
+    scale = 20.0
+    rows = torch.cat([scale * sem[b] @ text[b].t() for b in range(3)])
+    expected = hand_cross_entropy(rows, [4] * 7 + [0] * 7 + [2] * 7)
+    assert semantic_loss(sem, text, labels, scale).item() == pytest.approx(expected, rel=1e-5)
+    same = text[:1].expand(3, -1, -1)  # one E for every image: the shared form's value
+    assert torch.allclose(semantic_loss(sem, same, labels, scale),
+                          semantic_loss(sem, text[0], labels, scale), atol=1e-6)
+    teacher = torch.randn(3, 5)
+    expected_kd = hand_kd(rows, teacher.repeat_interleave(7, dim=0), 2.0)
+    assert semantic_kd_loss(sem, text, teacher, scale, 2.0).item() == pytest.approx(expected_kd,
+                                                                                  rel=1e-5)
+
+
+def test_regularization_loss_with_per_image_text_features():
+    torch.manual_seed(6)
+    refined, text = torch.randn(2, 4, 3), F.normalize(torch.randn(2, 4, 3), dim=-1)
+    per_image = [regularization_loss(refined[b], text[b]) for b in range(2)]
+    assert regularization_loss(refined, text).item() == pytest.approx(
+        float(sum(per_image)) / 2, abs=1e-7)
+
+
 # --------------------------------------------------------------------------------------------
 # kd_loss and semantic_kd_loss
 # --------------------------------------------------------------------------------------------

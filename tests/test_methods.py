@@ -396,7 +396,12 @@ def test_refiner_training_loss_matches_formula(build, base_clip, batch, method):
         loss_sem = F.cross_entropy(scale * semantic @ text.t(), labels.repeat_interleave(N_SEM))
         loss_reg = (F.normalize(refined, dim=-1) - text).abs().mean()
         expected_cache = hand_cache_write(cache, aligned)
+    check_refiner_step(model, images, labels, (loss_cls, loss_sem, loss_reg), expected_cache)
 
+
+def check_refiner_step(model, images, labels, expected_parts, expected_cache):
+    """One `forward_train` gives these loss parts, their weighted sum, and this cache."""
+    loss_cls, loss_sem, loss_reg = expected_parts
     loss, parts = model.forward_train(images, labels)
     torch.testing.assert_close(parts["loss_cls"], loss_cls, atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(parts["loss_sem"], loss_sem, atol=ATOL, rtol=1e-4)

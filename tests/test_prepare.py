@@ -1,10 +1,14 @@
 """`textrefiner-data` against a local HTTP server (127.0.0.1 only) serving tiny archives."""
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
+import os
 import random
+import subprocess
+import sys
 import tarfile
 import threading
 import zipfile
@@ -228,3 +232,79 @@ def test_unreachable_server_is_a_user_error(tmp_path, server):
     dead = server.url.rsplit(":", 1)[0] + ":9"  # discard port on loopback: connection refused
     with pytest.raises(prepare.DownloadError, match="Could not reach"):
         prepare.download(f"{dead}/x.tar", tmp_path / "x.tar")
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC once `room` bytes are written."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        fits = self.room - self.file.tell()
+        if len(data) > fits:  # a full disk takes what fits, then fails
+            self.file.write(data[:fits])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_full_disk_during_download_keeps_the_part_then_resumes(server, tmp_path, capsys,
+                                                               monkeypatch):
+    path = "/fgvc_aircraft/fgvc-aircraft-2013b.tar.gz"
+    server.files[path] = FGVC_TAR
+    room = len(FGVC_TAR) // 3
+    monkeypatch.setattr(prepare, "open", lambda *a, **k: _FullDisk(open(*a, **k), room),
+                        raising=False)
+    assert prepare.main(args("fgvc_aircraft", tmp_path, server.url)) == 1
+    err = capsys.readouterr().err
+    part = tmp_path / "fgvc_aircraft/fgvc-aircraft-2013b.tar.gz.part"
+    assert str(part) in err and "No space left on device" in err and "resume" in err, err
+    assert part.stat().st_size == room
+
+    monkeypatch.undo()  # space freed
+    assert prepare.main(args("fgvc_aircraft", tmp_path, server.url)) == 0
+    assert server.requests[-1] == (path, f"bytes={room}-")
+    assert (tmp_path / "fgvc_aircraft/images/0034309.jpg").read_bytes() == b"plane" * 2000
+
+
+def test_full_disk_during_extraction_keeps_the_archive(server, tmp_path, capsys, monkeypatch):
+    server.files["/fgvc_aircraft/fgvc-aircraft-2013b.tar.gz"] = FGVC_TAR
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "images/0034309.jpg")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full_disk)
+    assert prepare.main(args("fgvc_aircraft", tmp_path, server.url)) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "corrupt" not in err, err
+    archive = tmp_path / "fgvc_aircraft/fgvc-aircraft-2013b.tar.gz"
+    assert archive.read_bytes() == FGVC_TAR  # kept: no second download of a large file
+
+    monkeypatch.undo()
+    requests = len(server.requests)
+    assert prepare.main(args("fgvc_aircraft", tmp_path, server.url)) == 0
+    assert len(server.requests) == requests
+    assert (tmp_path / "fgvc_aircraft/images/0034309.jpg").read_bytes() == b"plane" * 2000
+
+
+def test_a_killed_extraction_leaves_nothing_behind_on_rerun(server, tmp_path, capsys):
+    server.files["/fgvc_aircraft/fgvc-aircraft-2013b.tar.gz"] = FGVC_TAR
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = tmp_path / "fgvc_aircraft"
+    stale = folder / f"{prepare.EXTRACT_PREFIX}{gone.pid}-abc123"  # its process was killed
+    running = folder / f"{prepare.EXTRACT_PREFIX}{os.getpid()}-def456"  # still extracting
+    for leftover in (stale, running):
+        (leftover / "fgvc-aircraft-2013b").mkdir(parents=True)
+    assert prepare.main(args("fgvc_aircraft", tmp_path, server.url)) == 0
+    assert not stale.exists() and running.exists()
+    assert f"removing {stale}" in capsys.readouterr().out

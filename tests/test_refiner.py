@@ -412,6 +412,17 @@ def test_refine_equals_aggregator_of_cache_read():
     assert torch.allclose(refiner.refine(text), expected, atol=1e-6)
 
 
+def test_refine_per_image_text_features_equals_one_refine_per_image():
+    """CoCoOp's E [B, C, d]: every image's classes read the cache and aggregate on their own."""
+    torch.manual_seed(23)
+    refiner = TextRefiner(dim=6, cache_size=4)
+    text = F.normalize(torch.randn(3, 5, 6), dim=-1)
+    refined = refiner.refine(text)
+    assert refined.shape == (3, 5, 6)
+    for b in range(3):
+        assert torch.allclose(refined[b], refiner.refine(text[b]), atol=1e-6)
+
+
 def test_update_writes_the_cache():
     torch.manual_seed(20)
     refiner = TextRefiner(dim=6, cache_size=4, momentum=0.7, write_rule="paper")

@@ -97,3 +97,27 @@ def test_base2new_summary_cli(tree, capsys):
 def test_empty_tree_is_reported(tmp_path, capsys):
     assert results.main([str(tmp_path)]) == 1
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_one_line(tree, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert results.main([str(tree), "--out", str(tmp_path / "a_file" / "report")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: cannot write the tables" in err and "a_file" in err
+
+
+def test_methods_in_table_order_with_refined_rows_beside_them(tmp_path, capsys):
+    methods = ["MaPLe+TR", "CoCoOp+TR", "ZeroshotCLIP", "CoOp", "Mine", "CoCoOp", "CoOp+TR"]
+    for i, method in enumerate(methods):
+        write_log(tmp_path, "train_base", "dtd", method, 1, 70 + i)
+        write_log(tmp_path, "test_new", "dtd", method, 1, 60 + i)
+        write_log(tmp_path, "test", "dtd", method, 1, 50 + i, setting="xd")
+    assert results.main([str(tmp_path)]) == 0
+    md = capsys.readouterr().out
+    table_order = ["ZeroshotCLIP", "CoOp", "CoOp+TR", "CoCoOp", "CoCoOp+TR", "MaPLe+TR", "Mine"]
+    b2n_part, xd_part = md.split("## Cross-dataset")
+    for part in (b2n_part.split("### DTD")[1], b2n_part.split("### DTD")[0], xd_part):
+        rows = [line.split(" | ")[0][2:] for line in part.splitlines() if line.startswith("| ")]
+        assert [r for r in rows if r != "Method"] == table_order
+    i = methods.index("CoCoOp+TR")
+    assert f"| CoCoOp+TR | {70 + i:.2f} | {60 + i:.2f} |" in b2n_part

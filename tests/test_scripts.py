@@ -173,6 +173,27 @@ def test_xd_maple_uses_cross_dataset_config(fake, tmp_path):
 
 
 @pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
+def test_cocoop_base2new_and_xd(fake, tmp_path, refiner):
+    flag = ["--refiner"] if refiner else []
+    label = "CoCoOp+TR" if refiner else "CoCoOp"
+    cfg = "configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml"
+    proc = fake("base2new.sh", "CoCoOp", "eurosat", *flag, "--seeds", "1", "--out", str(tmp_path / "o"))
+    train, test = fake.calls()
+    assert opt(train, "--trainer") == "CoCoOp" and opt(train, "--config-file") == cfg
+    assert ("--refiner" in train) == refiner and ("--refiner" in test) == refiner
+    assert f"shots_16/{label}/vit_b16_c4_ep10_batch1_ctxv1/seed1" in opt(train, "--output-dir")
+    assert overrides(train) == {"DATASET.NUM_SHOTS": "16", "DATASET.SUBSAMPLE_CLASSES": "base"}
+    assert opt(test, "--load-epoch") == "10" and overrides(test)["DATASET.SUBSAMPLE_CLASSES"] == "new"
+    assert f"eurosat {label} (vit_b16_c4_ep10_batch1_ctxv1, 16 shots): base 81.00  novel 61.00" in proc.stdout
+
+    proc = fake("xd.sh", "CoCoOp", *flag, "--seeds", "1", "--out", str(tmp_path / "x"), "--targets", "dtd")
+    xd_train, xd_test = fake.calls()[2:]
+    assert opt(xd_train, "--config-file") == cfg and opt(xd_test, "--load-epoch") == "10"
+    assert ("--refiner" in xd_train) == refiner and ("--refiner" in xd_test) == refiner
+    assert f"| {label} | 81.00 | 81.00 | 1 |" in proc.stdout
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
 def test_promptsrc_base2new_and_xd(fake, tmp_path, refiner):
     flag = ["--refiner"] if refiner else []
     label = "PromptSRC+TR" if refiner else "PromptSRC"

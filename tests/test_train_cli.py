@@ -16,10 +16,11 @@ from textrefiner.train import build_parser, main, run, setup_cfg
 DATASET_CFG = "configs/datasets/synthetic_shapes.yaml"
 DEMO_CFG = "configs/trainers/CoOp/demo_cpu.yaml"
 CACHE_KEY = "refiner.cache.entries"
-CHECKPOINT_NAMES = {"CoOp": "prompt_learner", "MaPLe": "MultiModalPromptLearner",
-                    "PromptKD": "VLPromptLearner"}
+CHECKPOINT_NAMES = {"CoOp": "prompt_learner", "CoCoOp": "prompt_learner",
+                    "MaPLe": "MultiModalPromptLearner", "PromptKD": "VLPromptLearner"}
 METHOD_OPTS = {
     "CoOp": (),
+    "CoCoOp": ("TRAINER.COCOOP.PREC", "fp32", "TRAINER.COCOOP.CTX_INIT", "a photo of a"),
     "MaPLe": ("TRAINER.MAPLE.PREC", "fp32", "TRAINER.MAPLE.PROMPT_DEPTH", "2",
               "INPUT.SIZE", "(32, 32)"),
 }
@@ -79,7 +80,7 @@ def check_train_then_eval(demo, tmp_path, trainer, refiner, opts):
 
 
 @pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
-@pytest.mark.parametrize("trainer", ["CoOp", "MaPLe"])
+@pytest.mark.parametrize("trainer", ["CoOp", "CoCoOp", "MaPLe"])
 def test_train_base_then_evaluate_new(demo, tmp_path, trainer, refiner):
     check_train_then_eval(demo, tmp_path, trainer, refiner, METHOD_OPTS[trainer])
 

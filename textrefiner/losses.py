@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 
 def regularization_loss(refined: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """L_reg = mean |normalize(Ehat) - E| (Eq. 11, L1 with mean reduction)."""
+    """L_reg = mean |normalize(Ehat) - E| (Eq. 11, L1 with mean reduction); E and Ehat are
+    [C, d], or [B, C, d] per image (then the mean is over images too)."""
     return F.l1_loss(F.normalize(refined, dim=-1), text_features.to(refined.dtype))
 
 
@@ -26,15 +27,22 @@ def select_semantic_tokens(aligned_tokens: torch.Tensor, cls_attention: torch.Te
 
 
 def _semantic_logits(semantic_tokens, text_features, logit_scale):
+    """[B * K, C] logits of the K vectors of each image against E [C, d], or against that
+    image's own E_b when the text features are per image [B, C, d] (CoCoOp)."""
+    text = text_features.to(semantic_tokens.dtype)
+    if text.dim() == 3:
+        logits = torch.einsum("bkd,bcd->bkc", semantic_tokens, text)
+        return logit_scale * logits.reshape(-1, text.shape[1])
     flat = semantic_tokens.reshape(-1, semantic_tokens.shape[-1])  # [B * (k+2), d]
-    return logit_scale * flat @ text_features.to(flat.dtype).t()
+    return logit_scale * flat @ text.t()
 
 
 def semantic_loss(semantic_tokens: torch.Tensor, text_features: torch.Tensor,
                   labels: torch.Tensor, logit_scale) -> torch.Tensor:
     """L_sem, CE form: CE(logit_scale * S E^T, y repeated per vector), against the un-refined E.
 
-    semantic_tokens: [B, K, d] (not re-normalised); logit_scale: the exp'd scale.
+    semantic_tokens: [B, K, d] (not re-normalised); text_features: [C, d], or [B, C, d] per image;
+    logit_scale: the exp'd scale.
     """
     logits = _semantic_logits(semantic_tokens, text_features, logit_scale)
     return F.cross_entropy(logits, labels.repeat_interleave(semantic_tokens.shape[1]))

@@ -38,7 +38,8 @@ class LocalCache(nn.Module):
         self.skipped_tokens = 0  # non-finite tokens refused by `write`, for the log
 
     def read(self, text_features: torch.Tensor) -> torch.Tensor:
-        """Ebar = softmax(cos(E, A), over entries) A  -> [C, d]  (Eq. 5-6)."""
+        """Ebar = softmax(cos(E, A), over entries) A  -> [C, d]  (Eq. 5-6); E may carry leading
+        dims ([B, C, d] per image, as in CoCoOp), each row reads the cache on its own."""
         entries = self.entries.to(text_features.dtype)
         if torch.is_grad_enabled() and entries is self.entries:
             # The backward pass needs A as read, and this step's write changes it in place.

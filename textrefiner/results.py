@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
+from textrefiner.errors import describe_os_error
+
 ACCURACY_LINE = re.compile(r"^\s*\* accuracy: ([0-9]+(?:\.[0-9]+)?)%", re.MULTILINE)
+EVALUATION_HEADER = re.compile(r"Evaluate on the \*(\w+)\* set")
 SEED_DIR = re.compile(r"^seed_?(\d+)$")
 
 # Paper order and display names (CoOp's dataset config names as keys).
@@ -40,6 +43,9 @@ DATASET_NAMES = {
     "imagenet_r": "-R",
 }
 AVERAGE = "Average"
+# Table 1's order of methods; each "<method>+TR" row follows its method, unknown names come last.
+METHOD_ORDER = ("ZeroshotCLIP", "CoOp", "CoCoOp", "MaPLe", "PromptSRC", "PromptKD")
+TR_SUFFIX = "+TR"  # scripts/common.sh set_method
 
 
 @dataclass(frozen=True)
@@ -96,12 +102,16 @@ def harmonic_mean(base: float | None, novel: float | None) -> float | None:
 
 
 def read_accuracy(log: Path) -> float | None:
-    """The last "* accuracy: x%" value in `log`, or None if the file or the line is missing."""
+    """The last "* accuracy: x%" value in `log` that is not a validation result (a run killed
+    while validating every epoch for TEST.FINAL_MODEL best_val has only those), or None."""
     try:
         text = log.read_text(errors="replace")
     except OSError:
         return None
-    found = ACCURACY_LINE.findall(text)
+    parts = EVALUATION_HEADER.split(text)  # [before, split, section, split, section, ...]
+    sections = [parts[0]] + [body for split, body in zip(parts[1::2], parts[2::2])
+                             if split != "val"]
+    found = [value for section in sections for value in ACCURACY_LINE.findall(section)]
     return float(found[-1]) if found else None
 
 
@@ -135,6 +145,14 @@ def _dataset_order(name: str) -> tuple[int, str]:
     return (order.index(name), name) if name in order else (len(order), name)
 
 
+def _method_order(key: tuple) -> tuple:
+    """Sort key of a (method label, cfg, shots) tuple: Table 1's order, "+TR" after its method."""
+    method = key[0]
+    base = method[:-len(TR_SUFFIX)] if method.endswith(TR_SUFFIX) else method
+    rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+    return (rank, base, method != base) + tuple(key[1:])
+
+
 def _mean_by_seed(runs: list[Run]) -> tuple[float | None, int]:
     accs = [r.accuracy for r in runs if r.accuracy is not None]
     return (mean(accs), len(accs)) if accs else (None, 0)
@@ -153,7 +171,7 @@ def base2new_rows(runs: list[Run]) -> list[Base2NewRow]:
         if base is None and novel is None:
             continue
         rows.append(Base2NewRow(dataset, method, cfg, shots, base, novel, n_base, n_novel))
-    rows.sort(key=lambda r: (_dataset_order(r.dataset), r.method, r.cfg, r.shots))
+    rows.sort(key=lambda r: (_dataset_order(r.dataset), _method_order((r.method, r.cfg, r.shots))))
     return average_rows(rows) + rows
 
 
@@ -169,7 +187,7 @@ def average_rows(rows: list[Base2NewRow]) -> list[Base2NewRow]:
     return [
         Base2NewRow(AVERAGE, method, cfg, shots, mean(r.base for r in group), mean(r.novel for r in group),
                     len(group), len(group))
-        for (method, cfg, shots), group in sorted(per_method.items())
+        for (method, cfg, shots), group in sorted(per_method.items(), key=lambda kv: _method_order(kv[0]))
     ]
 
 
@@ -186,7 +204,7 @@ def cross_rows(runs: list[Run]) -> list[CrossRow]:
             acc, n = _mean_by_seed(stages["train"])
         if acc is not None:
             rows.append(CrossRow(dataset, method, cfg, shots, acc, n))
-    rows.sort(key=lambda r: (_dataset_order(r.dataset), r.method, r.cfg, r.shots))
+    rows.sort(key=lambda r: (_dataset_order(r.dataset), _method_order((r.method, r.cfg, r.shots))))
     return rows
 
 
@@ -234,7 +252,7 @@ def base2new_markdown(rows: list[Base2NewRow]) -> str:
 
 
 def cross_markdown(rows: list[CrossRow]) -> str:
-    keys = sorted({(r.method, r.cfg, r.shots) for r in rows})
+    keys = sorted({(r.method, r.cfg, r.shots) for r in rows}, key=_method_order)
     label = _label(keys)
     datasets = sorted({r.dataset for r in rows}, key=_dataset_order)
     table = {(r.dataset, r.method, r.cfg, r.shots): r for r in rows}
@@ -291,7 +309,7 @@ def plot(b2n: list[Base2NewRow], xd: list[CrossRow], path: Path) -> None:
 
 def _bars(ax, title: str, values: dict) -> None:
     datasets = sorted({k[0] for k in values}, key=lambda d: (d != AVERAGE, _dataset_order(d)))
-    methods = sorted({k[1:] for k in values})
+    methods = sorted({k[1:] for k in values}, key=_method_order)
     label = _label(methods)
     width = 0.8 / max(len(methods), 1)
     for i, method in enumerate(methods):
@@ -360,10 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None or args.xd_summary:
         print(markdown)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.md").write_text(markdown)
-        (args.out / "results.csv").write_text(to_csv(b2n, xd))
-        plot(b2n, xd, args.out / "results.png")
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "results.md").write_text(markdown)
+            (args.out / "results.csv").write_text(to_csv(b2n, xd))
+            plot(b2n, xd, args.out / "results.png")
+        except OSError as err:
+            print(f"error: cannot write the tables to --out: {describe_os_error(err)}",
+                  file=sys.stderr)
+            return 1
         print(f"wrote {args.out / 'results.md'}, results.csv, results.png")
     return 0
 

@@ -12,10 +12,11 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import re
 import sys
 
 from .config import add_refiner_args, apply_refiner_args, load_cfg
-from .errors import UserError
+from .errors import OutputError, UserError, describe_os_error, output_failed
 from .methods import METHODS, method_class
 
 ENGINES = ("auto", "dassl", "standalone")
@@ -23,8 +24,8 @@ ENGINES = ("auto", "dassl", "standalone")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="textrefiner-train", description="Train or evaluate CoOp, MaPLe, PromptKD, "
-        "PromptSRC or zero-shot CLIP, with TextRefiner on (--refiner) or off.")
+        prog="textrefiner-train", description="Train or evaluate a prompt-tuned CLIP (--trainer), "
+        "with TextRefiner on (--refiner) or off.")
     parser.add_argument("--root", default="", help="path to the datasets folder")
     parser.add_argument("--output-dir", default="", help="output directory")
     parser.add_argument("--resume", default="", help="checkpoint directory to resume from")
@@ -92,11 +93,17 @@ class _Tee:
 
     def write(self, text):
         self.console.write(text)
-        self.file.write(text)
+        self._to_file(self.file.write, text)
 
     def flush(self):
         self.console.flush()
-        self.file.flush()
+        self._to_file(self.file.flush)
+
+    def _to_file(self, operation, *args):
+        try:
+            operation(*args)
+        except OSError as exc:
+            raise output_failed(self.file.name, exc) from None
 
 
 @contextlib.contextmanager
@@ -137,8 +144,14 @@ def run_dassl(cfg, args):
 
 
 def run(argv=None):
-    args = build_parser().parse_args(argv)
+    return run_args(build_parser().parse_args(argv))
+
+
+def run_args(args):
     cfg = setup_cfg(args)
+    if cfg.RESUME and not os.path.isdir(cfg.RESUME):
+        raise UserError(f"--resume {cfg.RESUME} is not a folder: give the --output-dir of the run "
+                        "to continue.")
     engine = resolve_engine(args.engine)
     if engine == "dassl":
         return run_dassl(cfg, args)
@@ -147,10 +160,10 @@ def run(argv=None):
                           load_epoch=args.load_epoch, no_train=args.no_train)
 
 
-def _user_message(exc: UserError) -> str:
+def _message(exc: Exception) -> str:
     """The message alone: an error raised in a DataLoader worker arrives wrapped in the worker's
     traceback, whose last line holds the original message."""
-    message = str(exc)
+    message = str(exc) if not isinstance(exc, OSError) else describe_os_error(exc)
     if "Original Traceback" in message:
         last = message.strip().splitlines()[-1]
         message = last.split(f"{type(exc).__name__}: ", 1)[-1]
@@ -158,15 +171,36 @@ def _user_message(exc: UserError) -> str:
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        run(argv)
+        run_args(args)
     except UserError as exc:
-        print(f"textrefiner-train: error: {_user_message(exc)}", file=sys.stderr)
-        return 2
+        return _fail(args, _message(exc), exc.exit_code)
+    except OSError as exc:  # the environment failed: disk full, no permission, a file gone
+        # No errno: a file's content is wrong (e.g. an image PIL cannot identify). A DataLoader
+        # worker's error arrives without its errno, but with "[Errno N]" in its message.
+        environment = exc.errno is not None or re.search(r"\[Errno \d+\]", str(exc))
+        code = OutputError.exit_code if environment else UserError.exit_code
+        return _fail(args, f"{_message(exc)} ({type(exc).__name__}). Fix that file or folder (a "
+                     "file where a folder belongs, permissions, free disk space), then run the "
+                     "same command again: training resumes from the last checkpoint in "
+                     "--output-dir.", code)
     except KeyboardInterrupt:
         print("textrefiner-train: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _fail(args, message: str, code: int) -> int:
+    """Print the error line, and add it to the run's log.txt when there is one."""
+    line = f"textrefiner-train: error: {message}"
+    print(line, file=sys.stderr)
+    log = os.path.join(args.output_dir, "log.txt")
+    if args.output_dir and os.path.isfile(log):
+        with contextlib.suppress(OSError):  # the log itself may be what failed
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+    return code
 
 
 if __name__ == "__main__":

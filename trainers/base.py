@@ -13,18 +13,23 @@ from dassl.data import DataManager
 from dassl.engine import TrainerX
 from dassl.optim import build_lr_scheduler, build_optimizer
 
-from textrefiner.checkpoint import (LATEST_MARKER, checkpoint_path, load_method_checkpoint,
-                                    save_method_checkpoint)
+from textrefiner.checkpoint import (LATEST_MARKER, carry_best_checkpoint, check_resumable_lr,
+                                    checkpoint_path, load_init_weights, load_method_checkpoint,
+                                    missing_best_error, no_checkpoint_to_resume,
+                                    restored_best_result, save_method_checkpoint)
 from textrefiner.clip_backbone import amp_autocast, check_image_size, load_clip
 from textrefiner.config import ConfigError, validate_cfg
 from textrefiner.data import DATASETS
 from textrefiner.engine.optim import build_scheduler as standalone_scheduler
+from textrefiner.engine.optim import check_loss, explained_step_errors
+from textrefiner.engine.standalone import epoch_seed, set_seed
+from textrefiner.errors import UserError
 from textrefiner.methods import build_method, method_class
 
 # --trainer value -> name in Dassl's TRAINER_REGISTRY (prefixed so that the original codebases'
 # trainers, registered in the same process, never clash with ours)
-TRAINER_NAMES = {name: "TR_" + name for name in ("CoOp", "MaPLe", "PromptKD", "PromptSRC",
-                                              "ZeroshotCLIP")}
+TRAINER_NAMES = {name: "TR_" + name
+                 for name in ("CoOp", "CoCoOp", "MaPLe", "PromptKD", "PromptSRC", "ZeroshotCLIP")}
 DATASET_PREFIX = "TR_"
 
 
@@ -109,6 +114,8 @@ class MethodTrainer(TrainerX):
         print(f"Building {self.method_name}"
               + (" with TextRefiner" if cfg.TRAINER.REFINER.ENABLED else ""))
         self.model = build_method(self.method_name, cfg, self.dm.dataset.classnames, clip_model)
+        if cfg.MODEL.INIT_WEIGHTS:  # as Dassl and the codebases: a file, before training
+            load_init_weights(self.model, cfg.MODEL.INIT_WEIGHTS)
         self.model.to(self.device)
 
         params = list(self.model.trainable_parameters().values())
@@ -127,13 +134,15 @@ class MethodTrainer(TrainerX):
         images, labels = self.parse_batch_train(batch)
         with amp_autocast(self.precision, self.device):
             loss, parts = self.model.forward_train(images, labels)
-        if self.scaler is None:
-            self.model_backward_and_update(loss)
-        else:
-            self.model_zero_grad()
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optim)
-            self.scaler.update()
+        check_loss(loss, self.precision)
+        with explained_step_errors(self.precision, self.optim):
+            if self.scaler is None:
+                self.model_backward_and_update(loss)
+            else:
+                self.model_zero_grad()
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optim)
+                self.scaler.update()
         summary = {"loss": loss.item()}
         summary.update({name: float(value) for name, value in parts.items()})
         if (self.batch_idx + 1) == self.num_batches:  # per-epoch schedule, as CoOp
@@ -168,12 +177,14 @@ class MethodTrainer(TrainerX):
         for name in self.get_model_names():
             filename = model_name or f"model.pth.tar-{epoch + 1}"
             path = save_method_checkpoint(self._models[name], osp.join(directory, name, filename),
-                                          epoch, self._optims[name], self._scheds[name], val_result)
+                                          epoch, self._optims[name], self._scheds[name], val_result,
+                                          best_result=float(self.best_result))
             print(f"Checkpoint saved to {path}")
             if is_best:
                 best = save_method_checkpoint(
                     self._models[name], checkpoint_path(directory, name), epoch,
-                    self._optims[name], self._scheds[name], val_result, mark_latest=False)
+                    self._optims[name], self._scheds[name], val_result, mark_latest=False,
+                    best_result=float(self.best_result))
                 print(f"Best checkpoint saved to {best}")
 
     def load_model(self, directory, epoch=None):
@@ -194,6 +205,8 @@ class MethodTrainer(TrainerX):
         names = self.get_model_names()
         markers = [osp.join(directory, name, LATEST_MARKER) for name in names]
         if not all(osp.isfile(marker) for marker in markers):
+            if self.cfg.RESUME:
+                raise no_checkpoint_to_resume(directory, names[0])
             print("No checkpoint found, train from scratch")
             return 0
         print(f"Found checkpoint at {directory} (will resume training)")
@@ -201,14 +214,41 @@ class MethodTrainer(TrainerX):
         for name, marker in zip(names, markers):
             with open(marker) as f:
                 path = osp.join(directory, name, f.readline().strip())
-            checkpoint = load_method_checkpoint(self._models[name], path)
+            if not osp.isfile(path):
+                raise UserError(f"{marker} names {path} as the checkpoint to resume from, but it "
+                                f"is missing: restore it, or delete {marker} to start afresh.")
+            checkpoint = load_method_checkpoint(self._models[name], path, resume=True)
+            check_resumable_lr(checkpoint, self.cfg.OPTIM.LR, path)
             if self._optims[name] is not None and checkpoint.get("optimizer") is not None:
                 self._optims[name].load_state_dict(checkpoint["optimizer"])
             if self._scheds[name] is not None and checkpoint.get("scheduler") is not None:
                 self._scheds[name].load_state_dict(checkpoint["scheduler"])
             start_epoch = checkpoint["epoch"]
+            # Dassl starts the best validation result afresh; an uninterrupted run remembers it.
+            self.best_result = restored_best_result(checkpoint, directory, name)
             print(f"Resumed {name} from {path} (epoch = {start_epoch})")
+            carried = carry_best_checkpoint(directory, self.output_dir, name)
+            if carried:
+                print(carried)
         return start_epoch
+
+    def before_epoch(self):
+        """Reseed from (SEED, epoch), as the standalone engine does, so that a resumed run draws
+        the same batches and augmentations as an uninterrupted one."""
+        super().before_epoch()
+        if self.cfg.SEED >= 0:
+            set_seed(epoch_seed(self.cfg.SEED, self.epoch))
+
+    def after_train(self):
+        """Dassl's, with a clear error when `TEST.FINAL_MODEL best_val` has no best model."""
+        cfg = self.cfg
+        if (not cfg.TEST.NO_TEST and cfg.TEST.FINAL_MODEL == "best_val"
+                and self.method_cls.checkpoint_name):
+            for name in self.get_model_names():
+                if not osp.isfile(checkpoint_path(self.output_dir, name)):
+                    raise missing_best_error(self.output_dir, cfg.RESUME, name,
+                                             max(self.max_epoch - self.start_epoch, 0))
+        super().after_train()
 
 
 def build_scheduler(optim, optim_cfg):

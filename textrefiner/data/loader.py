@@ -5,7 +5,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from textrefiner.data.transforms import build_transform
-from textrefiner.errors import UserError
+from textrefiner.errors import OutputError, UserError
 
 
 def read_image(path):
@@ -14,7 +14,9 @@ def read_image(path):
         with Image.open(path) as img:
             return img.convert("RGB")
     except OSError as err:  # includes missing files and PIL.UnidentifiedImageError
-        raise UserError(
+        # errno set: the file system failed (permissions, a vanished folder): exit code 1
+        error = OutputError if err.errno is not None else UserError
+        raise error(
             f"Cannot read image {path} ({err}). Check the file, or prepare the dataset again."
         ) from err
 

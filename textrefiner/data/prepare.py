@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from textrefiner.errors import UserError
+from textrefiner.errors import OutputError, UserError, describe_os_error
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60
@@ -416,7 +416,12 @@ def _stream(resp, part: Path, start: int, total: int | None, url: str) -> None:
     with open(part, "ab" if start else "wb") as out, _progress(total, start, part.name[:-5]) as bar:
         try:
             for chunk in iter(lambda: resp.read(CHUNK), b""):
-                out.write(chunk)
+                try:
+                    out.write(chunk)
+                except OSError as err:  # the local disk, not the download, failed
+                    raise OutputError(f"Could not write {part}: {err.strerror or err}. The "
+                                      f"{out.tell():,} bytes downloaded so far are kept: free disk "
+                                      "space, then run the command again to resume.") from None
                 bar.update(len(chunk))
         except (OSError, http.client.HTTPException) as err:
             raise DownloadError(f"Download from {url} was interrupted ({err!r}). Run the command again "
@@ -495,7 +500,13 @@ def extract(archive: Path, into: Path) -> None:
                 tar.extractall(root, members=list(_safe_tar_members(tar, root)), **kwargs)
     except ArchiveError:
         raise
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as err:
+    except OSError as err:
+        if err.errno is not None:  # writing the files failed (disk full, permissions): keep it
+            raise OutputError(f"Could not extract {archive.name}: {describe_os_error(err)}. The "
+                              "archive is kept: free disk space (or fix the folder's permissions), "
+                              "then run the command again.") from None
+        raise CorruptArchiveError(f"{archive.name} is corrupt or incomplete ({err}).") from None
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as err:
         raise CorruptArchiveError(f"{archive.name} is corrupt or incomplete ({err}).") from None
 
 
@@ -508,9 +519,34 @@ def _move(src: Path, dst: Path) -> None:
     shutil.move(str(src), str(dst))
 
 
+EXTRACT_PREFIX = ".extract-"
+
+
+def remove_stale_extractions(folder: Path, log=print) -> None:
+    """Delete the temporary folders of extractions whose process is gone (a killed run leaves
+    them behind, and they can be as large as the dataset)."""
+    for stale in folder.glob(EXTRACT_PREFIX + "*"):
+        pid = stale.name[len(EXTRACT_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        log(f"removing {stale}, left by an interrupted extraction")
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def install_archive(archive: Archive, path: Path, folder: Path) -> None:
     """Extract `path` in a temporary folder next to `folder`, then move the wanted parts in place."""
-    with tempfile.TemporaryDirectory(prefix=".extract-", dir=folder) as tmp:
+    prefix = f"{EXTRACT_PREFIX}{os.getpid()}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=folder) as tmp:
         tmp_root = Path(tmp)
         extract(path, tmp_root)
         for inner in archive.inner:
@@ -563,6 +599,7 @@ def prepare(name: str, root: Path, sources: Sources, keep_archives: bool = False
     spec = DATASETS[name]
     folder = root / spec.folder
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_extractions(folder, log)
     for remote in spec.files:
         fetch(sources.locate(name, remote, is_archive=False), folder / remote.filename, remote)
     for archive in spec.archives:
@@ -636,6 +673,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"Failed to prepare: {', '.join(failed)} (see the errors above).")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. --root in a read-only place
+        print(f"error: {describe_os_error(err)}. Fix the folder (permissions, free space), then "
+              "run the command again: finished parts are kept.", file=sys.stderr)
         return 1
     return 0
 

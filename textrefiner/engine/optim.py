@@ -5,6 +5,7 @@ WARMUP_CONS_LR ("constant") or ramps linearly ("linear"); afterwards the cosine 
 from its first step, so epoch e >= W trains at cosine(e - W + 1). Without warm-up epoch e trains at
 cosine(e).
 """
+import contextlib
 import math
 
 import torch
@@ -53,3 +54,29 @@ def lr_factor(epoch: int, ocfg) -> float:
 def build_scheduler(optimizer, ocfg) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per epoch, like Dassl's schedulers."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, ocfg))
+
+
+def _divergence_advice(precision: str) -> str:
+    fp16 = " or use PREC fp32/amp instead of fp16" if precision == "fp16" else ""
+    return "lower OPTIM.LR" + fp16
+
+
+def check_loss(loss, precision: str):
+    """A non-finite training loss stops the run before the step spreads it into the weights."""
+    if not torch.isfinite(loss.detach()).all():
+        raise UserError(f"The training loss became {float(loss.detach())}: "
+                        f"{_divergence_advice(precision)}.")
+
+
+@contextlib.contextmanager
+def explained_step_errors(precision: str, optimizer):
+    """Around the backward pass and optimiser step: torch's overflow error (fp16 weights cannot
+    take a step of lr * grad, e.g. OPTIM.LR 1e6) becomes the same clear message as a NaN loss."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "without overflow" not in str(exc):
+            raise
+        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else float("nan")
+        raise UserError(f"The training step overflowed {precision} at learning rate {lr:g} "
+                        f"({exc}): {_divergence_advice(precision)}.") from None

@@ -21,13 +21,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..checkpoint import checkpoint_path, load_method_checkpoint, save_method_checkpoint
+from ..checkpoint import (carry_best_checkpoint, check_resumable_lr, checkpoint_path,
+                          load_init_weights, load_method_checkpoint, missing_best_error,
+                          no_checkpoint_to_resume, restored_best_result,
+                          save_method_checkpoint)
 from ..clip_backbone import amp_autocast, check_image_size, load_clip
 from ..data import build_dataset, build_loader
-from ..errors import UserError
+from ..errors import UserError, output_failed
 from ..methods import method_class
 from .evaluator import Classification
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, check_loss, explained_step_errors
 
 def set_seed(seed: int):
     random.seed(seed)
@@ -58,17 +61,22 @@ class Logger:
         if self.file is None:
             self.buffer.append(message)
         else:
-            self.file.write(message + "\n")
-            self.file.flush()
+            self._write(message)
 
     def open(self, path: str):
         if not self.enabled:
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.file = open(path, "a", encoding="utf-8")
-        self.file.write("\n".join(self.buffer) + "\n")
-        self.file.flush()
+        self._write("\n".join(self.buffer))
         self.buffer = []
+
+    def _write(self, text: str):
+        try:
+            self.file.write(text + "\n")
+            self.file.flush()
+        except OSError as exc:
+            raise output_failed(self.file.name, exc) from None
 
 
 class TrainStep(nn.Module):
@@ -96,6 +104,8 @@ class StandaloneTrainer:
             cls.trains_on_all_classes and cfg.TRAINER.MODAL == "base2novel"))
         self.precision = cfg.TRAINER[cls.config_section].PREC
         self.model = self._build_model(cls, trainer_name)
+        if cfg.MODEL.INIT_WEIGHTS:
+            load_init_weights(self.model, cfg.MODEL.INIT_WEIGHTS, self.log)
         self.checkpoint_name = cls.checkpoint_name
         self._build_optimisation()
         self.writer = None
@@ -146,7 +156,10 @@ class StandaloneTrainer:
 
     def write_scalar(self, tag, value, step):
         if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+            try:
+                self.writer.add_scalar(tag, value, step)
+            except OSError as exc:  # raised here by TensorBoard's writer thread
+                raise output_failed(self.writer.log_dir, exc) from None
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch: int, filename_epoch=None, val_result=None):
@@ -156,14 +169,15 @@ class StandaloneTrainer:
         save_method_checkpoint(self.model, path, epoch, self.optim, self.sched, val_result,
                                mark_latest=filename_epoch is not None,
                                best_result=self.best_result, classnames=self.model.classnames)
+        self.log(f"Checkpoint saved to {path}")  # as Dassl prints it
 
-    def load_model(self, directory: str, epoch=None):
+    def load_model(self, directory: str, epoch=None, resume=False):
         """Load prompts, refiner and cache from a Dassl-layout folder (e.g. base -> novel)."""
         if not self.checkpoint_name:
             self.log(f"{type(self.model).__name__} has no weights to load")
             return
         path = checkpoint_path(directory, self.checkpoint_name, epoch)
-        checkpoint = load_method_checkpoint(self.model, path)
+        checkpoint = load_method_checkpoint(self.model, path, self.log, resume)
         self.log(f"Loaded {path} (epoch {checkpoint.get('epoch')})")
         return checkpoint
 
@@ -175,15 +189,23 @@ class StandaloneTrainer:
         epochs = [int(f.rsplit("-", 1)[1]) for f in os.listdir(folder)
                   if f.startswith("model.pth.tar-")] if os.path.isdir(folder) else []
         if not epochs:
+            if self.cfg.RESUME:
+                raise no_checkpoint_to_resume(directory, self.checkpoint_name)
             return
-        checkpoint = self.load_model(directory, max(epochs))
+        checkpoint = self.load_model(directory, max(epochs), resume=True)
+        check_resumable_lr(checkpoint, self.cfg.OPTIM.LR, checkpoint_path(
+            directory, self.checkpoint_name, max(epochs)))
         if checkpoint.get("optimizer") and self.optim:
             self.optim.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scheduler") and self.sched:
             self.sched.load_state_dict(checkpoint["scheduler"])
         self.start_epoch = checkpoint["epoch"]
-        self.best_result = checkpoint.get("best_result", -float("inf"))
+        self.best_result = restored_best_result(checkpoint, directory, self.checkpoint_name)
         self.log(f"Resumed from epoch {self.start_epoch} of {directory}")
+        carried = self.rank == 0 and carry_best_checkpoint(directory, self.cfg.OUTPUT_DIR,
+                                                           self.checkpoint_name)
+        if carried:
+            self.log(carried)
 
     # ------------------------------------------------------------------ training
     def train(self):
@@ -199,6 +221,9 @@ class StandaloneTrainer:
         if not cfg.TEST.NO_TEST:
             if cfg.TEST.FINAL_MODEL == "best_val" and self.checkpoint_name:
                 self.log("Deploy the model with the best val performance")
+                if not os.path.isfile(checkpoint_path(cfg.OUTPUT_DIR, self.checkpoint_name)):
+                    raise missing_best_error(cfg.OUTPUT_DIR, cfg.RESUME, self.checkpoint_name,
+                                             max(max_epoch - self.start_epoch, 0))
                 self.load_model(cfg.OUTPUT_DIR)
             else:
                 self.log("Deploy the last-epoch model")
@@ -251,17 +276,16 @@ class StandaloneTrainer:
         labels = batch["label"].to(self.device)
         with amp_autocast(self.precision, self.device):
             loss, parts = self.step_module(images, labels)
-        if not torch.isfinite(loss):
-            raise UserError(f"The training loss became {float(loss.detach())}: lower OPTIM.LR or use "
-                            "PREC fp32/amp instead of fp16.")
+        check_loss(loss, self.precision)
         self.optim.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optim)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optim.step()
+        with explained_step_errors(self.precision, self.optim):
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optim)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optim.step()
         summary = {"loss": float(loss.detach())}
         summary.update({k: float(v) for k, v in parts.items()})
         return summary
@@ -297,7 +321,7 @@ class StandaloneTrainer:
         self.model.eval()
         loader = build_loader(items, cfg, is_train=False,
                               batch_size=cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False)
-        num_classes = self.model.class_embeddings().shape[0]
+        num_classes = self.model.num_eval_classes
         evaluator = Classification(num_classes)
         self.log(f"Evaluate on the *{split}* set")
         for batch in tqdm(loader, disable=self._no_bar, leave=False, dynamic_ncols=True):

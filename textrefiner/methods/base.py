@@ -3,12 +3,15 @@
 A method is built from (cfg, class names, CLIP model) and offers:
 
 * `forward_train(images, labels) -> (loss, parts)`: one training forward with named loss parts;
-* `forward(images) -> logits`: evaluation, using class embeddings computed once per evaluation;
+* `forward(images) -> logits`: evaluation, using class embeddings computed once per evaluation
+  (CoCoOp's depend on the image: it computes them per image);
 * `class_embeddings()`: the (refined, if TextRefiner is on) classifier [C, d];
+* `num_eval_classes`: how many classes evaluation scores (the columns of `forward`'s logits);
 * `trainable_parameters()`: everything the optimiser updates (all of CLIP is frozen);
 * `checkpoint_state()` / `load_checkpoint_state(state)`: what a checkpoint holds (prompts, refiner
   weights and cache), without the class-dependent buffers, so a base-trained checkpoint loads into
-  a model built for the novel classes.
+  a model built for the novel classes; `load_checkpoint_state` also reads what the method's
+  original codebase saved (textrefiner.codebase_checkpoints).
 """
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -17,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..clip_backbone import ImageOutput, clip_dims, encode_image
+from ..codebase_checkpoints import as_own_state, is_codebase_read, what_it_is
 from ..errors import UserError
 from ..losses import regularization_loss, select_semantic_tokens, semantic_loss
 from ..refiner import TextRefiner
@@ -50,6 +54,9 @@ class PromptMethod(nn.Module):
     trainable_prefixes: Tuple[str, ...] = ()
     trains_on_all_classes = False  # PromptKD's base-to-novel protocol
     checkpoint_name = None  # folder of its checkpoints in a Dassl output dir; None: nothing saved
+    # How its original codebase saves it (textrefiner.codebase_checkpoints); None: as the
+    # checkpoint name implies (a submodule of that name registered alone, else the whole model)
+    codebase_layout = None
 
     def __init__(self, cfg, classnames: Sequence[str], clip_model: nn.Module):
         super().__init__()
@@ -85,14 +92,22 @@ class PromptMethod(nn.Module):
         features = self.text_encoder(learner(), learner.eot_indices, learner.deep_prompts())
         return F.normalize(features, dim=-1)
 
+    def batch_text_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """E for one training batch: [C, d] shared by its images (this default), or [B, C, d]
+        conditioned on each image's normalised feature (CoCoOp)."""
+        return self.text_features()
+
     def encode_images(self, images: torch.Tensor, return_tokens: bool = False) -> ImageOutput:
         return encode_image(self.image_encoder, images, return_tokens=return_tokens)
 
     # ---------------------------------------------------------------- classifier
+    def refined(self, text: torch.Tensor) -> torch.Tensor:
+        """Ehat = refine(E) when TextRefiner is on, else E; E is [C, d] or [B, C, d]."""
+        return text if self.refiner is None else self.refiner.refine(text)
+
     def classifier(self) -> torch.Tensor:
         """E, or Ehat = refine(E) when TextRefiner is on; computed afresh."""
-        text = self.text_features()
-        return text if self.refiner is None else self.refiner.refine(text)
+        return self.refined(self.text_features())
 
     def class_embeddings(self) -> torch.Tensor:
         """The classifier; in eval mode computed once and reused until the next train()/load."""
@@ -102,6 +117,10 @@ class PromptMethod(nn.Module):
             with torch.no_grad():
                 self._classifier = self.classifier()
         return self._classifier
+
+    @property
+    def num_eval_classes(self) -> int:
+        return self.class_embeddings().shape[0]
 
     def invalidate_eval_cache(self):
         """Forget what evaluation computed once (after training steps or loading weights)."""
@@ -115,13 +134,12 @@ class PromptMethod(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Evaluation logits [B, C]: plain image encoder against the (cached) classifier."""
         features = F.normalize(self.encode_images(images).features, dim=-1)
-        classifier = self.class_embeddings()
-        return self.logit_scale.exp() * features @ classifier.to(features.dtype).t()
+        return self.logit_scale.exp() * image_text_logits(features, self.class_embeddings())
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
         """One training forward: returns (loss, {name: detached loss part, "acc": batch %})."""
-        text = self.text_features()
         out = self.encode_images(images, return_tokens=self.refiner is not None)
+        text = self.batch_text_features(F.normalize(out.features, dim=-1))  # E [C, d] or [B, C, d]
         _, loss, parts = self.classification_losses(text, out, labels)
         return loss, parts
 
@@ -131,13 +149,13 @@ class PromptMethod(nn.Module):
         features = F.normalize(out.features, dim=-1)
         scale = self.logit_scale.exp()
         if self.refiner is None:
-            logits = scale * features @ text.t()
+            logits = scale * image_text_logits(features, text)
             loss = F.cross_entropy(logits, labels)
             return logits, loss, {"loss_cls": loss.detach(), "acc": _accuracy(logits, labels)}
 
         aligned = self.refiner.align(out.tokens)                      # V' [B, 1+N, d]
         refined = self.refiner.refine(text)                            # read before write
-        logits = scale * features @ refined.t()
+        logits = scale * image_text_logits(features, refined)
         loss_cls = F.cross_entropy(logits, labels)
         semantic = select_semantic_tokens(aligned, out.cls_attention, self.refiner.topk)
         loss_sem = semantic_loss(semantic, text, labels, scale)
@@ -173,20 +191,53 @@ class PromptMethod(nn.Module):
         """Trainable weights plus refiner buffers (cache, BatchNorm statistics)."""
         return {k: v for k, v in self.state_dict().items() if self._is_saved(k)}
 
-    def load_checkpoint_state(self, state: Dict[str, torch.Tensor], source: str = "checkpoint"):
-        """Load `checkpoint_state()` output; any mismatch is a UserError that says why."""
+    def load_checkpoint_state(self, state: Dict[str, torch.Tensor], source: str = "checkpoint",
+                              fresh_refiner: bool = False) -> str:
+        """Load `checkpoint_state()` output, or a state_dict in the layout of the method's original
+        codebase; returns what was read. Any mismatch is a UserError that says why.
+
+        `fresh_refiner` (training starts from another run's weights): a refiner the checkpoint
+        lacks keeps its initial weights, and the checkpoint's refiner is left out when it is off.
+        """
+        loaded, read = as_own_state(self, state, source)
+        if fresh_refiner:
+            loaded, note = _fresh_refiner(self, loaded)
+            read += note
         expected = self.checkpoint_state()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
+        missing = sorted(set(expected) - set(loaded))
+        unexpected = sorted(set(loaded) - set(expected))
         if missing or unexpected:
             raise UserError(_mismatch_message(type(self).__name__, source, missing, unexpected,
-                                              self.refiner is not None))
-        for key, value in state.items():
+                                              self.refiner is not None, state, read))
+        for key, value in loaded.items():
             if value.shape != expected[key].shape:
                 raise UserError(_shape_message(type(self).__name__, source, key, value.shape,
                                                expected[key].shape))
-        self.load_state_dict(state, strict=False)
+        self.load_state_dict(loaded, strict=False)
         self.invalidate_eval_cache()
+        return read
+
+
+def _fresh_refiner(model, state):
+    """`state` with the refiner as `load_checkpoint_state(fresh_refiner=True)` wants it, and a
+    note for the log."""
+    has_refiner = any(k.startswith("refiner.") for k in state)
+    if model.refiner is None and has_refiner:
+        return ({k: v for k, v in state.items() if not k.startswith("refiner.")},
+                "; its TextRefiner weights are not used (TextRefiner is off)")
+    if model.refiner is not None and not has_refiner:
+        fresh = {k: v for k, v in model.checkpoint_state().items() if k.startswith("refiner.")}
+        return {**state, **fresh}, "; TextRefiner starts fresh (the checkpoint has none)"
+    return state, ""
+
+
+def image_text_logits(features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """Logits [B, C] (before the scale) of image features [B, d] against a classifier shared by
+    the batch [C, d] or one per image [B, C, d]."""
+    classifier = classifier.to(features.dtype)
+    if classifier.dim() == 2:
+        return features @ classifier.t()
+    return torch.einsum("bd,bcd->bc", features, classifier)
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -203,17 +254,20 @@ def _shape_message(method, source, key, saved, wanted):
                       "another prompt length, or class-specific prompts for another class list.")
 
 
-def _mismatch_message(method, source, missing, unexpected, refiner_on):
+def _mismatch_message(method, source, missing, unexpected, refiner_on, state, read):
     def show(keys):
         return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
 
     hint = ""
-    if any(k.startswith("refiner.") for k in missing):
+    if any(k.startswith("refiner.") for k in missing) and is_codebase_read(read):
+        hint = (f" It is {read}, and the codebases have no TextRefiner: drop --refiner, or start "
+                "training TextRefiner from it with MODEL.INIT_WEIGHTS <this file>.")
+    elif any(k.startswith("refiner.") for k in missing):
         hint = " It was trained without TextRefiner: drop --refiner (TRAINER.REFINER.ENABLED)."
     elif any(k.startswith("refiner.") for k in unexpected) and not refiner_on:
         hint = " It was trained with TextRefiner: add --refiner (TRAINER.REFINER.ENABLED True)."
     else:
-        hint = " It was probably saved by another method: check --trainer and the config file."
+        hint = " " + what_it_is(state, method)
     parts = [f"{source} does not fit a {method} model."]
     if missing:
         parts.append(f"Missing: {show(missing)}.")

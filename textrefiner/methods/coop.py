@@ -1,7 +1,7 @@
 """CoOp: learnable context words shared by all classes (or one set per class), CLIP frozen."""
 from ..clip_backbone import TextEncoder
 from .base import PromptMethod
-from .prompts import PromptLearner
+from .prompts import PromptLearner, context_length
 
 
 class CoOp(PromptMethod):
@@ -12,11 +12,9 @@ class CoOp(PromptMethod):
     def __init__(self, cfg, classnames, clip_model):
         super().__init__(cfg, classnames, clip_model)
         ccfg = cfg.TRAINER.COOP
-        # As in CoOp, initial words fix the context length.
-        n_ctx = len(ccfg.CTX_INIT.replace("_", " ").split()) if ccfg.CTX_INIT else ccfg.N_CTX
         self.prompt_learner = PromptLearner(
-            classnames, clip_model, n_ctx, ccfg.CTX_INIT, class_specific=ccfg.CSC,
-            position=ccfg.CLASS_TOKEN_POSITION)
+            classnames, clip_model, context_length(ccfg.CTX_INIT, ccfg.N_CTX), ccfg.CTX_INIT,
+            class_specific=ccfg.CSC, position=ccfg.CLASS_TOKEN_POSITION)
         self.text_encoder = TextEncoder(clip_model)
         dim = self.dims["embed_dim"]
         self._attach_refiner(cfg, dim, dim, clip_model.dtype)

@@ -15,16 +15,15 @@ import torch.nn.functional as F
 
 from ..checkpoint import read_checkpoint
 from ..clip_backbone import attach_ivlp_prompts, encode_image, ivlp_vision_prompts, load_clip
+from ..codebase_checkpoints import CodebaseLayout
 from ..errors import UserError
 from ..losses import kd_loss, regularization_loss, select_semantic_tokens, semantic_kd_loss
 from ..refiner import FeatureAligner
 from .base import PromptMethod
 from .promptsrc import IVLPLayout
 
-# Rebuilt from the class names, or (PromptSRC's frozen zero-shot copy of the image encoder) not
-# part of the teacher's forward pass: never loaded.
-TEACHER_IGNORED = ("prompt_learner.token_prefix", "prompt_learner.token_suffix",
-                   "prompt_learner.tokenized_prompts", "prompt_learner.ZS_image_encoder.")
+# A teacher is a whole PromptSRC model; its class buffers and zero-shot image encoder are dropped.
+TEACHER_LAYOUT = CodebaseLayout("PromptSRC")
 
 
 class IVLPTeacher(IVLPLayout, nn.Module):
@@ -59,7 +58,7 @@ def load_teacher(cfg, classnames, precision: str) -> IVLPTeacher:
             "checkpoint (<dataset>/VLPromptLearner/model-best.pth.tar, as PromptKD publishes them).")
     checkpoint = read_checkpoint(kcfg.TEACHER_CKPT, "teacher checkpoint")
     state = {k: v for k, v in checkpoint.get("state_dict", checkpoint).items()
-             if not k.startswith(TEACHER_IGNORED)}
+             if not TEACHER_LAYOUT.is_dropped(k)}
     if any(k.startswith("refiner.") for k in state):
         raise UserError(f"{kcfg.TEACHER_CKPT!r} is a PromptSRC checkpoint trained with TextRefiner: "
                         "a PromptKD teacher is plain PromptSRC (train it without --refiner).")
@@ -89,6 +88,12 @@ class PromptKD(PromptMethod):
     """Student image encoder (IVLP vision prompts + projector `VPT_image_trans`) against the
     teacher's text features, refined by TextRefiner when it is on."""
     checkpoint_name = "VLPromptLearner"  # the Dassl model name its codebase saves under
+    # Its codebase saves the whole student; its projector is a Conv2d(1x1)-BN-ReLU-Conv2d(1x1)
+    # `conv1` Sequential where ours has the equivalent linears fc1, norm, fc2.
+    codebase_layout = CodebaseLayout("PromptKD", renames=(
+        ("VPT_image_trans.conv1.0.", "VPT_image_trans.fc1."),
+        ("VPT_image_trans.conv1.1.", "VPT_image_trans.norm."),
+        ("VPT_image_trans.conv1.3.", "VPT_image_trans.fc2.")))
 
     config_section = "PROMPTKD"
     trainable_prefixes = ("image_encoder.VPT", "VPT_image_trans.")

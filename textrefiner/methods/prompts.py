@@ -38,6 +38,11 @@ def init_context(clip_model, n_ctx: int, ctx_init: str, n_copies: int = 0):
     return ctx, " ".join(["X"] * n_ctx)
 
 
+def context_length(ctx_init: str, n_ctx: int) -> int:
+    """As CoOp and CoCoOp: initial words fix the context length, else N_CTX."""
+    return len(ctx_init.replace("_", " ").split()) if ctx_init else n_ctx
+
+
 def _position_order(name_lens: Sequence[int], n_ctx: int, length: int, position: str):
     """Per-class permutation [C, L] mapping output slots to slots of [SOS, ctx, name, rest]."""
     orders = []
