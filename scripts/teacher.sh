@@ -31,7 +31,7 @@ source "$SCRIPT_DIR/common.sh"
 parse_options "$@"
 [[ $REFINER == 0 ]] || { echo "a PromptKD teacher is plain PromptSRC: drop --refiner" >&2; exit 1; }
 read -r -a SEED_LIST <<< "$SEEDS"
-[[ ${#SEED_LIST[@]} == 1 ]] || { echo "a teacher is trained with one seed, got: $SEEDS" >&2; exit 1; }
+[[ ${#SEED_LIST[@]} == 1 ]] || { echo "a teacher takes one seed, got: $SEEDS" >&2; exit 1; }
 SEED=${SEED_LIST[0]}
 
 CFG_FILE=configs/trainers/PromptSRC/$CFG.yaml

@@ -85,7 +85,8 @@ def hand_kl(logits, zs_logits):
 # ------------------------------------------------------------------------------ the pieces
 def test_templates_are_clip_imagenet_ensemble():
     assert len(IMAGENET_TEMPLATES) == len(set(IMAGENET_TEMPLATES)) == 60
-    assert IMAGENET_TEMPLATES[0] == "a photo of a {}." and IMAGENET_TEMPLATES[-1] == "itap of the {}."
+    assert IMAGENET_TEMPLATES[0] == "a photo of a {}."
+    assert IMAGENET_TEMPLATES[-1] == "itap of the {}."
     assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
 
 
@@ -151,7 +152,8 @@ def test_kl_term_is_kl_of_zero_shot_to_prompted():
 
 @pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
 def test_training_loss_matches_formula(base_clip, batch, refiner):
-    weights = ("TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT", "7", "TRAINER.PROMPTSRC.IMAGE_LOSS_WEIGHT", "3")
+    weights = ("TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT", "7",
+               "TRAINER.PROMPTSRC.IMAGE_LOSS_WEIGHT", "3")
     model = build(base_clip, *weights, refiner=refiner)
     perturb(model)
     model.train()
@@ -342,6 +344,7 @@ def test_a_refiner_trained_promptsrc_checkpoint_is_no_teacher(base_clip, tmp_pat
 
     path = str(tmp_path / "model-best.pth.tar")
     torch.save({"state_dict": build(base_clip, refiner=True).checkpoint_state()}, path)
-    cfg = make_cfg("TRAINER.PROMPTKD.TEACHER_CKPT", path, "TRAINER.PROMPTKD.TEACHER_PATH", clip_path)
+    cfg = make_cfg("TRAINER.PROMPTKD.TEACHER_CKPT", path,
+                   "TRAINER.PROMPTKD.TEACHER_PATH", clip_path)
     with pytest.raises(UserError, match="without --refiner"):
         load_teacher(cfg, CLASSNAMES, "fp32")

@@ -60,8 +60,9 @@ def load_teacher(cfg, classnames, precision: str) -> IVLPTeacher:
     state = {k: v for k, v in checkpoint.get("state_dict", checkpoint).items()
              if not TEACHER_LAYOUT.is_dropped(k)}
     if any(k.startswith("refiner.") for k in state):
-        raise UserError(f"{kcfg.TEACHER_CKPT!r} is a PromptSRC checkpoint trained with TextRefiner: "
-                        "a PromptKD teacher is plain PromptSRC (train it without --refiner).")
+        raise UserError(f"{kcfg.TEACHER_CKPT!r} is a PromptSRC checkpoint trained with "
+                        "TextRefiner: a PromptKD teacher is plain PromptSRC (train it without "
+                        "--refiner).")
     if "prompt_learner.ctx" not in state:
         raise UserError(f"{kcfg.TEACHER_CKPT!r} is not a PromptSRC/IVLP teacher checkpoint (it has "
                         "no 'prompt_learner.ctx').")
