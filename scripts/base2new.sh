@@ -4,13 +4,14 @@
 #
 # usage: bash scripts/base2new.sh <trainer> <dataset> [--refiner] [--seeds "1 2 3"] [--root DIR]
 #            [--out DIR] [--shots K] [--cfg NAME] [--load-epoch N] [KEY VALUE ...]
-#   trainer: CoOp | CoCoOp | MaPLe | PromptKD | ZeroshotCLIP;  dataset: a name under configs/datasets/
+#   trainer: CoOp | CoCoOp | MaPLe | PromptKD | PromptSRC | ZeroshotCLIP;  dataset: a name under
+#   configs/datasets/
 #   KEY VALUE pairs are config overrides passed to every run.
 # Environment: PYTHON (default python), DATA (default --root), TEACHERS (PromptKD's teacher
 # checkpoints, default teacher_model: TEACHERS/<DATASET.NAME>/VLPromptLearner/model-best.pth.tar).
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 [[ $# -ge 2 ]] || usage
 TRAINER=$1

@@ -59,8 +59,9 @@ set_trainer_defaults() {
         CoCoOp) DEFAULT_CFG=vit_b16_c4_ep10_batch1_ctxv1; DEFAULT_SHOTS=16 ;;
         MaPLe) DEFAULT_CFG=vit_b16_c2_ep5_batch4_2ctx; DEFAULT_SHOTS=16 ;;
         PromptKD) DEFAULT_CFG=vit_b16_c2_ep20_batch8_4+4ctx; DEFAULT_SHOTS=0 ;;
+        PromptSRC) DEFAULT_CFG=vit_b16_c2_ep20_batch4_4+4ctx; DEFAULT_SHOTS=16 ;;
         ZeroshotCLIP) DEFAULT_CFG=vit_b16; DEFAULT_SHOTS=0 ;;
-        *) echo "unknown trainer '$1' (expected CoOp, CoCoOp, MaPLe, PromptKD or ZeroshotCLIP)" >&2; exit 1 ;;
+        *) echo "unknown trainer '$1' (expected CoOp, CoCoOp, MaPLe, PromptKD, PromptSRC or ZeroshotCLIP)" >&2; exit 1 ;;
     esac
 }
 

@@ -4,11 +4,12 @@
 #
 # usage: bash scripts/xd.sh <trainer> [--refiner] [--seeds "1 2 3"] [--root DIR] [--out DIR]
 #            [--shots K] [--cfg NAME] [--load-epoch N] [--targets "dtd eurosat ..."] [KEY VALUE ...]
-#   trainer: CoOp | CoCoOp | MaPLe | ZeroshotCLIP (PromptKD distils on each target set, a different protocol)
+#   trainer: CoOp | CoCoOp | MaPLe | PromptSRC | ZeroshotCLIP (PromptKD distils on each target set,
+#   a different protocol)
 # Environment: PYTHON (default python), DATA (default --root).
 set -euo pipefail
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 [[ $# -ge 1 ]] || usage
 TRAINER=$1
@@ -36,7 +37,9 @@ if [[ $TRAINER == PromptKD ]]; then
     exit 1
 fi
 set_trainer_defaults "$TRAINER"
-[[ $TRAINER != MaPLe ]] || DEFAULT_CFG=vit_b16_c2_ep5_batch4_2ctx_cross_datasets  # MaPLe's ImageNet recipe: 2 epochs
+case $TRAINER in  # their ImageNet recipes: MaPLe 2 epochs, depth 3; PromptSRC depth 3, GPA 6 / 10
+    MaPLe|PromptSRC) DEFAULT_CFG=${DEFAULT_CFG}_cross_datasets ;;
+esac
 [[ -n $CFG ]] || CFG=$DEFAULT_CFG
 set_method "$TRAINER" "$REFINER"
 

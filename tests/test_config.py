@@ -10,7 +10,7 @@ from yacs.config import CfgNode as CN
 from textrefiner import config as C
 from textrefiner.errors import UserError
 
-# Checkouts of the CoOp, MaPLe, PromptKD (and TextRefiner) codebases whose own YAML files must
+# Checkouts of the CoOp, MaPLe, PromptKD, PromptSRC (and TextRefiner) codebases whose own YAML files must
 # load unchanged, separated by os.pathsep; the test skips when none is given. (Dassl's own trainer
 # configs are for its DA/DG/SSL methods and are not part of this.)
 EXTERNAL_CODEBASES = [p for p in os.environ.get("TEXTREFINER_CODEBASES", "").split(os.pathsep)
@@ -315,6 +315,21 @@ def test_promptkd_configs_are_published(suffix, depth, modal):
     assert (kd.KD_WEIGHT, kd.TEMPERATURE, kd.TEACHER_NAME, kd.CE_WEIGHT) == (1000.0, 1.0, "ViT-L/14", 0.0)
     assert (kd.N_CTX_VISION, kd.N_CTX_TEXT, kd.PROMPT_DEPTH_VISION, kd.PROMPT_DEPTH_TEXT) == (4, 4, depth, depth)
     assert cfg.TRAINER.MODAL == modal
+
+
+@pytest.mark.parametrize("name, batch, lr, backbone, depth, gpa", [
+    ("vit_b16_c2_ep20_batch4_4+4ctx", 4, 0.0025, "ViT-B/16", 9, (15, 1)),
+    ("vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets", 4, 0.0025, "ViT-B/16", 3, (6, 10)),
+    ("vit_l14_c2_ep20_batch8_4+4ctx", 8, 0.005, "ViT-L/14", 9, (15, 1))])
+def test_promptsrc_configs_are_published(name, batch, lr, backbone, depth, gpa):
+    cfg = C.load_cfg(_cfg_path("trainers", "PromptSRC", f"{name}.yaml"))
+    assert cfg.MODEL.BACKBONE.NAME == backbone
+    cfg.MODEL.BACKBONE.NAME = "ViT-B/16"  # the rest is shared with the ViT-B/16 recipes
+    _common_published(cfg, batch, lr, 20)
+    src = cfg.TRAINER.PROMPTSRC
+    assert (src.N_CTX_TEXT, src.N_CTX_VISION, src.CTX_INIT, src.PREC) == (4, 4, "a photo of a", "fp16")
+    assert (src.PROMPT_DEPTH_TEXT, src.PROMPT_DEPTH_VISION) == (depth, depth)
+    assert (src.TEXT_LOSS_WEIGHT, src.IMAGE_LOSS_WEIGHT, src.GPA_MEAN, src.GPA_STD) == (25, 10) + gpa
 
 
 def test_demo_config_is_tiny():

@@ -20,13 +20,15 @@ from textrefiner.errors import UserError  # noqa: E402
 
 CACHE_KEY = "refiner.cache.entries"
 FOLDERS = {"CoOp": "prompt_learner", "CoCoOp": "prompt_learner",
-           "MaPLe": "MultiModalPromptLearner", "PromptKD": "VLPromptLearner"}
+           "MaPLe": "MultiModalPromptLearner", "PromptKD": "VLPromptLearner",
+           "PromptSRC": "VLPromptLearner"}
 SMALL_OPTS = ["INPUT.SIZE", "(32, 32)", "USE_CUDA", "False", "SEED", "1",
               "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "2",
               "TRAINER.COOP.PREC", "fp32", "TRAINER.MAPLE.PREC", "fp32",
               "TRAINER.PROMPTKD.PREC", "fp32", "TRAINER.COCOOP.PREC", "fp32",
               "TRAINER.MAPLE.PROMPT_DEPTH", "2",
-              "TRAINER.PROMPTKD.PROMPT_DEPTH_VISION", "2"]
+              "TRAINER.PROMPTKD.PROMPT_DEPTH_VISION", "2", "TRAINER.PROMPTSRC.PREC", "fp32",
+              "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", "2", "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +225,7 @@ def cli_args(trainer, out, clip_path, data_root, classes, flags=(), opts=()):
 
 
 @pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
-@pytest.mark.parametrize("trainer", ["CoOp", "CoCoOp", "MaPLe", "PromptKD"])
+@pytest.mark.parametrize("trainer", ["CoOp", "CoCoOp", "MaPLe", "PromptKD", "PromptSRC"])
 def test_command_line_on_the_dassl_engine(tmp_path, clip_path, data_root,
                                           teacher_ckpt, teacher_clip_path, trainer, refiner):
     from textrefiner.train import main
@@ -252,3 +254,35 @@ def test_amp_trains_on_the_cpu_through_dassl(tmp_path, clip_path, data_root):
                     ["TRAINER.MAPLE.PREC", "amp", "OPTIM.MAX_EPOCH", "1"])
     assert main(args) == 0
     assert "* accuracy:" in (tmp_path / "log.txt").read_text()
+
+
+def test_promptsrc_gpa_sum_survives_a_resume_through_dassl(clip_path, data_root, tmp_path):
+    """GPA runs in after_epoch before Dassl saves. A run resumed after epoch 1 of 2 restores the
+    running sum from the checkpoint: its final weights are g_1 w_1 (epoch 1 of the first run) +
+    g_2 w_2 (its own epoch 2). (Dassl does not reseed per epoch, so w_2 differs from an
+    uninterrupted run's; the standalone engine's test checks equality.)"""
+    gpa = ["TRAINER.PROMPTSRC.GPA_MEAN", "1", "TRAINER.PROMPTSRC.GPA_STD", "1",
+           "TRAIN.CHECKPOINT_FREQ", "1", "TEST.NO_TEST", "True"]
+    first = tmp_path / "first"
+    build_trainer(dassl_cfg("PromptSRC", first, clip_path, data_root, *gpa)).train()
+    folder = first / "VLPromptLearner"
+    os.remove(folder / "model.pth.tar-2")
+    (folder / "checkpoint").write_text("model.pth.tar-1\n")  # as if stopped after epoch 1
+    resumed = build_trainer(dassl_cfg("PromptSRC", first, clip_path, data_root, *gpa))
+    before_gpa = {}
+    aggregate = resumed.model.on_epoch_end
+
+    def record_then_aggregate(epoch, max_epoch):
+        before_gpa[epoch] = {k: v.clone() for k, v in resumed.model.checkpoint_state().items()}
+        aggregate(epoch, max_epoch)
+
+    resumed.model.on_epoch_end = record_then_aggregate
+    resumed.train()
+    assert sorted(before_gpa) == [1]
+    g = torch.exp(-0.5 * (torch.tensor([1.0, 2.0]) - 1) ** 2)
+    g = g / g.sum()
+    w1 = saved_state(str(first), "PromptSRC", epoch=1)["state_dict"]
+    final = saved_state(str(first), "PromptSRC")["state_dict"]
+    for key, value in final.items():
+        expected = g[0] * w1[key] + g[1] * before_gpa[1][key]
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-5)

@@ -47,8 +47,8 @@ def fake(tmp_path):
     env = dict(os.environ, PYTHON=str(stub), FAKE_RECORD=str(record),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
-    def run(script, *args, ok=True):
-        proc = subprocess.run(["bash", f"scripts/{script}", *args], cwd=REPO, env=env,
+    def run(script, *args, ok=True, **environ):
+        proc = subprocess.run(["bash", f"scripts/{script}", *args], cwd=REPO, env={**env, **environ},
                               capture_output=True, text=True, timeout=120)
         if ok:
             assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -191,3 +191,39 @@ def test_cocoop_base2new_and_xd(fake, tmp_path, refiner):
     assert opt(xd_train, "--config-file") == cfg and opt(xd_test, "--load-epoch") == "10"
     assert ("--refiner" in xd_train) == refiner and ("--refiner" in xd_test) == refiner
     assert f"| {label} | 81.00 | 81.00 | 1 |" in proc.stdout
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
+def test_promptsrc_base2new_and_xd(fake, tmp_path, refiner):
+    flag = ["--refiner"] if refiner else []
+    label = "PromptSRC+TR" if refiner else "PromptSRC"
+    out = tmp_path / "o"
+    proc = fake("base2new.sh", "PromptSRC", "dtd", *flag, "--seeds", "1", "--out", str(out))
+    train, test = fake.calls()
+    assert opt(train, "--config-file") == "configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml"
+    assert overrides(train) == {"DATASET.NUM_SHOTS": "16", "DATASET.SUBSAMPLE_CLASSES": "base"}
+    assert opt(test, "--load-epoch") == "20" and ("--refiner" in train) == refiner == ("--refiner" in test)
+    assert f"shots_16/{label}/vit_b16_c2_ep20_batch4_4+4ctx" in opt(train, "--output-dir")
+    assert f"dtd {label} (vit_b16_c2_ep20_batch4_4+4ctx, 16 shots): base 81.00  novel 61.00" in proc.stdout
+
+    proc = fake("xd.sh", "PromptSRC", *flag, "--seeds", "1", "--out", str(out), "--targets", "dtd")
+    xd_train, xd_test = fake.calls()[2:]
+    cfg = "configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml"
+    assert opt(xd_train, "--config-file") == cfg and opt(xd_test, "--load-epoch") == "20"
+    assert f"| {label} | 81.00 | 81.00 | 1 |" in proc.stdout
+
+
+def test_teacher_script_trains_promptsrc_l14_and_places_the_checkpoint(fake, tmp_path):
+    out, teachers = tmp_path / "o", tmp_path / "teachers"
+    run_dir = out / "teachers/dtd/shots_16/PromptSRC/vit_l14_c2_ep20_batch8_4+4ctx/seed1"
+    (run_dir / "VLPromptLearner").mkdir(parents=True)
+    (run_dir / "VLPromptLearner" / "model.pth.tar-3").write_text("weights of epoch 3")
+    proc = fake("teacher.sh", "dtd", "--out", str(out), "OPTIM.MAX_EPOCH", "3", TEACHERS=str(teachers))
+    (train,) = fake.calls()
+    assert opt(train, "--trainer") == "PromptSRC" and "--refiner" not in train
+    assert opt(train, "--config-file") == "configs/trainers/PromptSRC/vit_l14_c2_ep20_batch8_4+4ctx.yaml"
+    assert overrides(train) == {"DATASET.NUM_SHOTS": "16", "DATASET.SUBSAMPLE_CLASSES": "base",
+                                "OPTIM.MAX_EPOCH": "3"}
+    placed = teachers / "DescribableTextures" / "VLPromptLearner" / "model-best.pth.tar"
+    assert placed.read_text() == "weights of epoch 3" and str(placed) in proc.stdout
+    assert fake("teacher.sh", "dtd", "--refiner", "--out", str(out), ok=False).returncode != 0

@@ -2,8 +2,9 @@
 
 `<output dir>/<model name>/model.pth.tar-<epoch>` and `model-best.pth.tar`, each a dict
 `{"state_dict", "epoch", "optimizer", "scheduler", "val_result", ...}`, plus Dassl's marker file
-`checkpoint` naming the latest one. A method's `state_dict` is its `checkpoint_state()`; files
-the original codebases wrote load too (textrefiner.codebase_checkpoints).
+`checkpoint` naming the latest one. A method's `state_dict` is its `checkpoint_state()`; what else
+it needs to resume (`run_state()`, e.g. PromptSRC's running GPA sum) goes under "method_state";
+files the original codebases wrote load too (textrefiner.codebase_checkpoints).
 
 Writes are atomic (temporary file in the same folder, then rename), so a kill or a full disk during
 a save never leaves a truncated checkpoint behind and never touches the previous one. Saved files
@@ -83,6 +84,9 @@ def save_method_checkpoint(model, path: str, epoch: int, optimizer=None, schedul
              "optimizer": None if optimizer is None else optimizer.state_dict(),
              "scheduler": None if scheduler is None else scheduler.state_dict(),
              "val_result": val_result, **extra}
+    run_state = model.run_state()
+    if run_state:
+        state["method_state"] = run_state  # e.g. PromptSRC's running GPA sum, needed to resume
     write_checkpoint(state, path)
     if mark_latest:
         marker = os.path.join(os.path.dirname(path), LATEST_MARKER)
@@ -171,6 +175,7 @@ def load_method_checkpoint(model, path: str, log=print, resume: bool = False) ->
         raise UserError(f"{path} is {read}: a run of that codebase cannot be resumed here (its "
                         "optimiser and schedule are the codebase's). Start a new run from its "
                         f"weights with MODEL.INIT_WEIGHTS {path}, or set another OUTPUT_DIR.")
+    model.load_run_state(checkpoint.get("method_state"))
     log(f"Read {path}: {read}")
     return checkpoint
 

@@ -29,7 +29,7 @@ from textrefiner.methods import build_method, method_class
 # --trainer value -> name in Dassl's TRAINER_REGISTRY (prefixed so that the original codebases'
 # trainers, registered in the same process, never clash with ours)
 TRAINER_NAMES = {name: "TR_" + name
-                 for name in ("CoOp", "CoCoOp", "MaPLe", "PromptKD", "ZeroshotCLIP")}
+                 for name in ("CoOp", "CoCoOp", "MaPLe", "PromptKD", "PromptSRC", "ZeroshotCLIP")}
 DATASET_PREFIX = "TR_"
 
 
@@ -152,6 +152,7 @@ class MethodTrainer(TrainerX):
     def after_epoch(self):
         if self.model.skipped_cache_tokens:
             print(f"cache: skipped {self.model.skipped_cache_tokens} non-finite local tokens so far")
+        self.model.on_epoch_end(self.epoch, self.max_epoch)  # e.g. PromptSRC's GPA, before saving
         super().after_epoch()
 
     def model_inference(self, images):

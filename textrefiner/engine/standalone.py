@@ -292,6 +292,7 @@ class StandaloneTrainer:
 
     def after_epoch(self, epoch: int):
         cfg = self.cfg
+        self.model.on_epoch_end(epoch, cfg.OPTIM.MAX_EPOCH)  # e.g. PromptSRC's GPA
         freq = cfg.TRAIN.CHECKPOINT_FREQ
         if not cfg.TEST.NO_TEST and cfg.TEST.FINAL_MODEL == "best_val":
             result = self.test(split="val", epoch=epoch)

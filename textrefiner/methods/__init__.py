@@ -8,9 +8,10 @@ from .cocoop import CoCoOp
 from .coop import CoOp
 from .maple import MaPLe
 from .promptkd import PromptKD
+from .promptsrc import PromptSRC
 from .zeroshot import ZeroshotCLIP
 
-METHODS = {cls.__name__: cls for cls in (CoOp, CoCoOp, MaPLe, PromptKD, ZeroshotCLIP)}
+METHODS = {cls.__name__: cls for cls in (CoOp, CoCoOp, MaPLe, PromptKD, PromptSRC, ZeroshotCLIP)}
 
 
 def method_class(name: str):
@@ -24,5 +25,6 @@ def build_method(name: str, cfg, classnames, clip_model) -> PromptMethod:
     return method_class(name)(cfg, classnames, clip_model)
 
 
-__all__ = ["PromptMethod", "CoOp", "CoCoOp", "MaPLe", "PromptKD", "ZeroshotCLIP", "METHODS",
+__all__ = ["PromptMethod", "CoOp", "CoCoOp", "MaPLe", "PromptKD", "PromptSRC", "ZeroshotCLIP",
+           "METHODS",
            "method_class", "build_method", "build_refiner"]

@@ -139,13 +139,19 @@ class PromptMethod(nn.Module):
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
         """One training forward: returns (loss, {name: detached loss part, "acc": batch %})."""
         out = self.encode_images(images, return_tokens=self.refiner is not None)
+        text = self.batch_text_features(F.normalize(out.features, dim=-1))  # E [C, d] or [B, C, d]
+        _, loss, parts = self.classification_losses(text, out, labels)
+        return loss, parts
+
+    def classification_losses(self, text: torch.Tensor, out: ImageOutput, labels: torch.Tensor):
+        """CE on the classifier (E, or Ehat with TextRefiner, whose semantic and regularisation
+        losses are added and whose cache is then written). Returns (logits, loss, parts)."""
         features = F.normalize(out.features, dim=-1)
-        text = self.batch_text_features(features)                     # E [C, d] or [B, C, d]
         scale = self.logit_scale.exp()
         if self.refiner is None:
             logits = scale * image_text_logits(features, text)
             loss = F.cross_entropy(logits, labels)
-            return loss, {"loss_cls": loss.detach(), "acc": _accuracy(logits, labels)}
+            return logits, loss, {"loss_cls": loss.detach(), "acc": _accuracy(logits, labels)}
 
         aligned = self.refiner.align(out.tokens)                      # V' [B, 1+N, d]
         refined = self.refiner.refine(text)                            # read before write
@@ -156,8 +162,21 @@ class PromptMethod(nn.Module):
         loss_reg = regularization_loss(refined, text)
         self.refiner.update(aligned)
         loss = loss_cls + self.sem_weight * loss_sem + self.reg_weight * loss_reg
-        return loss, {"loss_cls": loss_cls.detach(), "loss_sem": loss_sem.detach(),
-                      "loss_reg": loss_reg.detach(), "acc": _accuracy(logits, labels)}
+        return logits, loss, {"loss_cls": loss_cls.detach(), "loss_sem": loss_sem.detach(),
+                              "loss_reg": loss_reg.detach(), "acc": _accuracy(logits, labels)}
+
+    def on_epoch_end(self, epoch: int, max_epoch: int):
+        """Called by both engines after each training epoch (`epoch` 0-based), before that epoch's
+        checkpoint is saved or the model evaluated. Nothing by default (PromptSRC aggregates its
+        weights here)."""
+
+    def run_state(self) -> dict:
+        """Training state beyond the weights that a resumed run needs (saved beside `state_dict`
+        as "method_state"); empty by default."""
+        return {}
+
+    def load_run_state(self, state: Optional[dict]):
+        """Restore `run_state()` output (None when the checkpoint holds none)."""
 
     @property
     def skipped_cache_tokens(self) -> int:

@@ -14,47 +14,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import read_checkpoint
-from ..clip_backbone import (TextEncoder, attach_ivlp_prompts, encode_image,
-                             ivlp_deep_prompts, ivlp_vision_prompts, load_clip)
+from ..clip_backbone import attach_ivlp_prompts, encode_image, ivlp_vision_prompts, load_clip
 from ..codebase_checkpoints import CodebaseLayout
 from ..errors import UserError
 from ..losses import kd_loss, regularization_loss, select_semantic_tokens, semantic_kd_loss
 from ..refiner import FeatureAligner
 from .base import PromptMethod
-from .prompts import PromptLearner
+from .promptsrc import IVLPLayout
 
 # A teacher is a whole PromptSRC model; its class buffers and zero-shot image encoder are dropped.
 TEACHER_LAYOUT = CodebaseLayout("PromptSRC")
 
 
-class IVLPTeacher(nn.Module):
-    """A PromptSRC/IVLP CLIP laid out like its checkpoints: `prompt_learner.ctx`,
-    `text_encoder.*` (with deeper `VPT_shallow` prompts), `image_encoder.*` (with `VPT`), and
-    `logit_scale`. Prompt sizes are read from the checkpoint's own tensors."""
+class IVLPTeacher(IVLPLayout, nn.Module):
+    """A PromptSRC/IVLP CLIP laid out like its checkpoints (`IVLPLayout`), frozen. Prompt sizes
+    are read from the checkpoint's own tensors."""
 
     def __init__(self, classnames, clip_model, state_dict: dict, ctx_init: str = "a photo of a"):
         super().__init__()
-        n_text = state_dict["prompt_learner.ctx"].shape[0]
-        self.prompt_learner = PromptLearner(classnames, clip_model, n_text,
-                                            ctx_init if n_text <= 4 else "")
-        self.text_encoder = TextEncoder(clip_model)
-        self.image_encoder = clip_model.visual
-        self.logit_scale = clip_model.logit_scale
-        attach_ivlp_prompts(self.text_encoder, n_text, _depth(state_dict, "text_encoder"), False)
-        if "image_encoder.VPT" in state_dict:
-            attach_ivlp_prompts(self.image_encoder, state_dict["image_encoder.VPT"].shape[0],
-                                _depth(state_dict, "image_encoder"), True)
+        has_vision = "image_encoder.VPT" in state_dict
+        self.build_ivlp(classnames, clip_model, state_dict["prompt_learner.ctx"].shape[0],
+                        _depth(state_dict, "text_encoder"),
+                        state_dict["image_encoder.VPT"].shape[0] if has_vision else 0,
+                        _depth(state_dict, "image_encoder") if has_vision else 0, ctx_init)
         self.requires_grad_(False)
 
-    def text_features(self) -> torch.Tensor:
-        learner = self.prompt_learner
-        features = self.text_encoder(learner(), learner.eot_indices,
-                                     ivlp_deep_prompts(self.text_encoder))
-        return F.normalize(features, dim=-1)
-
     def image_features(self, images) -> torch.Tensor:
-        out = encode_image(self.image_encoder, images, ivlp_vision_prompts(self.image_encoder))
-        return F.normalize(out.features, dim=-1)
+        return F.normalize(self.encode_images(images).features, dim=-1)
 
 
 def _depth(state_dict: dict, encoder: str) -> int:
@@ -73,6 +59,10 @@ def load_teacher(cfg, classnames, precision: str) -> IVLPTeacher:
     checkpoint = read_checkpoint(kcfg.TEACHER_CKPT, "teacher checkpoint")
     state = {k: v for k, v in checkpoint.get("state_dict", checkpoint).items()
              if not TEACHER_LAYOUT.is_dropped(k)}
+    if any(k.startswith("refiner.") for k in state):
+        raise UserError(f"{kcfg.TEACHER_CKPT!r} is a PromptSRC checkpoint trained with "
+                        "TextRefiner: a PromptKD teacher is plain PromptSRC (train it without "
+                        "--refiner).")
     if "prompt_learner.ctx" not in state:
         raise UserError(f"{kcfg.TEACHER_CKPT!r} is not a PromptSRC/IVLP teacher checkpoint (it has "
                         "no 'prompt_learner.ctx').")
