@@ -8,6 +8,7 @@ median of the per-round ratios, because the machine may be shared and noisy. How
 measured is printed with the table and written in benchmarks/README.md.
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -25,6 +26,7 @@ import torch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
+import textrefiner.clip_backbone as backbone  # noqa: E402
 from textrefiner.clip_backbone import build_random_clip, clip_dims  # noqa: E402
 from textrefiner.config import load_cfg  # noqa: E402
 from textrefiner.losses import (regularization_loss, select_semantic_tokens,  # noqa: E402
@@ -38,6 +40,16 @@ SMALL = dict(embed_dim=256, image_resolution=96, vision_layers=6, vision_width=3
 
 # (result key, comparison, limit, what it means)
 TARGETS = [
+    ("train_time_trim_vs_full_coop_tr@50", "<=", 0.55,
+     "CoOp+TR step time, trimmed / full-length text encoder, 50 classes"),
+    ("train_time_trim_vs_full_coop_tr@500", "<=", 0.30,
+     "CoOp+TR step time, trimmed / full-length text encoder, 500 classes"),
+    ("train_mem_trim_vs_full_coop_tr@500", "<=", 0.35,
+     "CoOp+TR peak memory, trimmed / full-length text encoder, 500 classes"),
+    ("train_total_gib_coop_tr_checkpointing@1000", "<=", 3.0,
+     "CoOp+TR peak memory with --text-checkpointing, 1000 classes (GiB, fp32)"),
+    ("train_time_trim_vs_full_maple_tr@50", "<=", 0.6,
+     "MaPLe+TR step time, trimmed / full-length text encoder, 50 classes"),
     ("infer_tr_vs_zs@{c}", ">=", 0.98, "CoOp+TR inference throughput / zero-shot CLIP's"),
     ("train_time_coop_tr_vs_coop", "<=", 1.05, "CoOp+TR train step time / CoOp's"),
     ("train_mem_coop_tr_vs_coop", "<=", 1.15, "CoOp+TR train step peak memory / CoOp's"),
@@ -93,6 +105,14 @@ def parse_args(argv=None):
                         "far less; wall on CUDA)")
     p.add_argument("--quick", action="store_true", help="smaller CLIP and batch (about 1 minute)")
     p.add_argument("--skip-maple", action="store_true", help="leave out MaPLe's training steps")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated parts to run (default all: {','.join(SECTIONS)})")
+    p.add_argument("--trim-classes", default=None,
+                   help="class counts for trimmed vs full-length steps (default 50,500; quick "
+                        "10,100)")
+    p.add_argument("--memory-classes", type=int, default=None,
+                   help="class count for the --text-checkpointing memory (default 1000; quick "
+                        "200)")
     p.add_argument("--encode-text", action="store_true",
                    help="let every model encode its own class prompts at warm-up (slow at 500 "
                         "classes on a CPU); by default zero-shot CLIP's text features are handed "
@@ -108,16 +128,26 @@ def parse_args(argv=None):
     args.train_classes = args.train_classes or (10 if args.quick else 50)
     args.clock = args.clock or ("cpu" if args.device.startswith("cpu") else "wall")
     args.class_counts = [int(c) for c in args.classes.split(",") if c.strip()]
+    args.trim_counts = [int(c) for c in (args.trim_classes or ("10,100" if args.quick else
+                                                                "50,500")).split(",")]
+    args.memory_classes = args.memory_classes or (200 if args.quick else 1000)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown --sections {sorted(unknown)}: choose from {','.join(SECTIONS)}")
     return args
 
 
-def make_cfg(args, refiner: bool):
+SECTIONS = ("inference", "training", "trimming", "memory")
+
+
+def make_cfg(args, refiner: bool, *extra):
     r = args.shape["image_resolution"]
     depth = min(9, args.shape["vision_layers"], args.shape["transformer_layers"])
     opts = ["INPUT.SIZE", f"({r}, {r})", "TRAINER.COOP.PREC", "fp32", "TRAINER.MAPLE.PREC", "fp32",
             "TRAINER.COOP.CTX_INIT", "a photo of a", "TRAINER.MAPLE.PROMPT_DEPTH", str(depth),
             "TRAINER.REFINER.ENABLED", str(refiner)]
-    return load_cfg(opts=opts)
+    return load_cfg(opts=opts + list(extra))
 
 
 def class_names(n):
@@ -337,6 +367,95 @@ def bench_training(clip_model, args, device, method_cls, batch):
     }
 
 
+# ------------------------------------------------------------------------------------ trimming
+def full_length_encode_text(clip_model, embeddings, eot_indices, deep_prompts=None, **_):
+    """What the original codebases run: all 77 positions of every prompt through the stock
+    blocks (the reference the trimmed `encode_text` is measured against; not a library option)."""
+    dtype = clip_model.dtype
+    x = (embeddings.to(dtype) + clip_model.positional_embedding.to(dtype)).permute(1, 0, 2)
+    deep = list(deep_prompts or [])
+    for i, block in enumerate(clip_model.transformer.resblocks):
+        if 0 < i <= len(deep):
+            ctx = deep[i - 1].to(dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
+            x = torch.cat([x[:1], ctx, x[1 + ctx.shape[0]:]])
+        x = block(x)
+    x = clip_model.ln_final(x.permute(1, 0, 2)).to(dtype)
+    return x[torch.arange(x.shape[0]), eot_indices] @ clip_model.text_projection
+
+
+@contextlib.contextmanager
+def text_encoder(kind):
+    """Within the block every text encoding runs trimmed (the library) or full-length."""
+    trimmed = backbone.encode_text
+    if kind == "full":
+        backbone.encode_text = full_length_encode_text
+    try:
+        yield
+    finally:
+        backbone.encode_text = trimmed
+
+
+def training_step(model, batch, n_classes, device, seed=1):
+    """A closure running one SGD training step of `model` on a fixed random batch."""
+    res = model.dims["image_size"]
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, res, res, generator=gen).to(device)
+    labels = torch.randint(0, n_classes, (batch,), generator=gen).to(device)
+    optim = torch.optim.SGD(list(model.trainable_parameters().values()), lr=0.002, momentum=0.9)
+
+    def step():
+        model.train()
+        optim.zero_grad(set_to_none=True)
+        loss, _ = model.forward_train(images, labels)
+        loss.backward()
+        optim.step()
+
+    return step
+
+
+def bench_trimming(clip_model, args, device, method_cls, batch, n_classes):
+    """The same TR model's training step with the trimmed and the full-length text encoder."""
+    key = f"{method_cls.__name__.lower()}_tr@{n_classes}"
+    log(f"[trimmed vs full-length text encoder, {method_cls.__name__}+TR @{n_classes} classes, "
+        f"batch {batch}] building the model ...")
+    model = method_cls(make_cfg(args, True), class_names(n_classes), clip_model).to(device)
+    step = training_step(model, batch, n_classes, device)
+    peaks, times = {}, {"trim": [], "full": []}
+    for kind in times:  # first step: warm-up and memory
+        with text_encoder(kind):
+            peaks[kind] = step_peak_bytes(step, device)
+        log(f"  warm-up {kind}: step peak {peaks[kind] / 2**20:.0f} MiB")
+    for r in range(args.repeats):
+        for kind in (("trim", "full") if r % 2 == 0 else ("full", "trim")):
+            with text_encoder(kind):
+                times[kind].append(timed(step, device))
+        log(f"  round {r + 1}: trimmed {times['trim'][-1]:.2f}s, full {times['full'][-1]:.2f}s")
+    params = model_bytes(model)
+    return {
+        f"train_step_s_trim_{key}": median(times["trim"]),
+        f"train_step_s_full_{key}": median(times["full"]),
+        f"train_time_trim_vs_full_{key}": median(
+            [t / f for t, f in zip(times["trim"], times["full"])]),
+        f"train_total_mib_trim_{key}": (peaks["trim"] + params) / 2**20,
+        f"train_total_mib_full_{key}": (peaks["full"] + params) / 2**20,
+        f"train_mem_trim_vs_full_{key}": (peaks["trim"] + params) / (peaks["full"] + params),
+        f"train_step_mem_trim_vs_full_{key}": peaks["trim"] / max(peaks["full"], 1),
+    }
+
+
+def bench_memory_option(clip_model, args, device, batch, n_classes):
+    """Peak memory of a CoOp+TR step with TRAINER.TEXT_ENCODER.CHECKPOINTING at many classes."""
+    log(f"[--text-checkpointing, CoOp+TR @{n_classes} classes, batch {batch}] building ...")
+    cfg = make_cfg(args, True, "TRAINER.TEXT_ENCODER.CHECKPOINTING", "True")
+    model = CoOp(cfg, class_names(n_classes), clip_model).to(device)
+    step = training_step(model, batch, n_classes, device)
+    peak = step_peak_bytes(step, device)
+    total = peak + model_bytes(model)
+    log(f"  step peak {peak / 2**20:.0f} MiB, with the model {total / 2**30:.2f} GiB")
+    return {f"train_total_gib_coop_tr_checkpointing@{n_classes}": total / 2**30,
+            f"train_step_peak_mib_coop_tr_checkpointing@{n_classes}": peak / 2**20}
+
+
 # ------------------------------------------------------------------------------------ report
 def target_rows(results, class_counts):
     rows = []
@@ -361,7 +480,8 @@ def print_table(results, rows, args):
     log("Absolute values (median)")
     for k, v in results.items():
         if not any(s in k for s in ("_vs_", "share", "overhead")):
-            unit = "img/s" if k.startswith("throughput") else ("s" if "_s_" in k else "MiB")
+            unit = "img/s" if k.startswith("throughput") else (
+                "s" if "_s_" in k else ("GiB" if "_gib_" in k else "MiB"))
             log(f"  {k:<36} {v:10.2f} {unit}")
     log("Targets")
     for row in rows:
@@ -380,7 +500,8 @@ def main(argv=None):
              "train_classes": args.train_classes, "repeats": args.repeats, "clock": args.clock,
              "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
              "python": platform.python_version(), "quick": args.quick,
-             "encode_text": args.encode_text}
+             "encode_text": args.encode_text, "sections": args.sections,
+             "trim_classes": args.trim_counts, "memory_classes": args.memory_classes}
     log(f"setup: {json.dumps(setup)}")
     start = time.perf_counter()
     clip_model = build_random_clip(**args.shape).float().to(device)
@@ -389,11 +510,22 @@ def main(argv=None):
     images = torch.randn(args.batch_size, 3, res, res,
                          generator=torch.Generator().manual_seed(0)).to(device)
     results = {}
-    for n in args.class_counts:
-        results.update(bench_inference(clip_model, args, device, n, images))
-    results.update(bench_training(clip_model, args, device, CoOp, args.batch_size))
-    if not args.skip_maple:
-        results.update(bench_training(clip_model, args, device, MaPLe, args.maple_batch_size))
+    if "inference" in args.sections:
+        for n in args.class_counts:
+            results.update(bench_inference(clip_model, args, device, n, images))
+    if "training" in args.sections:
+        results.update(bench_training(clip_model, args, device, CoOp, args.batch_size))
+        if not args.skip_maple:
+            results.update(bench_training(clip_model, args, device, MaPLe, args.maple_batch_size))
+    if "trimming" in args.sections:
+        for n in args.trim_counts:
+            results.update(bench_trimming(clip_model, args, device, CoOp, args.batch_size, n))
+        if not args.skip_maple:
+            results.update(bench_trimming(clip_model, args, device, MaPLe, args.maple_batch_size,
+                                          args.trim_counts[0]))
+    if "memory" in args.sections:
+        results.update(bench_memory_option(clip_model, args, device, args.batch_size,
+                                           args.memory_classes))
     rows = target_rows(results, args.class_counts)
     setup["wall_s"] = time.perf_counter() - start
     print_table(results, rows, args)

@@ -18,11 +18,13 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from ._compat import import_clip
 from .errors import UserError
 
 PRECISIONS = ("fp16", "fp32", "amp")
+TEXT_LENGTH_MULTIPLE = 16  # see encode_text
 DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -158,15 +160,27 @@ def num_patches(visual: nn.Module) -> int:
     return visual.positional_embedding.shape[0] - 1
 
 
+def _run_block(block: nn.Module, x: torch.Tensor, attn_mask=None, need_weights: bool = False):
+    """One stock residual block on x [L, B, w] (as `block(x)` computes it), with the block's
+    attention mask cut to L; returns (x, attention weights [B, L, L] or None)."""
+    h = block.ln_1(x)
+    attended, weights = block.attn(h, h, h, need_weights=need_weights, attn_mask=attn_mask)
+    x = x + attended
+    return x + block.mlp(block.ln_2(x)), weights
+
+
+def _cut_mask(block: nn.Module, x: torch.Tensor):
+    """The block's causal mask (text) cut to the sequence length of x [L, B, w], or None."""
+    mask = block.attn_mask
+    if mask is None:
+        return None
+    length = x.shape[0]
+    return mask[:length, :length].to(dtype=x.dtype, device=x.device)
+
+
 def _block_with_cls_attention(block: nn.Module, x: torch.Tensor, n_patches: int):
     """Run one stock residual block ([L, B, w]) and also return CLS-to-patch attention [B, N]."""
-    mask = block.attn_mask
-    if mask is not None:
-        mask = mask.to(dtype=x.dtype, device=x.device)
-    h = block.ln_1(x)
-    attended, weights = block.attn(h, h, h, need_weights=True, attn_mask=mask)  # weights [B, L, L]
-    x = x + attended
-    x = x + block.mlp(block.ln_2(x))
+    x, weights = _run_block(block, x, _cut_mask(block, x), need_weights=True)
     return x, weights[:, 0, 1:1 + n_patches]
 
 
@@ -227,51 +241,79 @@ def embed_tokens(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def encode_text(clip_model: nn.Module, embeddings: torch.Tensor, eot_indices: torch.Tensor,
-                deep_prompts: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-    """Run CLIP's text transformer on word embeddings [C, L, width]; returns [C, d].
+                deep_prompts: Optional[Sequence[torch.Tensor]] = None, *,
+                checkpointing: bool = False, chunk_size: int = 0) -> torch.Tensor:
+    """Run CLIP's text transformer on word embeddings [C, 77, width]; returns [C, d].
 
     clip_model: a CLIP model or a `TextEncoder`.
     eot_indices: [C] position of each sequence's end token (`tokens.argmax(-1)`).
     deep_prompts: prompts for layers 1, 2, ...: `deep_prompts[i - 1]` ([n_ctx, width]) replaces the
         tokens at positions 1..n_ctx before block i runs (the layer-0 prompts are already part of
         `embeddings`, right after the start token).
+    checkpointing: recompute each block's activations in the backward pass instead of keeping
+        them (less memory for many classes, one more forward of the text blocks).
+    chunk_size: encode at most this many sequences at a time (0: all at once).
+
+    The blocks run on the first L positions only, with the positional embedding and the causal
+    mask cut to L, where L is max(eot_indices) + 1 rounded up to a multiple of 16. The mask makes
+    position t depend on positions <= t alone, so the features read at the end tokens are those of
+    the full 77-position pass, at a fraction of the cost (L is 16 or 32 for typical prompts). The
+    rounding keeps the attention kernels' vector blocking over the keys that carry weight as it is
+    at 77 positions: on CPUs the features are then bit-identical, not only equal up to summation
+    order.
     """
+    if 0 < chunk_size < embeddings.shape[0]:
+        return torch.cat([
+            encode_text(clip_model, part, eot, deep_prompts, checkpointing=checkpointing)
+            for part, eot in zip(embeddings.split(chunk_size), eot_indices.split(chunk_size))])
     dtype = clip_model.dtype
-    x = embeddings.to(dtype) + clip_model.positional_embedding.to(dtype)
+    length = min(-(-(int(eot_indices.max()) + 1) // TEXT_LENGTH_MULTIPLE) * TEXT_LENGTH_MULTIPLE,
+                 embeddings.shape[1])
+    x = embeddings[:, :length].to(dtype) + clip_model.positional_embedding[:length].to(dtype)
     x = x.permute(1, 0, 2)                                  # [L, C, width]
     deep_prompts = list(deep_prompts) if deep_prompts else []
+    recompute = checkpointing and torch.is_grad_enabled()
     for i, block in enumerate(clip_model.transformer.resblocks):
         if 0 < i <= len(deep_prompts):
             ctx = deep_prompts[i - 1].to(dtype)
             ctx = ctx.unsqueeze(1).expand(-1, x.shape[1], -1)
             x = torch.cat([x[:1], ctx, x[1 + ctx.shape[0]:]], dim=0)
-        x = block(x)
-    x = x.permute(1, 0, 2)                                  # [C, L, width]
-    x = clip_model.ln_final(x).to(dtype)
-    eot = x[torch.arange(x.shape[0], device=x.device), eot_indices.to(x.device)]
-    return eot @ clip_model.text_projection                 # [C, d]
+        if recompute:
+            x = torch.utils.checkpoint.checkpoint(_text_block, block, x, use_reentrant=False)
+        else:
+            x = _text_block(block, x)
+    eot = x[eot_indices.to(x.device), torch.arange(x.shape[1], device=x.device)]  # [C, width]
+    return clip_model.ln_final(eot).to(dtype) @ clip_model.text_projection       # [C, d]
+
+
+def _text_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _run_block(block, x, _cut_mask(block, x))[0]
 
 
 class TextEncoder(nn.Module):
     """The text side of a CLIP model without its token embedding (the prompts replace it).
 
     Holds the stock modules under the names PromptSRC/PromptKD checkpoints use
-    (`transformer`, `positional_embedding`, `ln_final`, `text_projection`).
+    (`transformer`, `positional_embedding`, `ln_final`, `text_projection`). `checkpointing` and
+    `chunk_size` are `encode_text`'s memory options (TRAINER.TEXT_ENCODER; set by the methods).
     """
 
-    def __init__(self, clip_model: nn.Module):
+    def __init__(self, clip_model: nn.Module, checkpointing: bool = False, chunk_size: int = 0):
         super().__init__()
         self.transformer = clip_model.transformer
         self.positional_embedding = clip_model.positional_embedding
         self.ln_final = clip_model.ln_final
         self.text_projection = clip_model.text_projection
+        self.checkpointing = checkpointing
+        self.chunk_size = chunk_size
 
     @property
     def dtype(self) -> torch.dtype:
         return self.text_projection.dtype
 
     def forward(self, embeddings, eot_indices, deep_prompts=None):
-        return encode_text(self, embeddings, eot_indices, deep_prompts)
+        return encode_text(self, embeddings, eot_indices, deep_prompts,
+                           checkpointing=self.checkpointing, chunk_size=self.chunk_size)
 
 
 def encode_text_tokens(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,9 @@ _EXTENSIONS = {
             "TEACHER_PATH": "",  # local teacher CLIP file; empty = download by TEACHER_NAME
             "TEACHER_CKPT": "",  # teacher prompt checkpoint (model-best.pth.tar)
         },
+        # Memory of the text encoder for many classes (exact either way): recompute its blocks'
+        # activations in the backward pass, and / or encode at most CHUNK_SIZE prompts at a time.
+        "TEXT_ENCODER": {"CHECKPOINTING": False, "CHUNK_SIZE": 0},
         "REFINER": {
             "ENABLED": False,
             "CACHE_SIZE": 25,
@@ -304,6 +307,10 @@ def validate_cfg(cfg):
     problems += _choice_problem(cfg, "DATASET.SUBSAMPLE_CLASSES", SUBSAMPLE_CHOICES)
     problems += _choice_problem(cfg, "TRAINER.MODAL", MODALS)
     problems += _choice_problem(cfg, "TRAINER.COOP.CLASS_TOKEN_POSITION", CLASS_TOKEN_POSITIONS)
+    chunk = _node(cfg, "TRAINER.TEXT_ENCODER.CHUNK_SIZE")
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
+        problems.append(f"TRAINER.TEXT_ENCODER.CHUNK_SIZE must be an integer >= 0 (0: all "
+                        f"prompts at once), got {chunk!r}")
     if problems:
         raise ConfigError(
             "Invalid config value(s):\n  " + "\n  ".join(problems)

@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="dassl (Dassl.pytorch), standalone (built in), or auto (dassl when "
                              "it is installed)")
+    parser.add_argument("--text-checkpointing", action="store_true",
+                        help="recompute the text encoder's activations in the backward pass: "
+                             "less memory for many classes, same gradients "
+                             "(TRAINER.TEXT_ENCODER.CHECKPOINTING)")
+    parser.add_argument("--text-chunk-size", type=int, metavar="N",
+                        help="encode at most N class prompts at a time "
+                             "(TRAINER.TEXT_ENCODER.CHUNK_SIZE; 0: all at once)")
     add_refiner_args(parser)
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
                         help="modify config options using the command line (KEY VALUE pairs)")
@@ -62,7 +69,10 @@ def setup_cfg(args):
              "DATASET.SOURCE_DOMAINS": _as_list(args.source_domains),
              "DATASET.TARGET_DOMAINS": _as_list(args.target_domains),
              "INPUT.TRANSFORMS": _as_list(args.transforms),
-             "TRAINER.NAME": args.trainer}
+             "TRAINER.NAME": args.trainer,
+             "TRAINER.TEXT_ENCODER.CHECKPOINTING": "True" if args.text_checkpointing else "",
+             "TRAINER.TEXT_ENCODER.CHUNK_SIZE":
+                 "" if args.text_chunk_size is None else str(args.text_chunk_size)}
     pairs = [item for key, value in flags.items() if value for item in (key, value)]
     cfg = load_cfg(args.config_file or None, args.dataset_config_file or None,
                    pairs + list(args.opts or []))

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..clip_backbone import ImageOutput, clip_dims, encode_image
+from ..clip_backbone import ImageOutput, TextEncoder, clip_dims, encode_image
 from ..codebase_checkpoints import as_own_state, is_codebase_read, what_it_is
 from ..errors import UserError
 from ..losses import regularization_loss, select_semantic_tokens, semantic_loss
@@ -69,6 +69,8 @@ class PromptMethod(nn.Module):
         self.reg_weight = cfg.TRAINER.REFINER.REG_WEIGHT
         self.refiner = None
         self._classifier = None  # class embeddings cached for evaluation
+        tcfg = cfg.TRAINER.TEXT_ENCODER
+        self._text_memory = {"checkpointing": tcfg.CHECKPOINTING, "chunk_size": tcfg.CHUNK_SIZE}
 
     # ---------------------------------------------------------------- set-up helpers
     def _attach_refiner(self, cfg, dim: int, token_dim: int, dtype: torch.dtype):
@@ -80,9 +82,14 @@ class PromptMethod(nn.Module):
         return name.startswith(tuple(self.trainable_prefixes) + ("refiner.",))
 
     def _freeze(self):
-        """Freeze everything but the method's prompts and the refiner's weights."""
+        """Freeze everything but the method's prompts and the refiner's weights (the last step of
+        every method's set-up), and give every text encoder TRAINER.TEXT_ENCODER's options."""
         for name, param in self.named_parameters():
             param.requires_grad_(self._is_saved(name))
+        for module in self.modules():
+            if isinstance(module, TextEncoder):
+                module.checkpointing = self._text_memory["checkpointing"]
+                module.chunk_size = self._text_memory["chunk_size"]
 
     # ---------------------------------------------------------------- subclass hooks
     def text_features(self) -> torch.Tensor:

@@ -110,7 +110,7 @@ class PromptKD(PromptMethod):
         attach_ivlp_prompts(self.image_encoder, kcfg.N_CTX_VISION, kcfg.PROMPT_DEPTH_VISION, True)
         teacher = teacher or load_teacher(cfg, classnames, self.precision)
         teacher_dim = teacher.text_encoder.text_projection.shape[1]
-        self.teacher = teacher.to(clip_model.dtype).eval()
+        self.teacher = teacher.eval()  # loaded in this precision; .to() would cast its LayerNorms
         with torch.no_grad():
             self.register_buffer("teacher_text", self.teacher.text_features(), persistent=False)
         self.VPT_image_trans = FeatureAligner(self.dims["embed_dim"], teacher_dim).to(clip_model.dtype)
