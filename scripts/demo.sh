@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Offline demo, no network and no dataset needed, on the CPU: base-to-novel for zero-shot CLIP,
 # CoOp and CoOp + TextRefiner on a synthetic colour-and-shape dataset, with a tiny CLIP that is
-# first pretrained here (contrastively, about half a minute; cached in OUT_DIR/clip_tiny.pt).
+# first pretrained here (contrastively, about 35 s; cached in OUT_DIR/clip_tiny.pt).
 # A toy: it shows prompt learning at work in miniature, not the paper's numbers.
 #
 # usage: bash scripts/demo.sh [OUT_DIR]      (default output/demo)
@@ -11,10 +11,11 @@ OUT=${1:-output/demo}
 PY=${PYTHON:-python}
 
 "$PY" -m textrefiner.demo prepare "$OUT"
-COMMON=(--root "$OUT/data" --out "$OUT" --seeds "1 2 3" --cfg demo_tiny MODEL.BACKBONE.PATH "$OUT/clip_tiny.pt")
-PYTHON=$PY bash scripts/base2new.sh ZeroshotCLIP synthetic_shapes "${COMMON[@]}"
+COMMON=(--root "$OUT/data" --out "$OUT" --cfg demo_tiny MODEL.BACKBONE.PATH "$OUT/clip_tiny.pt")
+# zero-shot draws nothing at random: one seed gives the numbers of every seed
+PYTHON=$PY bash scripts/base2new.sh ZeroshotCLIP synthetic_shapes --seeds 1 "${COMMON[@]}"
 for refiner in "" --refiner; do
-    PYTHON=$PY bash scripts/base2new.sh CoOp synthetic_shapes $refiner "${COMMON[@]}"
+    PYTHON=$PY bash scripts/base2new.sh CoOp synthetic_shapes $refiner --seeds "1 2 3" "${COMMON[@]}"
 done
 echo
 echo "== Base-to-novel on the synthetic demo (tiny pretrained CLIP; 6 base + 6 novel classes, chance 16.7%) =="
