@@ -7,14 +7,13 @@ import importlib.util
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import kill_after_first_epoch
+from textrefiner.checkpoint import read_checkpoint
 from textrefiner.data import build_loader
 from textrefiner.demo import prepare_pretrained
 from textrefiner.demo.pretrain import pretrain_tiny_clip
@@ -99,32 +98,19 @@ def test_novel_accuracy_is_the_same_through_both_engines(tiny, tr_run, tmp_path)
 def test_killed_and_resumed_run_scores_novel_classes_the_same(tiny, tr_run, tmp_path):
     killed = tmp_path / "killed"
     args = command(tiny, killed, refiner=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "textrefiner.train"] + args, cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = killed / "prompt_learner" / "model.pth.tar-1"
-    deadline = time.time() + 240
-    try:
-        while not first.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "the run never saved epoch 1"
-            time.sleep(0.01)
-        still_running = proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    still_running, returncode = kill_after_first_epoch(args, killed / "prompt_learner", REPO)
     assert still_running, "the run finished before it could be killed"
     assert not (killed / "prompt_learner" / f"model.pth.tar-{EPOCHS}").exists()
-    assert proc.returncode == -signal.SIGKILL
+    assert returncode == -signal.SIGKILL
 
     assert main(args) == 0  # the same command continues from the last checkpoint
     resumed = evaluate_novel(tiny, killed, tmp_path / "resumed_new", refiner=True)
     straight = evaluate_novel(tiny, tr_run, tmp_path / "straight_new", refiner=True)
     assert resumed == straight
+    final = [read_checkpoint(os.path.join(str(out), "prompt_learner", f"model.pth.tar-{EPOCHS}"))
+             ["state_dict"] for out in (killed, tr_run)]
+    assert sorted(final[0]) == sorted(final[1])
+    assert all(torch.equal(final[0][key], final[1][key]) for key in final[0])
 
 
 def test_the_trained_refiner_changes_predictions(tiny, tr_run, tmp_path):

@@ -5,14 +5,12 @@ import glob
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 import urllib.error
 
 import pytest
 import torch
 
+from conftest import kill_after_first_epoch
 from textrefiner import clip_backbone
 from textrefiner._compat import import_clip
 from textrefiner.checkpoint import read_checkpoint, write_checkpoint
@@ -184,27 +182,10 @@ RESUME_SHOTS = 8  # 40 single-image steps per epoch: long enough to kill the run
 def test_d_killed_run_resumes_to_the_same_result(demo, tmp_path):
     killed = tmp_path / "killed"
     args = command(demo, killed, *RESUME_OPTS, shots=RESUME_SHOTS, epochs=3)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "textrefiner.train"] + args, cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = killed / "prompt_learner" / "model.pth.tar-1"
-    deadline = time.time() + 240
-    try:
-        while not first.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "the run never saved epoch 1"
-            time.sleep(0.01)
-        still_running = proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    still_running, returncode = kill_after_first_epoch(args, killed / "prompt_learner", REPO)
     assert still_running, "the run finished before it could be killed"
     assert not (killed / "prompt_learner" / "model.pth.tar-3").exists()
-    assert proc.returncode == -signal.SIGKILL
+    assert returncode == -signal.SIGKILL
     snapshot = tmp_path / "snapshot"
     shutil.copytree(str(killed), str(snapshot))
 
