@@ -9,6 +9,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-output/demo}
 PY=${PYTHON:-python}
+# The toy models are too small to gain from threads; one per process does not spin-wait on a busy CPU.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 "$PY" -m textrefiner.demo prepare "$OUT"
 COMMON=(--root "$OUT/data" --out "$OUT" --cfg demo_tiny MODEL.BACKBONE.PATH "$OUT/clip_tiny.pt")
