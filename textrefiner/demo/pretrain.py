@@ -3,8 +3,8 @@
 The world: every (colour, shape) pair of `textrefiner.data.synthetic`, drawn in a "pretraining"
 style (plain background, an object of varied size and position), and captions that name the
 colour and shape among other words (size, position, phrasing). The downstream demo dataset draws
-the same objects in another style (striped background, clutter, smaller objects), so zero-shot
-transfer is imperfect and prompt learning has something to adapt to.
+the same objects in another style (striped background, clutter, smaller objects, dimmer light),
+so zero-shot transfer is imperfect and prompt learning has something to adapt to.
 
 Training is CLIP's: the stock `clip.model.CLIP` class, CLIP's tokenizer, the symmetric InfoNCE
 loss over a batch, Adam. Each batch holds every (colour, shape) pair once, so no two captions of
