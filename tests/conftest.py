@@ -98,3 +98,32 @@ def cfg_factory():
 def images():
     torch.manual_seed(0)
     return torch.randn(4, 3, 32, 32)
+
+
+def kill_after_first_epoch(args, checkpoint_dir, cwd, timeout=240):
+    """Run `python -m textrefiner.train ARGS` and SIGKILL it once it has saved
+    `checkpoint_dir`/model.pth.tar-1. Returns (still running when killed, return code)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "textrefiner.train"] + list(args), cwd=cwd,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = os.path.join(str(checkpoint_dir), "model.pth.tar-1")
+    deadline = time.time() + timeout
+    try:
+        while not os.path.exists(first):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "the run never saved epoch 1"
+            time.sleep(0.01)
+        still_running = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    return still_running, proc.returncode

@@ -20,6 +20,8 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 # 6 colours and 5 shapes are coprime, so class i = (colour i % 6, shape i % 5) are all distinct
 MAX_CLASSES = len(COLORS) * len(SHAPES)
+CLUTTER_DOTS = 4
+LIGHT = (0.6, 0.9)  # the object's colour is scaled by a factor drawn from this range
 FOLDER = "synthetic_shapes"
 SPLIT_FILE = "split_zhou_SyntheticShapes.json"
 
@@ -50,7 +52,9 @@ def draw_shape(draw, shape, box, color):
 
 
 def render_image(classname, image_size, rng):
-    """One image of `classname` on a random textured background, shape placed at random."""
+    """One image of `classname` in the downstream style: a striped background, a few small dots
+    of clutter, and a smallish object under dim light (darker than the tiny CLIP's pretraining
+    images, `textrefiner.demo.pretrain`, which zero-shot transfer must bridge)."""
     color_name, shape = classname.split(" ")
     background = tuple(rng.randint(90, 200) for _ in range(3))
     img = Image.new("RGB", (image_size, image_size), background)
@@ -59,11 +63,17 @@ def render_image(classname, image_size, rng):
     tint = tuple(max(0, c - rng.randint(10, 40)) for c in background)
     for x in range(0, image_size, 2 * stripe):
         draw.rectangle((x, 0, x + stripe - 1, image_size), fill=tint)
-    size = rng.randint(image_size // 3, (3 * image_size) // 4)
+    for _ in range(CLUTTER_DOTS):
+        side = max(2, image_size // rng.randint(8, 16))
+        x0, y0 = rng.randint(0, image_size - side), rng.randint(0, image_size - side)
+        draw.ellipse((x0, y0, x0 + side, y0 + side), fill=COLORS[rng.choice(list(COLORS))])
+    size = rng.randint(image_size // 4, image_size // 2)
     x0 = rng.randint(0, image_size - size)
     y0 = rng.randint(0, image_size - size)
-    jitter = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLORS[color_name])
-    draw_shape(draw, shape, (x0, y0, x0 + size, y0 + size), jitter)
+    light = rng.uniform(*LIGHT)
+    color = tuple(min(255, max(0, int(light * c) + rng.randint(-20, 20)))
+                  for c in COLORS[color_name])
+    draw_shape(draw, shape, (x0, y0, x0 + size, y0 + size), color)
     return img
 
 

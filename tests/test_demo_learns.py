@@ -1,0 +1,129 @@
+"""What random weights cannot check, on the demo's tiny pretrained CLIP (textrefiner.demo):
+prompt learning learns, a base-trained checkpoint scores novel classes the same through both
+engines and after a kill-and-resume, and the trained refiner changes predictions.
+
+The tiny CLIP is pretrained once per session (about half a minute on one CPU thread)."""
+import importlib.util
+import os
+import re
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import kill_after_first_epoch
+from textrefiner.checkpoint import read_checkpoint
+from textrefiner.data import build_loader
+from textrefiner.demo import prepare_pretrained
+from textrefiner.demo.pretrain import pretrain_tiny_clip
+from textrefiner.train import main, run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATASET_CFG = os.path.join(REPO, "configs", "datasets", "synthetic_shapes.yaml")
+EPOCHS = 10  # demo_tiny's MAX_EPOCH
+
+
+def config_file(trainer):
+    return os.path.join(REPO, "configs", "trainers", trainer, "demo_tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The demo's 12-class dataset and pretrained tiny CLIP: {"root", "clip"}."""
+    return prepare_pretrained(str(tmp_path_factory.mktemp("tiny")), log=None)
+
+
+def command(tiny, out, trainer="CoOp", classes="base", refiner=False, engine="standalone",
+            extra=()):
+    args = ["--engine", engine, "--root", tiny["root"], "--trainer", trainer, "--seed", "1",
+            "--dataset-config-file", DATASET_CFG, "--config-file", config_file(trainer),
+            "--output-dir", str(out)] + (["--refiner"] if refiner else []) + list(extra)
+    shots = "0" if trainer == "ZeroshotCLIP" else "16"
+    return args + ["MODEL.BACKBONE.PATH", tiny["clip"], "DATASET.NUM_SHOTS", shots,
+                   "DATASET.SUBSAMPLE_CLASSES", classes]
+
+
+def evaluate_novel(tiny, model_dir, out, refiner, engine="standalone"):
+    extra = ("--eval-only", "--model-dir", str(model_dir), "--load-epoch", str(EPOCHS))
+    assert main(command(tiny, out, classes="new", refiner=refiner, engine=engine,
+                        extra=extra)) == 0
+    return accuracy(out)
+
+
+def accuracy(out):
+    """The last `* accuracy: X%` of a run's log.txt."""
+    with open(os.path.join(str(out), "log.txt"), encoding="utf-8") as f:
+        found = re.findall(r"^\* accuracy: ([0-9.]+)%", f.read(), flags=re.M)
+    assert found, f"no accuracy in {out}/log.txt"
+    return float(found[-1])
+
+
+@pytest.fixture(scope="session")
+def tr_run(tiny, tmp_path_factory):
+    """CoOp + TR trained on the base classes with the demo's recipe (seed 1)."""
+    out = tmp_path_factory.mktemp("tr_base")
+    assert main(command(tiny, out, refiner=True)) == 0
+    return out
+
+
+def test_pretraining_is_deterministic_for_a_seed():
+    states = [pretrain_tiny_clip(seed=3, steps=3, variants=2, log=None).state_dict()
+              for _ in range(2)]
+    other = pretrain_tiny_clip(seed=4, steps=3, variants=2, log=None).state_dict()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not torch.equal(states[0]["visual.proj"], other["visual.proj"])
+
+
+def test_zero_shot_is_well_above_chance_and_coop_beats_it_on_base(tiny, tmp_path):
+    zero_shot = {}
+    for classes in ("base", "new"):
+        out = tmp_path / f"zs_{classes}"
+        assert main(command(tiny, out, "ZeroshotCLIP", classes, extra=("--eval-only",))) == 0
+        zero_shot[classes] = accuracy(out)
+    chance = 100.0 / 6
+    assert zero_shot["base"] >= 3 * chance and zero_shot["new"] >= 3 * chance, zero_shot
+    assert main(command(tiny, tmp_path / "coop")) == 0
+    assert accuracy(tmp_path / "coop") > zero_shot["base"] + 2.0
+
+
+def test_novel_accuracy_is_the_same_through_both_engines(tiny, tr_run, tmp_path):
+    standalone = evaluate_novel(tiny, tr_run, tmp_path / "standalone", refiner=True)
+    if importlib.util.find_spec("dassl") is None:
+        pytest.skip("Dassl.pytorch is not installed: the standalone engine alone was checked")
+    dassl = evaluate_novel(tiny, tr_run, tmp_path / "dassl", refiner=True, engine="dassl")
+    assert dassl == standalone
+
+
+def test_killed_and_resumed_run_scores_novel_classes_the_same(tiny, tr_run, tmp_path):
+    killed = tmp_path / "killed"
+    args = command(tiny, killed, refiner=True)
+    still_running, returncode = kill_after_first_epoch(args, killed / "prompt_learner", REPO)
+    assert still_running, "the run finished before it could be killed"
+    assert not (killed / "prompt_learner" / f"model.pth.tar-{EPOCHS}").exists()
+    assert returncode == -signal.SIGKILL
+
+    assert main(args) == 0  # the same command continues from the last checkpoint
+    resumed = evaluate_novel(tiny, killed, tmp_path / "resumed_new", refiner=True)
+    straight = evaluate_novel(tiny, tr_run, tmp_path / "straight_new", refiner=True)
+    assert resumed == straight
+    final = [read_checkpoint(os.path.join(str(out), "prompt_learner", f"model.pth.tar-{EPOCHS}"))
+             ["state_dict"] for out in (killed, tr_run)]
+    assert sorted(final[0]) == sorted(final[1])
+    assert all(torch.equal(final[0][key], final[1][key]) for key in final[0])
+
+
+def test_the_trained_refiner_changes_predictions(tiny, tr_run, tmp_path):
+    extra = ("--eval-only", "--model-dir", str(tr_run), "--load-epoch", str(EPOCHS))
+    trainer = run(command(tiny, tmp_path / "new", classes="new", refiner=True, extra=extra))
+    model = trainer.model.eval()
+    loader = build_loader(trainer.splits.test, trainer.cfg, is_train=False, batch_size=100,
+                          shuffle=False)
+    with torch.no_grad():
+        text = F.normalize(model.text_features(), dim=-1)
+        refined = model.class_embeddings()
+        images = torch.cat([F.normalize(model.encode_images(b["img"]).features, dim=-1)
+                            for b in loader])
+    assert not torch.allclose(refined, text, atol=1e-3)
+    changed = (images @ refined.t()).argmax(1) != (images @ text.t()).argmax(1)
+    assert changed.any(), "the refined classifier predicts exactly what the plain one does"

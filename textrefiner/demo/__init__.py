@@ -1,0 +1,87 @@
+"""The offline demo: a synthetic dataset in CoOp's layout and the tiny CLIP that goes with it.
+
+    python -m textrefiner.demo prepare DIR        # DIR/data/synthetic_shapes + DIR/clip_tiny.pt
+    python -m textrefiner.demo pretrain FILE      # only the pretrained tiny CLIP, to FILE
+    python -m textrefiner.demo prepare DIR --random   # DIR/clip_random.pt: random weights
+
+Two CLIPs, for two jobs:
+* the tiny *pretrained* CLIP (`textrefiner.demo.pretrain`, about half a minute on a CPU, cached
+  in DIR) learns colours and shapes contrastively, so zero-shot works and prompt learning has
+  something to improve: `scripts/demo.sh` and tests/test_demo_learns.py use it;
+* the *random-weight* CLIP (`prepare_random`, instant) is for the fast unit tests, which check
+  the pipeline and the equations, not learning.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from ..clip_backbone import save_random_clip
+from ..data.synthetic import write_synthetic_dataset
+from .pretrain import TINY_CLIP, pretrain_tiny_clip
+
+RANDOM_CLIP = dict(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128,
+                   vision_patch_size=8, transformer_width=64, transformer_layers=3)
+# 12 classes: base = the first 6 (every colour and every shape), novel = 6 other pairings of them
+DEMO_CLASSES = 12
+PRETRAIN_SEED = 0
+
+
+def prepare_random(folder: str) -> dict:
+    """A 10-class synthetic dataset and a random-weight CLIP for fast tests: {"root", "clip"}."""
+    data = os.path.join(folder, "data")
+    clip_file = os.path.join(folder, "clip_random.pt")
+    if not os.path.isdir(os.path.join(data, "synthetic_shapes")):
+        write_synthetic_dataset(data, num_classes=10, image_size=32, seed=0)
+    if not os.path.isfile(clip_file):
+        save_random_clip(clip_file, **RANDOM_CLIP)
+    return {"root": data, "clip": clip_file}
+
+
+prepare = prepare_random  # the name the unit tests import
+
+
+def save_pretrained_clip(path: str, seed: int = PRETRAIN_SEED, log=print) -> str:
+    """Pretrain the tiny CLIP and write its state dict (which `load_clip(path)` reads)."""
+    model = pretrain_tiny_clip(seed=seed, log=log)
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    partial = f"{path}.partial"
+    torch.save(model.state_dict(), partial)
+    os.replace(partial, path)  # a killed run leaves no file that looks finished
+    return path
+
+
+def prepare_pretrained(folder: str, log=print) -> dict:
+    """The demo's 12-class dataset and pretrained tiny CLIP (made once, then reused)."""
+    data = os.path.join(folder, "data")
+    clip_file = os.path.join(folder, "clip_tiny.pt")
+    if not os.path.isdir(os.path.join(data, "synthetic_shapes")):
+        write_synthetic_dataset(data, num_classes=DEMO_CLASSES, per_class_test=30,
+                                image_size=32, seed=0)
+    if not os.path.isfile(clip_file):
+        save_pretrained_clip(clip_file, log=log)
+    return {"root": data, "clip": clip_file}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser("prepare", help="write the demo dataset and CLIP under a folder")
+    prep.add_argument("folder")
+    prep.add_argument("--random", action="store_true",
+                      help="a random-weight CLIP (fast tests) instead of the pretrained one")
+    pre = commands.add_parser("pretrain", help="pretrain the tiny CLIP into a file")
+    pre.add_argument("file")
+    pre.add_argument("--seed", type=int, default=PRETRAIN_SEED)
+    args = parser.parse_args(argv)
+    if args.command == "pretrain":
+        print(f"clip: {save_pretrained_clip(args.file, args.seed)}")
+        return 0
+    paths = (prepare_random if args.random else prepare_pretrained)(args.folder)
+    print(f"data: {paths['root']}\nclip: {paths['clip']}")
+    return 0
+
+
+__all__ = ["TINY_CLIP", "prepare", "prepare_random", "prepare_pretrained", "save_pretrained_clip",
+           "pretrain_tiny_clip", "main"]
