@@ -7,13 +7,13 @@ setup(
                 "image tokens, for CoOp, MaPLe and PromptKD.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.8",
     packages=find_packages(include=["textrefiner", "textrefiner.*"]) + ["textrefiner_trainers"],
     # The repository's trainers/ folder (the Dassl layer) installs as `textrefiner_trainers`, so it
     # never shadows, nor is shadowed by, the top-level `trainers` package of CoOp-style repos.
     package_dir={"textrefiner_trainers": "trainers"},
     install_requires=[
-        "torch>=2.3",  # torch.amp.GradScaler("cuda")
+        "torch>=1.13",  # torch.load(weights_only=True)
         "torchvision",
         "openai-clip",
         "packaging",

@@ -23,6 +23,7 @@ from textrefiner.data import (
     synthetic_classnames,
     write_synthetic_dataset,
 )
+from textrefiner.data.base import load_fewshot_cache
 from textrefiner.data.datasets import FACTS, SPLIT_JSON_DATASETS
 from textrefiner.errors import UserError
 
@@ -160,8 +161,8 @@ def test_imagenet_reader_reads_folders_and_caches_listing(tmp_path):
     splits = build_dataset(make_cfg(tmp_path, "ImageNet", shots=2, subsample="base"))
     assert splits.val == splits.test and splits.classnames == ["name of n01", "name of n02"]
     assert len(splits.train_x) == 4 and len(splits.test) == 6
-    with open(folder / "split_fewshot" / "shot_2-seed_1.pkl", "rb") as f:
-        assert set(pickle.load(f)) == {"train"}
+    cached = load_fewshot_cache(str(folder / "split_fewshot" / "shot_2-seed_1.pkl"), str(folder))
+    assert set(cached) == {"train"}
 
 
 def test_imagenet_v2_reader(tmp_path):
@@ -306,9 +307,9 @@ def test_fewshot_cache_is_written_and_reused(tmp_path):
     assert splits.train_x == expected_train and splits.val == expected_val
 
     cache = tmp_path / "oxford_pets" / "split_fewshot" / "shot_8-seed_3.pkl"
-    with open(cache, "rb") as f:
-        assert pickle.load(f) == {"train": expected_train, "val": expected_val}
-    with open(cache, "wb") as f:  # a cache written earlier wins over a new draw
+    assert load_fewshot_cache(str(cache), str(tmp_path / "oxford_pets")) == {
+        "train": expected_train, "val": expected_val}
+    with open(cache, "wb") as f:  # a cache written earlier (older format) wins over a new draw
         pickle.dump({"train": expected_train[:2], "val": expected_val[:1]}, f)
     again = build_dataset(cfg)
     assert again.train_x == expected_train[:2] and again.val == expected_val[:1]

@@ -46,7 +46,9 @@ def _create_temporary(folder: str, name: str):
             continue
 
 
-def _atomic_write(path: str, write, mode: str):
+def atomic_write(path: str, write, mode: str):
+    """Write `path` through `write(file)` into a temporary file beside it, then rename it into
+    place (a kill or a full disk never leaves a truncated file); an OSError is an OutputError."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -72,7 +74,7 @@ def _write_failed(path: str, exc: OSError) -> OutputError:
 
 
 def write_checkpoint(obj: dict, path: str) -> str:
-    return _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    return atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def save_method_checkpoint(model, path: str, epoch: int, optimizer=None, scheduler=None,
@@ -90,7 +92,7 @@ def save_method_checkpoint(model, path: str, epoch: int, optimizer=None, schedul
     write_checkpoint(state, path)
     if mark_latest:
         marker = os.path.join(os.path.dirname(path), LATEST_MARKER)
-        _atomic_write(marker, lambda f: f.write(os.path.basename(path) + "\n"), "w")
+        atomic_write(marker, lambda f: f.write(os.path.basename(path) + "\n"), "w")
     return path
 
 
@@ -112,7 +114,7 @@ def carry_best_checkpoint(resume_dir: str, output_dir: str, name: str):
     if not os.path.isfile(source) or same_folder(resume_dir, output_dir):
         return None
     with open(source, "rb") as original:
-        _atomic_write(target, lambda f: shutil.copyfileobj(original, f), "wb")
+        atomic_write(target, lambda f: shutil.copyfileobj(original, f), "wb")
     return (f"Carried the best checkpoint so far, {source}, into {target} (--output-dir); "
             "TEST.FINAL_MODEL best_val tests it unless a later epoch beats it")
 

@@ -106,6 +106,15 @@ def amp_autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype, enabled=precision == "amp")
 
 
+def amp_grad_scaler(precision: str, device: torch.device):
+    """The loss scaler of PREC "amp" on CUDA (float16 needs it), or None."""
+    if precision != "amp" or device.type != "cuda":
+        return None
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
+
+
 def check_image_size(cfg, clip_model: nn.Module):
     """INPUT.SIZE must be the CLIP's input resolution (CoOp asserts the same)."""
     size = clip_model.visual.input_resolution

@@ -27,6 +27,7 @@ __all__ = [
     "load_cfg",
     "add_refiner_args",
     "apply_refiner_args",
+    "tr_config_file",
 ]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -469,8 +470,12 @@ def add_refiner_args(parser):
     return group
 
 
-def apply_refiner_args(cfg, args):
-    """Copy the flags of `add_refiner_args` that were given into TRAINER.REFINER; validated."""
+def apply_refiner_args(cfg, args, check_trainer: bool = True):
+    """Copy the flags of `add_refiner_args` that were given into TRAINER.REFINER; validated.
+
+    With TextRefiner on, the trainer (TRAINER.NAME, or `args.trainer`) must be one of ours
+    ("TR_CoOp", ...): a codebase's own "CoOp" would train without it. `check_trainer=False` is
+    for runners that map plain method names to ours (textrefiner-train)."""
     extend_cfg(cfg)
     was_frozen = cfg.is_frozen()
     cfg.defrost()
@@ -483,4 +488,38 @@ def apply_refiner_args(cfg, args):
             refiner[key] = kind(value)
     if was_frozen:
         cfg.freeze()
+    if check_trainer and refiner.ENABLED:
+        _require_refiner_trainer(cfg.TRAINER.NAME or getattr(args, "trainer", "") or "")
     return validate_cfg(cfg)
+
+
+TRAINER_PREFIX = "TR_"  # the Dassl layer's registry names: TR_CoOp, TR_MaPLe, ...
+
+
+def _require_refiner_trainer(name: str):
+    from .methods import METHODS
+
+    trained = [method for method in METHODS if method != "ZeroshotCLIP"]
+    if not name or (name.startswith(TRAINER_PREFIX) and name[len(TRAINER_PREFIX):] in METHODS):
+        return
+    ours = ", ".join(TRAINER_PREFIX + method for method in trained)
+    if name in METHODS:
+        raise ConfigError(
+            f"--refiner with --trainer {name}: that is the codebase's own {name} trainer, which "
+            f"ignores TRAINER.REFINER and would train without TextRefiner. Use --trainer "
+            f"{TRAINER_PREFIX}{name} (import textrefiner_trainers first).")
+    raise ConfigError(f"--refiner with --trainer {name}: TextRefiner runs only in the trainers "
+                      f"of textrefiner_trainers ({ours}).")
+
+
+def tr_config_file(path: str) -> str:
+    """A CoOp-style script's `configs/trainers/${TRAINER}/<file>.yaml` for TRAINER=TR_<Method>:
+    the method's own config folder (`configs/trainers/<Method>/<file>.yaml`) when the TR_ one
+    does not exist. Other paths are returned as they are."""
+    if not path or os.path.exists(path):
+        return path
+    parts = os.path.normpath(path).split(os.sep)
+    renamed = [part[len(TRAINER_PREFIX):] if part.startswith(TRAINER_PREFIX) else part
+               for part in parts]
+    candidate = os.sep.join(renamed)
+    return candidate if renamed != parts and os.path.exists(candidate) else path

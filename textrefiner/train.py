@@ -76,7 +76,7 @@ def setup_cfg(args):
     pairs = [item for key, value in flags.items() if value for item in (key, value)]
     cfg = load_cfg(args.config_file or None, args.dataset_config_file or None,
                    pairs + list(args.opts or []))
-    apply_refiner_args(cfg, args)
+    apply_refiner_args(cfg, args, check_trainer=False)  # plain names map to TR_ trainers
     cfg.freeze()
     return cfg
 

@@ -17,7 +17,8 @@ from textrefiner.checkpoint import (LATEST_MARKER, carry_best_checkpoint, check_
                                     checkpoint_path, load_init_weights, load_method_checkpoint,
                                     missing_best_error, no_checkpoint_to_resume,
                                     restored_best_result, save_method_checkpoint)
-from textrefiner.clip_backbone import amp_autocast, check_image_size, load_clip
+from textrefiner.clip_backbone import (amp_autocast, amp_grad_scaler, check_image_size,
+                                    load_clip)
 from textrefiner.config import ConfigError, validate_cfg
 from textrefiner.data import DATASETS
 from textrefiner.engine.optim import build_scheduler as standalone_scheduler
@@ -123,8 +124,7 @@ class MethodTrainer(TrainerX):
         self.optim = build_optimizer(params, cfg.OPTIM) if params else None
         self.sched = build_scheduler(self.optim, cfg.OPTIM) if params else None
         self.register_model(self.registered_name, self.model, self.optim, self.sched)
-        use_scaler = self.precision == "amp" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.scaler = amp_grad_scaler(self.precision, self.device)
 
     # ---------------------------------------------------------------- training
     def parse_batch_train(self, batch):

@@ -1,5 +1,6 @@
 """Data items, splits, CoOp's split files, base/novel class split and few-shot sampling."""
 
+import copyreg
 import json
 import logging
 import math
@@ -10,7 +11,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import List, Optional
 
-from textrefiner.errors import UserError
+from textrefiner.checkpoint import atomic_write
+from textrefiner.errors import OutputError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -162,17 +164,74 @@ def fewshot_cache_path(dataset_dir, num_shots, seed):
     return os.path.join(dataset_dir, "split_fewshot", f"shot_{num_shots}-seed_{seed}.pkl")
 
 
+# Dassl's Datum, as CoOp-style repositories pickle it into `split_fewshot/`. The cache is written
+# in that format (Dassl need not be installed to write or read it), so the codebases sharing a
+# dataset folder read our files without textrefiner, and we read theirs without Dassl.
+DASSL_DATUM = ("dassl.data.datasets.base_dataset", "Datum")
+
+
+class _DasslDatumState:
+    """What a pickled Dassl Datum holds (`_impath`, `_label`, `_domain`, `_classname`): the class
+    the cache's Dassl Datums unpickle to, and the stand-in that writes them."""
+
+    def __init__(self, impath="", label=0, domain=0, classname=""):
+        self._impath, self._label = impath, label
+        self._domain, self._classname = domain, classname
+
+    def __reduce__(self):
+        return copyreg.__newobj__, (_DasslDatumState,), self.__dict__.copy()
+
+    @property
+    def impath(self):
+        return self._impath
+
+    @property
+    def label(self):
+        return self._label
+
+    @property
+    def domain(self):
+        return self._domain
+
+    @property
+    def classname(self):
+        return self._classname
+
+
+class _DasslFormatPickler(pickle._Pickler):  # the Python pickler: its save_global can be changed
+    """Writes `_DasslDatumState` as Dassl's Datum class, whether or not Dassl is importable."""
+
+    def save_global(self, obj, name=None):
+        if obj is not _DasslDatumState:
+            return super().save_global(obj, name)
+        module, qualname = DASSL_DATUM
+        self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode("utf-8"))
+        self.memoize(obj)
+
+
+class _FewshotUnpickler(pickle.Unpickler):
+    """Reads Dassl's Datum without Dassl; everything else as usual (our older files hold
+    textrefiner's own Datum)."""
+
+    def find_class(self, module, name):
+        if (module, name) == DASSL_DATUM:
+            return _DasslDatumState
+        return super().find_class(module, name)
+
+
 def load_fewshot_cache(path, dataset_dir):
     """The cached {"train": [...], "val": [...]} as our `Datum`s, or None when unusable.
 
-    Files written by CoOp hold Dassl's Datum (same attributes); they are unusable here when
-    Dassl is not importable or when they point outside `dataset_dir` (dataset moved).
+    Reads the files of CoOp-style codebases and ours (Dassl's Datum, with or without Dassl), and
+    those of earlier textrefiner versions (textrefiner's Datum), which are rewritten in Dassl's
+    format. A file that points outside `dataset_dir` (dataset moved) is drawn again.
     """
     if not os.path.exists(path):
         return None
     try:
         with open(path, "rb") as f:
-            data = pickle.load(f)
+            data = _FewshotUnpickler(f).load()
+        old_format = any(isinstance(item, Datum) for items in data.values() for item in items)
         cached = {key: [as_datum(item) for item in items] for key, items in data.items()}
     except (ImportError, AttributeError, pickle.UnpicklingError, EOFError) as err:
         logger.warning("Ignoring few-shot cache %s (%s); drawing it again", path, err)
@@ -182,17 +241,22 @@ def load_fewshot_cache(path, dataset_dir):
         logger.warning("Few-shot cache %s points outside %s; drawing it again", path, dataset_dir)
         return None
     logger.info("Loading preprocessed few-shot data from %s", path)
+    if old_format:
+        logger.info("Rewriting %s in Dassl's format, which the CoOp-style codebases read", path)
+        save_fewshot_cache(path, cached)
     return cached
 
 
 def save_fewshot_cache(path, data):
-    """Write the few-shot draw; a read-only dataset folder only costs a warning."""
+    """Write the few-shot draw as CoOp does (a pickle of Dassl Datums), atomically; a read-only
+    dataset folder only costs a warning."""
+    converted = {key: [_DasslDatumState(item.impath, item.label, item.domain, item.classname)
+                       for item in items] for key, items in data.items()}
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        atomic_write(path, lambda f: _DasslFormatPickler(
+            f, protocol=pickle.HIGHEST_PROTOCOL).dump(converted), "wb")
         logger.info("Saving preprocessed few-shot data to %s", path)
-    except OSError as err:
+    except OutputError as err:
         logger.warning("Could not write few-shot cache %s (%s)", path, err)
 
 

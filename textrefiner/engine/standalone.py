@@ -25,7 +25,8 @@ from ..checkpoint import (carry_best_checkpoint, check_resumable_lr, checkpoint_
                           load_init_weights, load_method_checkpoint, missing_best_error,
                           no_checkpoint_to_resume, restored_best_result,
                           save_method_checkpoint)
-from ..clip_backbone import amp_autocast, check_image_size, load_clip
+from ..clip_backbone import (amp_autocast, amp_grad_scaler, check_image_size,
+                             load_clip)
 from ..data import build_dataset, build_loader
 from ..errors import UserError, output_failed
 from ..methods import method_class
@@ -134,8 +135,7 @@ class StandaloneTrainer:
         if trainable:
             self.optim = build_optimizer(trainable.values(), self.cfg.OPTIM)
             self.sched = build_scheduler(self.optim, self.cfg.OPTIM)
-        use_scaler = self.precision == "amp" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.scaler = amp_grad_scaler(self.precision, self.device)
         self.step_module = TrainStep(self.model)
         if self.world > 1 and trainable:
             ids = [self.device.index] if self.device.type == "cuda" else None
