@@ -1,6 +1,8 @@
 """The trimmed text encoder: exact against the full 77-position pass of the original codebases,
 for every method; and its memory options (activation checkpointing, chunks) change no gradient."""
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -15,26 +17,15 @@ from textrefiner.train import build_parser, setup_cfg
 
 from conftest import make_cfg
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.run import full_length_encode_text  # noqa: E402  (the original codebases' path)
+
 # End tokens at different positions; the last name makes L cross a multiple of 16.
 NAMES = ["red circle", "blue square with a thin border", "green_triangle",
          "a very long and winding class name that keeps going on and on for many more words"]
 REFINER_ON = ("TRAINER.REFINER.ENABLED", "True", "TRAINER.REFINER.TOPK", "3")
 SRC_OPTS = ("TRAINER.PROMPTSRC.PREC", "fp32", "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", "2",
             "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "2")
-
-
-def full_length_encode_text(clip_model, embeddings, eot_indices, deep_prompts=None, **_):
-    """The original codebases' text encoder: all 77 positions through the stock blocks."""
-    dtype = clip_model.dtype
-    x = (embeddings.to(dtype) + clip_model.positional_embedding.to(dtype)).permute(1, 0, 2)
-    deep = list(deep_prompts or [])
-    for i, block in enumerate(clip_model.transformer.resblocks):
-        if 0 < i <= len(deep):
-            ctx = deep[i - 1].to(dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
-            x = torch.cat([x[:1], ctx, x[1 + ctx.shape[0]:]])
-        x = block(x)
-    x = clip_model.ln_final(x.permute(1, 0, 2)).to(dtype)
-    return x[torch.arange(x.shape[0]), eot_indices] @ clip_model.text_projection
 
 
 @pytest.fixture
@@ -90,8 +81,6 @@ def text_of(model, images):
     if type(model).__name__ == "PromptSRC":
         model.fixed_embeddings = None
         return [model.text_features(), model.zero_shot_text_features()]
-    if type(model).__name__ == "ZeroshotCLIP":
-        return [model.text_features()]
     return [model.text_features()]
 
 
@@ -130,7 +119,7 @@ def test_trimmed_equals_full_length_fp32(method, small_clip, teacher_ckpt, teach
         if method == "PromptKD":  # the teacher's features are computed when it is built
             trimmed = [model.teacher_text]
         full_length()
-        if method == "ZeroshotCLIP" or method == "PromptKD":
+        if method in ("ZeroshotCLIP", "PromptKD"):  # text encoded when the model is built
             model = build(method, small_clip, teacher_ckpt, teacher_clip_path)
             full = [model.text_features()] if method == "ZeroshotCLIP" else [model.teacher_text]
         else:
