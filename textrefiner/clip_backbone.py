@@ -307,14 +307,14 @@ class TextEncoder(nn.Module):
     `chunk_size` are `encode_text`'s memory options (TRAINER.TEXT_ENCODER; set by the methods).
     """
 
-    def __init__(self, clip_model: nn.Module, checkpointing: bool = False, chunk_size: int = 0):
+    def __init__(self, clip_model: nn.Module):
         super().__init__()
         self.transformer = clip_model.transformer
         self.positional_embedding = clip_model.positional_embedding
         self.ln_final = clip_model.ln_final
         self.text_projection = clip_model.text_projection
-        self.checkpointing = checkpointing
-        self.chunk_size = chunk_size
+        self.checkpointing = False
+        self.chunk_size = 0
 
     @property
     def dtype(self) -> torch.dtype:

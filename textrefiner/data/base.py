@@ -181,21 +181,10 @@ class _DasslDatumState:
     def __reduce__(self):
         return copyreg.__newobj__, (_DasslDatumState,), self.__dict__.copy()
 
-    @property
-    def impath(self):
-        return self._impath
-
-    @property
-    def label(self):
-        return self._label
-
-    @property
-    def domain(self):
-        return self._domain
-
-    @property
-    def classname(self):
-        return self._classname
+    impath = property(lambda self: self._impath)
+    label = property(lambda self: self._label)
+    domain = property(lambda self: self._domain)
+    classname = property(lambda self: self._classname)
 
 
 class _DasslFormatPickler(pickle._Pickler):  # the Python pickler: its save_global can be changed

@@ -69,8 +69,7 @@ class PromptMethod(nn.Module):
         self.reg_weight = cfg.TRAINER.REFINER.REG_WEIGHT
         self.refiner = None
         self._classifier = None  # class embeddings cached for evaluation
-        tcfg = cfg.TRAINER.TEXT_ENCODER
-        self._text_memory = {"checkpointing": tcfg.CHECKPOINTING, "chunk_size": tcfg.CHUNK_SIZE}
+        self._text_memory = cfg.TRAINER.TEXT_ENCODER  # set on every text encoder by _freeze
 
     # ---------------------------------------------------------------- set-up helpers
     def _attach_refiner(self, cfg, dim: int, token_dim: int, dtype: torch.dtype):
@@ -88,8 +87,8 @@ class PromptMethod(nn.Module):
             param.requires_grad_(self._is_saved(name))
         for module in self.modules():
             if isinstance(module, TextEncoder):
-                module.checkpointing = self._text_memory["checkpointing"]
-                module.chunk_size = self._text_memory["chunk_size"]
+                module.checkpointing = self._text_memory.CHECKPOINTING
+                module.chunk_size = self._text_memory.CHUNK_SIZE
 
     # ---------------------------------------------------------------- subclass hooks
     def text_features(self) -> torch.Tensor:
