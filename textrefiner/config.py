@@ -209,7 +209,9 @@ _EXTENSIONS = {
     },
     "DATASET": {"SUBSAMPLE_CLASSES": "all"},
     "MODEL": {"BACKBONE": {"PATH": ""}},  # local CLIP file; empty = download by NAME
-    "TEST": {"NO_TEST": False},
+    # Folder of the feature store: evaluation reads the frozen image encoder's features of each
+    # test image from it, computing only what is missing (textrefiner.feature_store); "": off
+    "TEST": {"NO_TEST": False, "FEATURE_STORE": ""},
 }
 
 

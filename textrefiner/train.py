@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-chunk-size", type=int, metavar="N",
                         help="encode at most N class prompts at a time "
                              "(TRAINER.TEXT_ENCODER.CHUNK_SIZE; 0: all at once)")
+    parser.add_argument("--feature-store", metavar="DIR",
+                        help="read the frozen image encoder's features of the test images from "
+                             "DIR, computing and adding only the missing ones (zero-shot CLIP, "
+                             "CoOp, CoCoOp, with or without TextRefiner; TEST.FEATURE_STORE)")
     add_refiner_args(parser)
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
                         help="modify config options using the command line (KEY VALUE pairs)")
@@ -72,7 +76,8 @@ def setup_cfg(args):
              "TRAINER.NAME": args.trainer,
              "TRAINER.TEXT_ENCODER.CHECKPOINTING": "True" if args.text_checkpointing else "",
              "TRAINER.TEXT_ENCODER.CHUNK_SIZE":
-                 "" if args.text_chunk_size is None else str(args.text_chunk_size)}
+                 "" if args.text_chunk_size is None else str(args.text_chunk_size),
+             "TEST.FEATURE_STORE": args.feature_store}
     pairs = [item for key, value in flags.items() if value for item in (key, value)]
     cfg = load_cfg(args.config_file or None, args.dataset_config_file or None,
                    pairs + list(args.opts or []))

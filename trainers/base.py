@@ -24,7 +24,9 @@ from textrefiner.data import DATASETS
 from textrefiner.engine.optim import build_scheduler as standalone_scheduler
 from textrefiner.engine.optim import check_loss, explained_step_errors
 from textrefiner.engine.standalone import epoch_seed, set_seed
+from textrefiner.data import build_loader
 from textrefiner.errors import UserError
+from textrefiner.feature_store import labels_of, maybe_stored_evaluation
 from textrefiner.methods import build_method, method_class
 
 # --trainer value -> name in Dassl's TRAINER_REGISTRY (prefixed so that the original codebases'
@@ -168,7 +170,42 @@ class MethodTrainer(TrainerX):
         if hasattr(self.model, "set_eval_classes"):  # PromptKD scores a slice of its classes
             self.model.set_eval_classes(split, self.cfg.TRAINER.MODAL,
                                         self.cfg.DATASET.SUBSAMPLE_CLASSES)
-        return super().test(split)
+        stored = self.stored_evaluation()
+        if stored is None:
+            return super().test(split)
+        return self._test_from_store(split, stored)
+
+    def stored_evaluation(self):
+        """The feature store's evaluation (TEST.FEATURE_STORE), built on first use; None when it
+        is off or the method's image side is prompted or trained."""
+        if not hasattr(self, "_stored_eval"):
+            self._stored_eval = maybe_stored_evaluation(
+                self.cfg.TEST.FEATURE_STORE, self.model, self.test_loader.dataset.transform,
+                self.precision, self.device, lambda: amp_autocast(self.precision, self.device),
+                print)
+        return self._stored_eval
+
+    def _test_from_store(self, split, stored):
+        """Dassl's `test` with the image features read from the feature store."""
+        self.set_model_mode("eval")
+        self.evaluator.reset()
+        loader = self.val_loader if split == "val" and self.val_loader is not None else None
+        split, loader = ("val", loader) if loader is not None else ("test", self.test_loader)
+        print(f"Evaluate on the *{split}* set")
+        wrapper = loader.dataset  # Dassl's DatasetWrapper: its items and test transform
+        items, batch_size = wrapper.data_source, loader.batch_size
+        features = stored.image_features(
+            items, self.cfg.DATASET.NAME, batch_size, lambda subset: build_loader(
+                subset, self.cfg, is_train=False, batch_size=batch_size, shuffle=False,
+                transform=wrapper.transform))
+        labels = labels_of(items)
+        for start, logits in stored.logits(features, batch_size):
+            self.evaluator.process(logits.float(),
+                                   labels[start:start + logits.shape[0]].to(logits.device))
+        results = self.evaluator.evaluate()
+        for key, value in results.items():
+            self.write_scalar(f"{split}/{key}", value, self.epoch)
+        return list(results.values())[0]
 
     # ---------------------------------------------------------------- checkpoints
     def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):

@@ -28,7 +28,9 @@ from ..checkpoint import (carry_best_checkpoint, check_resumable_lr, checkpoint_
 from ..clip_backbone import (amp_autocast, amp_grad_scaler, check_image_size,
                              load_clip)
 from ..data import build_dataset, build_loader
+from ..data.transforms import build_transform
 from ..errors import UserError, output_failed
+from ..feature_store import labels_of, maybe_stored_evaluation
 from ..methods import method_class
 from .evaluator import Classification
 from .optim import build_optimizer, build_scheduler, check_loss, explained_step_errors
@@ -108,6 +110,10 @@ class StandaloneTrainer:
         if cfg.MODEL.INIT_WEIGHTS:
             load_init_weights(self.model, cfg.MODEL.INIT_WEIGHTS, self.log)
         self.checkpoint_name = cls.checkpoint_name
+        self.stored_eval = maybe_stored_evaluation(
+            cfg.TEST.FEATURE_STORE, self.model, build_transform(cfg, is_train=False),
+            self.precision, self.device, lambda: amp_autocast(self.precision, self.device),
+            self.log)
         self._build_optimisation()
         self.writer = None
         self.start_epoch = 0
@@ -319,19 +325,38 @@ class StandaloneTrainer:
         if hasattr(self.model, "set_eval_classes"):
             self.model.set_eval_classes(split, cfg.TRAINER.MODAL, cfg.DATASET.SUBSAMPLE_CLASSES)
         self.model.eval()
-        loader = build_loader(items, cfg, is_train=False,
-                              batch_size=cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False)
-        num_classes = self.model.num_eval_classes
-        evaluator = Classification(num_classes)
+        evaluator = Classification(self.model.num_eval_classes)
         self.log(f"Evaluate on the *{split}* set")
-        for batch in tqdm(loader, disable=self._no_bar, leave=False, dynamic_ncols=True):
-            with amp_autocast(self.precision, self.device):
-                logits = self.model(batch["img"].to(self.device))
-            evaluator.process(logits.float(), batch["label"])
+        for logits, labels in self._eval_batches(items):
+            evaluator.process(logits.float(), labels)
         results = _capture(evaluator.evaluate, self.log)
         for key, value in results.items():
             self.write_scalar(f"{split}/{key}", value, epoch if epoch is not None else 0)
         return results["accuracy"]
+
+
+    def _eval_batches(self, items):
+        """(logits, labels) per test batch: the model on the images, or on their features from
+        the feature store (TEST.FEATURE_STORE)."""
+        cfg = self.cfg
+        batch_size = cfg.DATALOADER.TEST.BATCH_SIZE
+
+        def loader_of(subset):
+            return build_loader(subset, cfg, is_train=False, batch_size=batch_size, shuffle=False)
+
+        if self.stored_eval is not None:
+            features = self.stored_eval.image_features(
+                items, cfg.DATASET.NAME, batch_size, lambda subset: tqdm(
+                    loader_of(subset), disable=self._no_bar, leave=False, dynamic_ncols=True))
+            labels = labels_of(items)
+            for start, logits in self.stored_eval.logits(features, batch_size):
+                yield logits, labels[start:start + logits.shape[0]]
+            return
+        for batch in tqdm(loader_of(items), disable=self._no_bar, leave=False,
+                          dynamic_ncols=True):
+            with amp_autocast(self.precision, self.device):
+                logits = self.model(batch["img"].to(self.device))
+            yield logits, batch["label"]
 
 
 class _Indexable:

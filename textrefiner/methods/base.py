@@ -139,7 +139,12 @@ class PromptMethod(nn.Module):
     # ---------------------------------------------------------------- forward passes
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Evaluation logits [B, C]: plain image encoder against the (cached) classifier."""
-        features = F.normalize(self.encode_images(images).features, dim=-1)
+        return self.forward_features(self.encode_images(images).features)
+
+    def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits [B, C] from the image encoder's global features [B, d] (as
+        `encode_images` returns them; the feature store feeds stored ones here)."""
+        features = F.normalize(image_features, dim=-1)
         return self.logit_scale.exp() * image_text_logits(features, self.class_embeddings())
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor):

@@ -89,8 +89,9 @@ class CoCoOp(PromptMethod):
     def num_eval_classes(self) -> int:
         return len(self.classnames)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Evaluation logits [B, C], per image: each image's own (refined) classifier."""
-        features = F.normalize(self.encode_images(images).features, dim=-1)
+    def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits [B, C], per image: each image's own (refined) classifier, from the
+        image encoder's global features [B, d] (all the image side its meta-net reads)."""
+        features = F.normalize(image_features, dim=-1)
         classifier = self.refined(self.batch_text_features(features))  # [B, C, d]
         return self.logit_scale.exp() * image_text_logits(features, classifier)
