@@ -286,3 +286,47 @@ def test_promptsrc_gpa_sum_survives_a_resume_through_dassl(clip_path, data_root,
     for key, value in final.items():
         expected = g[0] * w1[key] + g[1] * before_gpa[1][key]
         torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ feature store
+def recorded_test_logits(cfg):
+    """The logits Dassl's evaluator receives in `test()` (prompts perturbed the same way)."""
+    torch.manual_seed(0)  # the refiner's initial cache
+    trainer = build_trainer(cfg)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param in trainer.model.trainable_parameters().values():
+            param.add_(0.05 * torch.randn_like(param))
+    outputs, process = [], trainer.evaluator.process
+    trainer.evaluator.process = lambda mo, gt: (outputs.append(mo.clone()), process(mo, gt))
+    trainer.test()
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("trainer", ["CoOp", "CoCoOp"])
+def test_feature_store_gives_dassl_the_same_logits(trainer, clip_path, data_root, tmp_path,
+                                                   capsys):
+    opts = ["TRAINER.REFINER.ENABLED", "True", "TRAINER.COCOOP.N_CTX", "4",
+            "DATALOADER.TEST.BATCH_SIZE", "5"]
+    plain = recorded_test_logits(dassl_cfg(trainer, tmp_path / "a", clip_path, data_root, *opts))
+    store = ["TEST.FEATURE_STORE", str(tmp_path / "store")]
+    cold = recorded_test_logits(dassl_cfg(trainer, tmp_path / "b", clip_path, data_root,
+                                          *opts, *store))
+    warm = recorded_test_logits(dassl_cfg(trainer, tmp_path / "c", clip_path, data_root,
+                                          *opts, *store))
+    assert torch.equal(plain, cold) and torch.equal(plain, warm)
+    out = capsys.readouterr().out
+    n = plain.shape[0]
+    assert f"0 of {n} images read, {n} computed" in out
+    assert f"{n} of {n} images read, 0 computed" in out
+
+
+def test_maple_through_dassl_says_it_does_not_use_the_feature_store(clip_path, data_root,
+                                                                    tmp_path, capsys):
+    store = tmp_path / "store"
+    trainer = build_trainer(dassl_cfg("MaPLe", tmp_path / "a", clip_path, data_root,
+                                      "TEST.FEATURE_STORE", str(store)))
+    trainer.test()
+    assert "feature store: not used: MaPLe prompts or trains the image encoder" in \
+        capsys.readouterr().out
+    assert not store.exists()
