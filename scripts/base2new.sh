@@ -8,10 +8,11 @@
 #   configs/datasets/
 #   KEY VALUE pairs are config overrides passed to every run.
 # Environment: PYTHON (default python), DATA (default --root), TEACHERS (PromptKD's teacher
-# checkpoints, default teacher_model: TEACHERS/<DATASET.NAME>/VLPromptLearner/model-best.pth.tar).
+# checkpoints, default teacher_model: TEACHERS/<DATASET.NAME>/VLPromptLearner/model-best.pth.tar),
+# FEATURE_STORE (a folder: every run reads the test images' features from it, --feature-store).
 set -euo pipefail
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 [[ $# -ge 2 ]] || usage
 TRAINER=$1
@@ -55,8 +56,10 @@ if [[ $TRAINER == PromptKD ]]; then
     fi
 fi
 
+feature_store_flag
 COMMON=(--root "$ROOT" --trainer "$TRAINER"
-        --dataset-config-file "configs/datasets/$DATASET.yaml" --config-file "$CFG_FILE")
+        --dataset-config-file "configs/datasets/$DATASET.yaml" --config-file "$CFG_FILE"
+        "${STORE_FLAG[@]+"${STORE_FLAG[@]}"}")
 SUB_DIR=$DATASET/shots_$SHOTS/$METHOD/$CFG
 
 for SEED in $SEEDS; do

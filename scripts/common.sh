@@ -24,6 +24,13 @@ parse_options() {
     done
 }
 
+# feature_store_flag: STORE_FLAG, the --feature-store option every run gets when the environment
+# variable FEATURE_STORE names a folder (the frozen image encoder's test features, reused).
+feature_store_flag() {
+    STORE_FLAG=()
+    [[ -z ${FEATURE_STORE:-} ]] || STORE_FLAG=(--feature-store "$FEATURE_STORE")
+}
+
 # The scripts use the configs/ of the checkout they run from, like CoOp's scripts.
 require_repo_root() {
     [[ -d configs/datasets && -d configs/trainers ]] || {

@@ -6,10 +6,11 @@
 #            [--shots K] [--cfg NAME] [--load-epoch N] [--targets "dtd eurosat ..."] [KEY VALUE ...]
 #   trainer: CoOp | CoCoOp | MaPLe | PromptSRC | ZeroshotCLIP (PromptKD distils on each target set,
 #   a different protocol)
-# Environment: PYTHON (default python), DATA (default --root).
+# Environment: PYTHON (default python), DATA (default --root), FEATURE_STORE (a folder: every run
+# reads the test images' features from it, --feature-store).
 set -euo pipefail
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 [[ $# -ge 1 ]] || usage
 TRAINER=$1
@@ -48,7 +49,8 @@ require_config "$CFG_FILE"
 [[ -n $LOAD_EPOCH ]] || LOAD_EPOCH=$(max_epoch "$CFG_FILE" "${EXTRA[@]+"${EXTRA[@]}"}")
 LOAD=()
 [[ -z $LOAD_EPOCH ]] || LOAD=(--load-epoch "$LOAD_EPOCH")
-COMMON=(--root "$ROOT" --trainer "$TRAINER" --config-file "$CFG_FILE")
+feature_store_flag
+COMMON=(--root "$ROOT" --trainer "$TRAINER" --config-file "$CFG_FILE" "${STORE_FLAG[@]+"${STORE_FLAG[@]}"}")
 SUB_DIR=shots_$SHOTS/$METHOD/$CFG
 
 for SEED in $SEEDS; do

@@ -227,3 +227,14 @@ def test_teacher_script_trains_promptsrc_l14_and_places_the_checkpoint(fake, tmp
     placed = teachers / "DescribableTextures" / "VLPromptLearner" / "model-best.pth.tar"
     assert placed.read_text() == "weights of epoch 3" and str(placed) in proc.stdout
     assert fake("teacher.sh", "dtd", "--refiner", "--out", str(out), ok=False).returncode != 0
+
+
+@pytest.mark.parametrize("script, args", [("base2new.sh", ("CoOp", "dtd", "--seeds", "1")),
+                                          ("xd.sh", ("CoOp", "--seeds", "1", "--targets", "dtd"))])
+def test_feature_store_variable_reaches_every_run(fake, tmp_path, script, args):
+    fake(script, *args, "--out", str(tmp_path / "out"), FEATURE_STORE=str(tmp_path / "store"))
+    calls = fake.calls()
+    assert len(calls) == 2
+    assert all(opt(call, "--feature-store") == str(tmp_path / "store") for call in calls)
+    fake(script, *args, "--out", str(tmp_path / "out2"))
+    assert not any("--feature-store" in call for call in fake.calls()[2:])
