@@ -54,6 +54,11 @@ TARGETS = [
     ("train_time_coop_tr_vs_coop", "<=", 1.05, "CoOp+TR train step time / CoOp's"),
     ("train_mem_coop_tr_vs_coop", "<=", 1.15, "CoOp+TR train step peak memory / CoOp's"),
     ("refiner_share_coop_tr", "<=", 0.05, "refiner's own work / CoOp+TR step time"),
+    ("store_forwards_per_image_stored", "<=", 1.0,
+     "base2new.sh sweep (ZS, CoOp, CoOp+TR, 3 seeds) with the feature store: image-encoder "
+     "forward passes per test image"),
+    ("store_eval_wall_ratio", "<=", 0.25,
+     "that sweep's evaluation wall time, with / without the feature store"),
 ]
 
 METHOD_NOTES = """\
@@ -138,7 +143,7 @@ def parse_args(argv=None):
     return args
 
 
-SECTIONS = ("inference", "training", "trimming", "memory")
+SECTIONS = ("inference", "training", "trimming", "memory", "store")
 
 
 def make_cfg(args, refiner: bool, *extra):
@@ -475,11 +480,11 @@ def print_table(results, rows, args):
     log("\n" + METHOD_NOTES)
     log("Ratios (median over rounds)")
     for k, v in results.items():
-        if any(s in k for s in ("_vs_", "share", "overhead")):
+        if any(s in k for s in ("_vs_", "share", "overhead")) and not k.startswith("store_"):
             log(f"  {k:<36} {v:8.3f}")
     log("Absolute values (median)")
     for k, v in results.items():
-        if not any(s in k for s in ("_vs_", "share", "overhead")):
+        if not any(s in k for s in ("_vs_", "share", "overhead", "store_")):
             unit = "img/s" if k.startswith("throughput") else (
                 "s" if "_s_" in k else ("GiB" if "_gib_" in k else "MiB"))
             log(f"  {k:<36} {v:10.2f} {unit}")
@@ -526,6 +531,11 @@ def main(argv=None):
     if "memory" in args.sections:
         results.update(bench_memory_option(clip_model, args, device, args.batch_size,
                                            args.memory_classes))
+    if "store" in args.sections:  # scripts/base2new.sh without / with FEATURE_STORE
+        from store_sweep import print_store_table, store_section
+        results.update(store_section(args.shape, "fp16" if device.type == "cuda" else "fp32",
+                                     log=log))
+        print_store_table(results, log)
     rows = target_rows(results, args.class_counts)
     setup["wall_s"] = time.perf_counter() - start
     print_table(results, rows, args)
