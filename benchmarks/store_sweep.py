@@ -127,6 +127,23 @@ def local_token_cost(dims, itemsize, train_images=16_000, epochs=10):
             "imagenet_seed_gib": per_view * train_images * epochs / 2 ** 30}
 
 
+def token_read_seconds(dims, work, views=64, rounds=5):
+    """Seconds to read one training view's local tokens and attention (fp16) back from a
+    FeatureStore (files just written, so likely from the page cache: a lower bound)."""
+    from textrefiner.feature_store import FeatureStore
+
+    store = FeatureStore(os.path.join(work, "tokens"), {"benchmark": "tokens"})
+    width = (1 + dims["num_patches"]) * dims["embed_dim"] + dims["num_patches"]
+    keys = [f"view{i}" for i in range(views)]
+    store.write("views", keys, torch.randn(views, width).half())
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        store.read("views", keys)
+        times.append((time.perf_counter() - started) / views)
+    return sorted(times)[rounds // 2]
+
+
 def store_section(shape, precision="fp32", seeds="1 2 3", classes=10, per_class_test=3,
                   keep=None, log=print):
     """Both sweeps and the figures of the store section (a dict for results.json)."""
@@ -159,6 +176,7 @@ def store_section(shape, precision="fp32", seeds="1 2 3", classes=10, per_class_
             "store_forward_s_per_image": plain["eval_cpu_s"] / max(plain["eval_images"], 1),
         }
         result.update({f"store_{k}": v for k, v in local_token_cost(dims, 2).items()})
+        result["store_token_read_s_per_view"] = token_read_seconds(dims, work)
         return result
     finally:
         if keep is None:
@@ -166,6 +184,8 @@ def store_section(shape, precision="fp32", seeds="1 2 3", classes=10, per_class_
 
 
 def print_store_table(r, log=print):
+    r = dict(r, store_forward_ms_per_image=1000 * r["store_forward_s_per_image"],
+             store_token_read_ms_per_view=1000 * r.get("store_token_read_s_per_view", float("nan")))
     rows = [
         ("image-encoder forward passes per test image, without store", "store_forwards_per_image_plain", "{:.2f}", ""),
         ("image-encoder forward passes per test image, with store", "store_forwards_per_image_stored", "{:.2f}", "1.0"),
@@ -175,6 +195,8 @@ def print_store_table(r, log=print):
         ("store disk per test image (bytes)", "store_disk_bytes_per_image", "{:.0f}", ""),
         ("local tokens + attention per training view, fp16 (bytes)", "store_token_bytes_per_view", "{:.0f}", ""),
         ("  ... one seed of ImageNet CoOp + TR, 16 shots x 10 epochs (GiB)", "store_imagenet_seed_gib", "{:.1f}", ""),
+        ("  ... reading one view's tokens back from the store (ms)", "store_token_read_ms_per_view", "{:.2f}", ""),
+        ("image-encoder forward per image, CPU time (ms)", "store_forward_ms_per_image", "{:.1f}", ""),
     ]
     log(f"feature store: {r['store_runs']} runs per sweep, {r['store_test_images']} test images; "
         f"evaluation {r['store_eval_wall_s_plain']:.1f} s -> {r['store_eval_wall_s_stored']:.1f} s "

@@ -309,3 +309,29 @@ def test_killed_writer_leaves_a_readable_store_and_its_temporary_file_is_removed
     found, lines = check_store(tmp_path)
     assert found and lines == []
     assert not any(p.name.startswith(TMP_PREFIX) for p in group.iterdir())
+
+
+def test_flag_sets_the_config_key_and_is_off_by_default(demo, tmp_path):
+    cfg = setup_cfg(build_parser().parse_args(run_args(demo, tmp_path, "CoOp", tmp_path / "s")))
+    assert cfg.TEST.FEATURE_STORE == str(tmp_path / "s")
+    assert setup_cfg(build_parser().parse_args(run_args(demo, tmp_path))).TEST.FEATURE_STORE == ""
+
+
+def test_two_evaluations_at_once_share_the_store(demo, tmp_path):
+    """Two real runs (processes) fill the same store at once; a third reads everything."""
+    store = tmp_path / "store"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "textrefiner.train", "--eval-only"]
+                              + run_args(demo, tmp_path / name, "CoOp", store, True), cwd=REPO,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for name in ("a", "b")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-2000:]
+    logs = [(tmp_path / name / "log.txt").read_text() for name in ("a", "b")]
+    plain, _ = eval_logits(run_args(demo, tmp_path / "c", "CoOp", None, True))
+    stored, trainer = eval_logits(run_args(demo, tmp_path / "d", "CoOp", store, True))
+    assert torch.equal(plain, stored)
+    n = len(trainer.splits.test)
+    assert f"{n} of {n} images read, 0 computed" in "\n".join(trainer.log.buffer)
+    assert all("images read" in log and "not a complete" not in log for log in logs)
