@@ -1,7 +1,9 @@
 """The feature store: exact logits with and without it, keys that never hit wrongly, refusal for
 methods that prompt the image side, and safety when runs overlap, die or find broken files."""
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -10,8 +12,8 @@ import pytest
 import torch
 
 from textrefiner.engine.standalone import StandaloneTrainer
-from textrefiner.feature_store import (FeatureStore, TMP_PREFIX, batch_entry_keys, encode_file,
-                                       image_key, model_key, store_refusal)
+from textrefiner.feature_store import (MAGIC, TMP_PREFIX, FeatureStore, batch_entry_keys,
+                                       encode_file, image_key, model_key, store_refusal)
 from textrefiner.methods import method_class
 from textrefiner.train import build_parser, main, setup_cfg
 
@@ -220,7 +222,13 @@ def test_round_trip_keeps_dtype_and_bits(tmp_path):
                                                        features.view(torch.uint8))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "foreign", "flip", "empty", "trailing"])
+def foreign_header(header):
+    text = json.dumps(header).encode()
+    return MAGIC + struct.pack("<Q", len(text)) + text
+
+
+@pytest.mark.parametrize("damage", ["truncate", "foreign", "flip", "empty", "trailing",
+                                    "no rows", "list keys", "not a dtype"])
 def test_broken_file_is_reported_once_set_aside_and_recomputed(tmp_path, damage):
     lines = []
     store = small_store(tmp_path, lines.append)
@@ -229,7 +237,13 @@ def test_broken_file_is_reported_once_set_aside_and_recomputed(tmp_path, damage)
     data = open(path, "rb").read()
     broken = {"truncate": data[:-5], "foreign": b"PK\x03\x04 a zip file" + data[20:],
               "flip": data[:-1] + bytes([data[-1] ^ 1]), "empty": b"",
-              "trailing": data + b"\0"}[damage]
+              "trailing": data + b"\0",
+              "no rows": foreign_header({"dtype": "float32", "shape": [0, 2], "keys": [],
+                                         "digest": ""}),
+              "list keys": foreign_header({"dtype": "float32", "shape": [1, 2], "keys": [["a"]],
+                                           "digest": ""}),
+              "not a dtype": foreign_header({"dtype": "nn", "shape": [1, 2], "keys": ["a"],
+                                             "digest": ""})}[damage]
     with open(path, "wb") as handle:
         handle.write(broken)
     assert store.read("g", keys) == {}

@@ -157,7 +157,8 @@ def read_header(handle) -> dict:
         digest = str(header["digest"])
     except (ValueError, KeyError, TypeError, AttributeError):
         raise StoreFileError("truncated or unreadable header") from None
-    if not isinstance(dtype, torch.dtype) or not shape or shape[0] != len(keys):
+    if (not isinstance(dtype, torch.dtype) or not shape or shape[0] != len(keys) or not keys
+            or min(shape) < 0 or not all(isinstance(key, str) for key in keys)):
         raise StoreFileError("inconsistent header")
     return {"dtype": dtype, "shape": shape, "keys": keys, "digest": digest}
 
