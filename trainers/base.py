@@ -20,11 +20,10 @@ from textrefiner.checkpoint import (LATEST_MARKER, carry_best_checkpoint, check_
 from textrefiner.clip_backbone import (amp_autocast, amp_grad_scaler, check_image_size,
                                     load_clip)
 from textrefiner.config import ConfigError, validate_cfg
-from textrefiner.data import DATASETS
+from textrefiner.data import DATASETS, build_loader
 from textrefiner.engine.optim import build_scheduler as standalone_scheduler
 from textrefiner.engine.optim import check_loss, explained_step_errors
 from textrefiner.engine.standalone import epoch_seed, set_seed
-from textrefiner.data import build_loader
 from textrefiner.errors import UserError
 from textrefiner.feature_store import labels_of, maybe_stored_evaluation
 from textrefiner.methods import build_method, method_class
@@ -189,8 +188,10 @@ class MethodTrainer(TrainerX):
         """Dassl's `test` with the image features read from the feature store."""
         self.set_model_mode("eval")
         self.evaluator.reset()
-        loader = self.val_loader if split == "val" and self.val_loader is not None else None
-        split, loader = ("val", loader) if loader is not None else ("test", self.test_loader)
+        if split == "val" and self.val_loader is not None:
+            loader = self.val_loader
+        else:
+            split, loader = "test", self.test_loader  # as Dassl falls back
         print(f"Evaluate on the *{split}* set")
         wrapper = loader.dataset  # Dassl's DatasetWrapper: its items and test transform
         items, batch_size = wrapper.data_source, loader.batch_size

@@ -334,7 +334,6 @@ class StandaloneTrainer:
             self.write_scalar(f"{split}/{key}", value, epoch if epoch is not None else 0)
         return results["accuracy"]
 
-
     def _eval_batches(self, items):
         """(logits, labels) per test batch: the model on the images, or on their features from
         the feature store (TEST.FEATURE_STORE)."""
