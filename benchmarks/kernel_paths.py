@@ -9,7 +9,9 @@ tiny CLIP is the same file everywhere, so what moves is training's float summati
     python benchmarks/kernel_paths.py [--out DIR] [--json benchmarks/results_kernel_paths.json]
 
 Prints every run's accuracy (method, seed, base / novel) under each setting and its spread
-(max - min over settings); tests/test_demo_learns.py takes its margins from these spreads.
+(max - min over settings), and how far each setting's trained weights are from the first
+setting's (which shows that the settings did run other kernels); tests/test_demo_learns.py takes
+its margins from these. `--reuse` reads the runs already under --out instead of running them.
 """
 import argparse
 import json
@@ -19,6 +21,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from glob import glob
+
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -64,18 +69,43 @@ def accuracies(out: str) -> dict:
             for run in scan_runs(out, "base2new")}
 
 
+def trained_weights(out: str) -> dict:
+    """{checkpoint path below `out`: its state dict} of every run's last checkpoint."""
+    found = {}
+    for path in glob(os.path.join(out, "base2new", "train_base", "**", "model.pth.tar-*"),
+                     recursive=True):
+        found[os.path.relpath(path, out)] = torch.load(path, map_location="cpu",
+                                                       weights_only=False)["state_dict"]
+    return found
+
+
+def largest_difference(states: dict, reference: dict) -> float:
+    """max |a - b| over every floating-point tensor of every checkpoint both hold."""
+    return max((float((a[key].float() - reference[path][key].float()).abs().max())
+                for path, a in states.items() if path in reference
+                for key in a if a[key].is_floating_point()), default=0.0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="where the demo runs go (default: a temp dir)")
     parser.add_argument("--json", default=os.path.join(REPO, "benchmarks",
                                                        "results_kernel_paths.json"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="read the runs already under --out instead of running the demo")
     args = parser.parse_args(argv)
     out = args.out or tempfile.mkdtemp(prefix="kernel_paths_")
-    table, seconds = {}, {}
+    table, seconds, weights = {}, {}, {}
     for name, env in supported_settings().items():
-        seconds[name] = run_demo(os.path.join(out, name), env)
+        if not args.reuse:
+            seconds[name] = run_demo(os.path.join(out, name), env)
+            print(f"{name}: {seconds[name]:.0f} s", flush=True)
         table[name] = accuracies(os.path.join(out, name))
-        print(f"{name}: {seconds[name]:.0f} s", flush=True)
+        weights[name] = trained_weights(os.path.join(out, name))
+    first = next(iter(weights))
+    moved = {name: largest_difference(states, weights[first]) for name, states in weights.items()}
+    print(f"\nlargest difference of the trained weights from {first}'s: "
+          + ", ".join(f"{name} {value:.1e}" for name, value in moved.items()))
 
     values = defaultdict(dict)
     for name, found in table.items():
@@ -95,8 +125,8 @@ def main(argv=None) -> int:
               + " | ".join(f"{row.get(n, float('nan')):.1f}" for n in names)
               + f" | {spread:.1f} |")
     with open(args.json, "w", encoding="utf-8") as f:
-        json.dump({"settings": supported_settings(), "seconds": seconds, "runs": rows}, f,
-                  indent=1)
+        json.dump({"settings": supported_settings(), "seconds": seconds, "runs": rows,
+                   "largest_weight_difference": moved}, f, indent=1)
     print(f"\nwritten: {args.json}")
     return 0
 

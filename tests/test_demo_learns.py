@@ -32,6 +32,10 @@ from textrefiner.train import main, run
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASET_CFG = os.path.join(REPO, "configs", "datasets", "synthetic_shapes.yaml")
 EPOCHS = 10  # demo_tiny's MAX_EPOCH
+# Accuracy points a learned row must clear zero-shot by. benchmarks/kernel_paths.py measured every
+# accuracy of the demo equal under four kernel settings (trained weights within 2e-7), and the gaps
+# asserted below are 3.9 points or more (CoOp / CoOp + TR seed 1 on base: 75.0 / 78.9 against 71.1).
+MARGIN = 2.0
 
 
 def config_file(trainer):
@@ -140,20 +144,29 @@ def test_damaged_or_foreign_demo_weights_are_refused(tmp_path):
         read_packed(foreign)
 
 
-def test_zero_shot_is_well_above_chance_and_coop_beats_it_on_base(tiny, tmp_path):
-    zero_shot = {}
+@pytest.fixture(scope="session")
+def zero_shot(tiny, tmp_path_factory):
+    """Zero-shot accuracy on {"base", "new"}."""
+    found = {}
     for classes in ("base", "new"):
-        out = tmp_path / f"zs_{classes}"
+        out = tmp_path_factory.mktemp(f"zs_{classes}")
         assert main(command(tiny, out, "ZeroshotCLIP", classes, extra=("--eval-only",))) == 0
-        zero_shot[classes] = accuracy(out)
+        found[classes] = accuracy(out)
+    return found
+
+
+def test_zero_shot_is_well_above_chance_and_prompt_learning_beats_it_on_base(
+        tiny, tr_run, zero_shot, tmp_path):
     chance = 100.0 / 6
     assert zero_shot["base"] >= 3 * chance and zero_shot["new"] >= 3 * chance, zero_shot
     assert main(command(tiny, tmp_path / "coop")) == 0
-    assert accuracy(tmp_path / "coop") > zero_shot["base"] + 2.0
+    assert accuracy(tmp_path / "coop") > zero_shot["base"] + MARGIN
+    assert accuracy(tr_run) > zero_shot["base"] + MARGIN  # CoOp + TR, tested on base at the end
 
 
-def test_novel_accuracy_is_the_same_through_both_engines(tiny, tr_run, tmp_path):
+def test_refiner_keeps_novel_accuracy_through_both_engines(tiny, tr_run, zero_shot, tmp_path):
     standalone = evaluate_novel(tiny, tr_run, tmp_path / "standalone", refiner=True)
+    assert standalone >= zero_shot["new"] - MARGIN
     if importlib.util.find_spec("dassl") is None:
         pytest.skip("Dassl.pytorch is not installed: the standalone engine alone was checked")
     dassl = evaluate_novel(tiny, tr_run, tmp_path / "dassl", refiner=True, engine="dassl")
