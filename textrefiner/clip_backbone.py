@@ -132,7 +132,8 @@ def input_resolution(visual: nn.Module) -> int:
     """The square image size the image encoder takes (OpenCLIP keeps it as `image_size`)."""
     if hasattr(visual, "input_resolution"):
         return visual.input_resolution
-    return visual.image_size[0]
+    size = visual.image_size
+    return size if isinstance(size, int) else size[0]
 
 
 def is_resnet(visual: nn.Module) -> bool:
@@ -149,11 +150,23 @@ def require_vit(visual: nn.Module, method: str):
 
 
 def check_image_size(cfg, clip_model: nn.Module):
-    """INPUT.SIZE must be the CLIP's input resolution (CoOp asserts the same)."""
+    """INPUT.SIZE must be the CLIP's input resolution (CoOp asserts the same); for an OpenCLIP
+    model, INPUT.PIXEL_MEAN / PIXEL_STD must be the normalisation its weights were trained with."""
     size = input_resolution(clip_model.visual)
     if tuple(cfg.INPUT.SIZE) != (size, size):
         raise UserError(f"INPUT.SIZE is {tuple(cfg.INPUT.SIZE)} but this CLIP takes {size}x{size} "
                         f"images: set INPUT.SIZE ({size}, {size}).")
+    mean, std = getattr(clip_model, "image_mean", None), getattr(clip_model, "image_std", None)
+    if mean is None or std is None:
+        return
+    if not (_close(cfg.INPUT.PIXEL_MEAN, mean) and _close(cfg.INPUT.PIXEL_STD, std)):
+        raise UserError(f"{clip_model.name} was trained on images normalised with mean "
+                        f"{list(mean)} and std {list(std)}: set INPUT.PIXEL_MEAN {list(mean)} "
+                        f"and INPUT.PIXEL_STD {list(std)}.")
+
+
+def _close(values, expected) -> bool:
+    return len(values) == len(expected) and all(abs(a - b) < 1e-6 for a, b in zip(values, expected))
 
 
 def build_random_clip(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128,
@@ -325,10 +338,9 @@ def encode_resnet_image(visual: nn.Module, images: torch.Tensor,
 def _resnet_feature_map(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The stock ResNet's stem and four stages (its forward without the attention pool)."""
     x = images
-    for conv, norm, relu in ((visual.conv1, visual.bn1, visual.relu1),
-                             (visual.conv2, visual.bn2, visual.relu2),
-                             (visual.conv3, visual.bn3, visual.relu3)):
-        x = relu(norm(conv(x)))
+    for i in (1, 2, 3):  # OpenCLIP's copy names the stem's ReLUs act1..act3
+        relu = getattr(visual, f"relu{i}", None) or getattr(visual, f"act{i}")
+        x = relu(getattr(visual, f"bn{i}")(getattr(visual, f"conv{i}")(x)))
     x = visual.avgpool(x)
     for stage in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
         x = stage(x)
