@@ -348,3 +348,38 @@ def test_standalone_run_from_the_command_line(registered, tmp_path):
             "2", "OPTIM.MAX_EPOCH", "1", "TRAINER.REFINER.TOPK", str(TOPK)]
     assert main(args) == 0
     assert "* accuracy:" in (tmp_path / "out" / "log.txt").read_text()
+
+
+def test_openclip_resnet_runs_like_clips(images):
+    """OpenCLIP's copy of CLIP's ResNet (RN50 and friends): same encoders, dense local tokens."""
+    config = copy.deepcopy(TINY)
+    config["vision_cfg"] = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16}
+    model = random_openclip(config)
+    check_clip_towers(model, "rn")
+    ours = OpenCLIP(model, "rn")
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = encode_image(ours.visual, images, return_tokens=True)
+        assert (out.features - model.encode_image(images)).abs().max() <= 1e-5
+    assert out.tokens.shape == (2, 5, 32) and out.cls_attention.shape == (2, 4)
+    assert clip_dims(ours)["num_patches"] == 4 and clip_dims(ours)["image_size"] == 64
+    with pytest.raises(UserError, match="ResNet"):
+        build("MaPLe", ours, "INPUT.SIZE", "(64, 64)")
+
+
+def test_shipped_openclip_configs_fit_their_models():
+    """Every configs/trainers/*/openclip_*.yaml names a pretrained (model, tag) open_clip knows,
+    with the image size and normalisation those weights were trained with."""
+    import glob
+    from textrefiner.config import CONFIG_DIR, load_cfg
+    files = sorted(glob.glob(f"{CONFIG_DIR}/trainers/*/openclip_*.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        cfg = load_cfg(path)
+        name, tag = parse_spec(cfg.MODEL.BACKBONE.NAME[len("openclip:"):])
+        assert (name, tag) in open_clip.list_pretrained(), path
+        pretrained = open_clip.get_pretrained_cfg(name, tag)
+        size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+        assert tuple(cfg.INPUT.SIZE) == (size, size), path
+        assert tuple(cfg.INPUT.PIXEL_MEAN) == tuple(pretrained["mean"]), path
+        assert tuple(cfg.INPUT.PIXEL_STD) == tuple(pretrained["std"]), path
