@@ -231,16 +231,17 @@ def num_patches(visual: nn.Module) -> int:
     return embedding.shape[0] - 1
 
 
+def _batch_first(transformer: nn.Module) -> bool:
+    """Whether the blocks take [B, L, w] (OpenCLIP's, since 2.23) rather than [L, B, w]."""
+    return bool(getattr(transformer, "batch_first", False))
+
+
 def _run_block(block: nn.Module, x: torch.Tensor, attn_mask=None, need_weights: bool = False):
-    """One residual block on x [L, B, w] (as `block(x)` computes it; OpenCLIP's blocks may be
-    batch-first and carry layer scales `ls_1`, `ls_2`); returns (x, attention weights [B, L, L]
-    or None)."""
+    """One residual block on x in its layout ([L, B, w], or [B, L, w] for batch-first blocks), as
+    `block(x)` computes it (OpenCLIP's blocks may carry layer scales `ls_1`, `ls_2`); returns
+    (x, attention weights [B, L, L] or None)."""
     h = block.ln_1(x)
-    if block.attn.batch_first:
-        h = h.transpose(0, 1)                               # [B, L, w]
     attended, weights = block.attn(h, h, h, need_weights=need_weights, attn_mask=attn_mask)
-    if block.attn.batch_first:
-        attended = attended.transpose(0, 1)                 # [L, B, w]
     x = x + _layer_scale(block, "ls_1", attended)
     return x + _layer_scale(block, "ls_2", block.mlp(block.ln_2(x))), weights
 
@@ -257,7 +258,7 @@ def _causal_mask(length: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _block_with_cls_attention(block: nn.Module, x: torch.Tensor, n_patches: int):
-    """Run one residual block ([L, B, w]) and also return CLS-to-patch attention [B, N]."""
+    """Run one residual block and also return CLS-to-patch attention [B, N]."""
     x, weights = _run_block(block, x, need_weights=True)
     return x, weights[:, 0, 1:1 + n_patches]
 
@@ -289,19 +290,25 @@ def encode_image(visual: nn.Module, images: torch.Tensor,
         x = torch.cat([x, prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
     x = visual.ln_pre(x)
 
-    x = x.permute(1, 0, 2)                                  # [L, B, width]
+    first = _batch_first(visual.transformer)
+    seq = 1 if first else 0                                 # the blocks' sequence dim
+    if not first:
+        x = x.permute(1, 0, 2)                              # [L, B, width]
     blocks = visual.transformer.resblocks
     cls_attention = None
     for i, block in enumerate(blocks):
         if 0 < i < len(prompts):
             n_ctx = prompts[i].shape[0]
-            deep = prompts[i].to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
-            x = torch.cat([x[:-n_ctx], deep], dim=0)
+            kept = x.narrow(seq, 0, x.shape[seq] - n_ctx)
+            deep = prompts[i].to(x.dtype).unsqueeze(1 - seq).expand(
+                x.narrow(seq, 0, n_ctx).shape)
+            x = torch.cat([kept, deep], dim=seq)
         if return_tokens and i == len(blocks) - 1:
             x, cls_attention = _block_with_cls_attention(block, x, n_patches)
         else:
             x = _run_block(block, x)[0]
-    x = x.permute(1, 0, 2)                                  # [B, L, width]
+    if not first:
+        x = x.permute(1, 0, 2)                              # [B, L, width]
 
     if not return_tokens:
         return ImageOutput(_project_image(visual, visual.ln_post(x[:, 0, :])))
@@ -407,21 +414,28 @@ def encode_text(clip_model: nn.Module, embeddings: torch.Tensor, eot_indices: to
     length = min(-(-(int(eot_indices.max()) + 1) // TEXT_LENGTH_MULTIPLE) * TEXT_LENGTH_MULTIPLE,
                  embeddings.shape[1])
     x = embeddings[:, :length].to(dtype) + clip_model.positional_embedding[:length].to(dtype)
-    x = x.permute(1, 0, 2)                                  # [L, C, width]
+    first = _batch_first(clip_model.transformer)
+    seq = 1 if first else 0                                 # the blocks' sequence dim
+    if not first:
+        x = x.permute(1, 0, 2)                              # [L, C, width]
     deep_prompts = list(deep_prompts) if deep_prompts else []
     recompute = checkpointing and torch.is_grad_enabled()
     mask = _causal_mask(length, x)
     for i, block in enumerate(clip_model.transformer.resblocks):
         if 0 < i <= len(deep_prompts):
-            ctx = deep_prompts[i - 1].to(dtype)
-            ctx = ctx.unsqueeze(1).expand(-1, x.shape[1], -1)
-            x = torch.cat([x[:1], ctx, x[1 + ctx.shape[0]:]], dim=0)
+            n_ctx = deep_prompts[i - 1].shape[0]
+            ctx = deep_prompts[i - 1].to(dtype).unsqueeze(1 - seq).expand(
+                x.narrow(seq, 1, n_ctx).shape)
+            rest = x.narrow(seq, 1 + n_ctx, length - 1 - n_ctx)
+            x = torch.cat([x.narrow(seq, 0, 1), ctx, rest], dim=seq)
         if recompute:
             x = torch.utils.checkpoint.checkpoint(_text_block, block, x, mask,
                                                   use_reentrant=False)
         else:
             x = _text_block(block, x, mask)
-    eot = x[eot_indices.to(x.device), torch.arange(x.shape[1], device=x.device)]  # [C, width]
+    rows = torch.arange(embeddings.shape[0], device=x.device)
+    eot_indices = eot_indices.to(x.device)
+    eot = x[rows, eot_indices] if first else x[eot_indices, rows]  # [C, width]
     return project_text(clip_model.text_projection, clip_model.ln_final(eot).to(dtype))
 
 
