@@ -331,21 +331,24 @@ def test_every_method_trains_and_evaluates(registered, teacher, images, method, 
     assert logits.shape == (3, model.num_eval_classes) and torch.isfinite(logits).all()
 
 
-def test_standalone_run_from_the_command_line(registered, tmp_path):
-    """`MODEL.BACKBONE.NAME openclip:...` on the standalone engine, CoOp + TextRefiner."""
+@pytest.mark.parametrize("engine", ["standalone", "dassl"])
+def test_run_from_the_command_line(registered, tmp_path, engine):
+    """`MODEL.BACKBONE.NAME openclip:...` on both engines, CoOp + TextRefiner."""
     from textrefiner.config import CONFIG_DIR
     from textrefiner.data import write_synthetic_dataset
     from textrefiner.train import main
+    if engine == "dassl":
+        pytest.importorskip("dassl")
     root = str(tmp_path / "data")
     write_synthetic_dataset(root, num_classes=4, per_class_train=3, per_class_val=1,
                             per_class_test=2, image_size=32)
-    args = ["--engine", "standalone", "--root", root, "--trainer", "CoOp", "--refiner",
+    args = ["--engine", engine, "--root", root, "--trainer", "CoOp", "--refiner",
             "--dataset-config-file", f"{CONFIG_DIR}/datasets/synthetic_shapes.yaml",
             "--config-file", f"{CONFIG_DIR}/trainers/CoOp/demo_cpu.yaml",
             "--output-dir", str(tmp_path / "out"), "MODEL.BACKBONE.NAME", registered["tiny"],
             "MODEL.BACKBONE.PATH", "", "INPUT.PIXEL_MEAN", "[0.48145466, 0.4578275, 0.40821073]",
             "INPUT.PIXEL_STD", "[0.26862954, 0.26130258, 0.27577711]", "DATASET.NUM_SHOTS",
-            "2", "OPTIM.MAX_EPOCH", "1", "TRAINER.REFINER.TOPK", str(TOPK)]
+            "2", "OPTIM.MAX_EPOCH", "1", "TRAINER.REFINER.TOPK", str(TOPK), "USE_CUDA", "False"]
     assert main(args) == 0
     assert "* accuracy:" in (tmp_path / "out" / "log.txt").read_text()
 
@@ -383,3 +386,16 @@ def test_shipped_openclip_configs_fit_their_models():
         assert tuple(cfg.INPUT.SIZE) == (size, size), path
         assert tuple(cfg.INPUT.PIXEL_MEAN) == tuple(pretrained["mean"]), path
         assert tuple(cfg.INPUT.PIXEL_STD) == tuple(pretrained["std"]), path
+
+
+def test_text_projection_as_a_linear_layer(images):
+    """OpenCLIP's `proj_bias` text towers project with an nn.Linear."""
+    config = copy.deepcopy(TINY)
+    config["text_cfg"]["proj_bias"] = True
+    model = random_openclip(config)
+    assert isinstance(model.text_projection, torch.nn.Linear)
+    ours = OpenCLIP(model, "linear")
+    tokens = text_of(CLASSNAMES)
+    with torch.no_grad():
+        assert (encode_text_tokens(ours, tokens) - model.encode_text(tokens)).abs().max() <= 1e-5
+        assert TextEncoder(ours).dtype == torch.float32 and clip_dims(ours)["embed_dim"] == 32
