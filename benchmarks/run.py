@@ -46,11 +46,11 @@ SMALL_RN = dict(embed_dim=256, image_resolution=96, vision_layers=(1, 1, 1, 1), 
 
 def openclip_config(shape):
     """open_clip's CLIP config for a ViT shape of this file (OpenCLIP ViT-B-16 for VIT_B16)."""
-    return {"embed_dim": shape["embed_dim"],
-            "vision_cfg": {"image_size": shape["image_resolution"], "width": shape["vision_width"],
-                           "layers": shape["vision_layers"], "patch_size": shape["vision_patch_size"]},
-            "text_cfg": {"width": shape["transformer_width"], "heads": shape["transformer_width"] // 64,
-                         "layers": shape["transformer_layers"]}}
+    vision = {"image_size": shape["image_resolution"], "width": shape["vision_width"],
+              "layers": shape["vision_layers"], "patch_size": shape["vision_patch_size"]}
+    text = {"width": shape["transformer_width"], "heads": shape["transformer_width"] // 64,
+            "layers": shape["transformer_layers"]}
+    return {"embed_dim": shape["embed_dim"], "vision_cfg": vision, "text_cfg": text}
 
 # (result key, comparison, limit, what it means)
 TARGETS = [

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CLASSNAMES, make_cfg
-from test_methods import (ATOL, N_SEM, REFINER_ON, TOPK, check_refiner_step, hand_cache_write,
-                          hand_mlp, hand_refine, hand_semantic, hand_text, perturb_prompts,
-                          prompted_embeddings, tokenize)
+from test_methods import (ATOL, REFINER_ON, TOPK, check_refiner_step, hand_refiner_step,
+                          hand_text, perturb_prompts, prompted_embeddings, tokenize)
 from textrefiner.clip_backbone import (clip_dims, encode_image, encode_text_tokens, load_clip,
                                        num_patches)
 from textrefiner.errors import UserError
@@ -246,16 +245,10 @@ def test_refiner_training_step_matches_the_formula(build, resnet, batch):
     cache = model.refiner.cache.entries.clone()
     with torch.no_grad():
         _, text = coop_codebase_logits(model.prompt_learner.ctx, resnet, images)
-        feature, tokens, attention = hand_resnet(resnet.visual, images)
-        scale = resnet.logit_scale.exp()
-        refined = hand_refine(model.refiner, text, cache)
-        aligned = hand_mlp(model.refiner.aligner, tokens, batch_stats=True)
-        loss_cls = F.cross_entropy(scale * F.normalize(feature, dim=-1) @ refined.t(), labels)
-        semantic = hand_semantic(aligned, attention).reshape(-1, aligned.shape[-1])
-        loss_sem = F.cross_entropy(scale * semantic @ text.t(), labels.repeat_interleave(N_SEM))
-        loss_reg = (F.normalize(refined, dim=-1) - text).abs().mean()
-        expected_cache = hand_cache_write(cache, aligned)
-    check_refiner_step(model, images, labels, (loss_cls, loss_sem, loss_reg), expected_cache)
+        pieces = (text,) + hand_resnet(resnet.visual, images)
+        parts, expected_cache = hand_refiner_step(model, pieces, labels, cache,
+                                                  resnet.logit_scale.exp())
+    check_refiner_step(model, images, labels, parts, expected_cache)
 
 
 def test_refiner_topk_above_the_spatial_tokens_is_refused(build):

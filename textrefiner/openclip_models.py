@@ -27,7 +27,8 @@ def import_open_clip():
     try:
         import open_clip
     except ImportError:
-        raise UserError(f"OpenCLIP backbones need the open_clip_torch package: {INSTALL}.") from None
+        raise UserError(f"OpenCLIP backbones need the open_clip_torch package: {INSTALL}."
+                        ) from None
     return open_clip
 
 
