@@ -29,7 +29,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "open_clip_torch>=2.24"],
+        # OpenCLIP backbones: MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
+        "openclip": ["open_clip_torch>=2.24"],
         # Dassl.pytorch is not on PyPI: install it from its repository to use the Dassl engine.
     },
     entry_points={

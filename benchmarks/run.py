@@ -37,6 +37,20 @@ VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_wid
                vision_patch_size=16, transformer_width=512, transformer_layers=12)
 SMALL = dict(embed_dim=256, image_resolution=96, vision_layers=6, vision_width=384,
              vision_patch_size=16, transformer_width=256, transformer_layers=4)
+# The other backbone families, same text tower: CLIP's RN50, and OpenCLIP's ViT-B-16 config
+RN50 = dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+            transformer_width=512, transformer_layers=12)
+SMALL_RN = dict(embed_dim=256, image_resolution=96, vision_layers=(1, 1, 1, 1), vision_width=32,
+                transformer_width=256, transformer_layers=4)
+
+
+def openclip_config(shape):
+    """open_clip's CLIP config for a ViT shape of this file (OpenCLIP ViT-B-16 for VIT_B16)."""
+    vision = {"image_size": shape["image_resolution"], "width": shape["vision_width"],
+              "layers": shape["vision_layers"], "patch_size": shape["vision_patch_size"]}
+    text = {"width": shape["transformer_width"], "heads": shape["transformer_width"] // 64,
+            "layers": shape["transformer_layers"]}
+    return {"embed_dim": shape["embed_dim"], "vision_cfg": vision, "text_cfg": text}
 
 # (result key, comparison, limit, what it means)
 TARGETS = [
@@ -54,7 +68,12 @@ TARGETS = [
     ("train_time_coop_tr_vs_coop", "<=", 1.05, "CoOp+TR train step time / CoOp's"),
     ("train_mem_coop_tr_vs_coop", "<=", 1.15, "CoOp+TR train step peak memory / CoOp's"),
     ("refiner_share_coop_tr", "<=", 0.05, "refiner's own work / CoOp+TR step time"),
+    ("text_time_trim_vs_plain_{f}@{c}", "<=", 0.5,
+     "trimmed text encoder time / the plain backbone's encode_text"),
+    ("infer_tr_vs_plain_{f}@{c}", ">=", 0.98,
+     "CoOp+TR inference throughput / the plain backbone's encode_image + classifier"),
 ]
+FAMILIES = ("openai_vit", "openai_resnet", "openclip_vit")
 
 METHOD_NOTES = """\
 How it is measured
@@ -80,6 +99,11 @@ How it is measured
   (profile_memory=True), summed in time order; the peak of that running sum (tensor bytes, the
   CPU counterpart of max_memory_allocated; not RSS). "total" adds the model's parameters and
   buffers (unique storages), so it is what the process needs for that model; the target uses it.
+- Backbones: per family (OpenAI ViT, OpenAI ResNet RN50, OpenCLIP ViT), random weights, eval,
+  no_grad, alternating rounds. Text: the project's trimmed encoder on the class prompts against
+  the plain model's own encode_text (clip's or open_clip's, 77 positions). Inference: CoOp+TR's
+  forward (classifier computed once before timing) against the plain model's encode_image and a
+  product with its normalised zero-shot text features.
 """
 
 
@@ -138,7 +162,7 @@ def parse_args(argv=None):
     return args
 
 
-SECTIONS = ("inference", "training", "trimming", "memory")
+SECTIONS = ("inference", "training", "trimming", "memory", "backbones")
 
 
 def make_cfg(args, refiner: bool, *extra):
@@ -456,11 +480,69 @@ def bench_memory_option(clip_model, args, device, batch, n_classes):
             f"train_step_peak_mib_coop_tr_checkpointing@{n_classes}": peak / 2**20}
 
 
+# ------------------------------------------------------------------------------------ backbones
+def backbone_families(args, device):
+    """[(family, the project's CLIP, the plain model whose encode_image/encode_text it is
+    compared with)]; the OpenCLIP row needs open_clip_torch."""
+    vit = build_random_clip(**args.shape).float()
+    resnet = build_random_clip(**(SMALL_RN if args.quick else RN50)).float()
+    families = [("openai_vit", vit, vit), ("openai_resnet", resnet, resnet)]
+    try:
+        import open_clip
+    except ImportError:
+        log("open_clip_torch is not installed: no OpenCLIP row")
+        return families
+    from textrefiner.openclip_models import OpenCLIP
+    torch.manual_seed(0)
+    plain = open_clip.model.CLIP(**openclip_config(args.shape)).eval()
+    families.append(("openclip_vit", OpenCLIP(plain, "benchmark"), plain))
+    return [(f, ours.to(device).eval(), plain.to(device).eval()) for f, ours, plain in families]
+
+
+def bench_backbone(family, clip_model, plain, args, device, n_classes):
+    names = class_names(n_classes)
+    log(f"[backbone {family} @{n_classes} classes, batch {args.batch_size}] building ...")
+    res = clip_dims(clip_model)["image_size"]
+    images = torch.randn(args.batch_size, 3, res, res,
+                         generator=torch.Generator().manual_seed(0)).to(device)
+    tokens = backbone.tokenize([f"a photo of a {n}." for n in names], device)
+    model = CoOp(make_cfg(args, True), names, clip_model).to(device).eval()
+    with torch.no_grad():
+        zero_shot = torch.nn.functional.normalize(plain.encode_text(tokens), dim=-1)
+        scale = plain.logit_scale.exp()
+        model.class_embeddings()
+        model(images)  # warm-up
+
+        def plain_forward():
+            features = torch.nn.functional.normalize(plain.encode_image(images), dim=-1)
+            return scale * features @ zero_shot.t()
+
+        work = {"text_trim": lambda: backbone.encode_text_tokens(clip_model, tokens),
+                "text_plain": lambda: plain.encode_text(tokens),
+                "infer_tr": lambda: model(images), "infer_plain": plain_forward}
+        times = {k: [] for k in work}
+        for r in range(args.repeats):
+            for k in (list(work) if r % 2 == 0 else list(work)[::-1]):
+                times[k].append(timed(work[k], device))
+            log(f"  round {r + 1}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in work))
+    key = f"{family}@{n_classes}"
+    return {
+        f"text_s_trim_{key}": median(times["text_trim"]),
+        f"text_s_plain_{key}": median(times["text_plain"]),
+        f"text_time_trim_vs_plain_{key}": median(
+            [t / p for t, p in zip(times["text_trim"], times["text_plain"])]),
+        f"infer_tr_vs_plain_{key}": median(
+            [p / t for t, p in zip(times["infer_tr"], times["infer_plain"])]),
+    }
+
+
 # ------------------------------------------------------------------------------------ report
 def target_rows(results, class_counts):
     rows = []
     for key, op, limit, what in TARGETS:
-        keys = [key.format(c=c) for c in class_counts] if "{c}" in key else [key]
+        keys = [key.format(c=c, f=f) for c in class_counts for f in FAMILIES] \
+            if "{c}" in key else [key]
+        keys = list(dict.fromkeys(keys))
         for k in keys:
             if k not in results:
                 continue
@@ -523,6 +605,10 @@ def main(argv=None):
         if not args.skip_maple:
             results.update(bench_trimming(clip_model, args, device, MaPLe, args.maple_batch_size,
                                           args.trim_counts[0]))
+    if "backbones" in args.sections:
+        for family, ours, plain in backbone_families(args, device):
+            results.update(bench_backbone(family, ours, plain, args, device,
+                                          args.class_counts[0]))
     if "memory" in args.sections:
         results.update(bench_memory_option(clip_model, args, device, args.batch_size,
                                            args.memory_classes))
