@@ -146,6 +146,14 @@ def test_rank_shares_are_contiguous_and_cover_everything(n, world, sizes):
     assert [i for s in shares for i in range(n)[s]] == list(range(n))
 
 
+def test_a_training_set_smaller_than_the_processes_is_refused():
+    from textrefiner.distributed import check_share_sizes
+    from textrefiner.errors import UserError
+    check_share_sizes(2, 2)
+    with pytest.raises(UserError, match="fewer than the 4 processes"):
+        check_share_sizes(3, 4)
+
+
 def test_replayed_draws_leave_the_rng_where_augmenting_leaves_it():
     from PIL import Image
     cfg = load_cfg(opts=["INPUT.SIZE", "(32, 32)", "INPUT.TRANSFORMS",
