@@ -336,10 +336,11 @@ class StandaloneTrainer:
         if hasattr(self.model, "set_eval_classes"):
             self.model.set_eval_classes(split, cfg.TRAINER.MODAL, cfg.DATASET.SUBSAMPLE_CLASSES)
         self.model.eval()
-        share = items[rank_share(len(items), self.rank, self.world)]  # all of it on one process
+        # This rank's contiguous share (all of it on one process); a rank may have none.
+        share = items[rank_share(len(items), self.rank, self.world)]
         loader = build_loader(share, cfg, is_train=False,
                               batch_size=cfg.DATALOADER.TEST.BATCH_SIZE,
-                              shuffle=False) if share else []
+                              shuffle=False) if share or not items else []
         num_classes = self.model.num_eval_classes
         evaluator = Classification(num_classes)
         self.log(f"Evaluate on the *{split}* set")
