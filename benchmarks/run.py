@@ -468,10 +468,11 @@ def bench_distributed(args):
     """Exact vs plain DDP at 2 CPU ranks (gloo), global batch `batch_size`: training step and
     data loading, measured by benchmarks/distributed.py under torchrun."""
     from textrefiner.data import write_synthetic_dataset
+    from textrefiner.data.synthetic import MAX_CLASSES
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")
-        write_synthetic_dataset(data, num_classes=args.train_classes, per_class_train=8,
-                                per_class_val=1, per_class_test=1,
+        write_synthetic_dataset(data, num_classes=min(args.train_classes, MAX_CLASSES),
+                                per_class_train=8, per_class_val=1, per_class_test=1,
                                 image_size=args.shape["image_resolution"])
         out = os.path.join(tmp, "results.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",

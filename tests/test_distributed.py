@@ -218,8 +218,13 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(demo, one_process,
     assert len(losses(tmp_path)) == 4
 
 
-def test_a_run_killed_on_one_rank_resumes_and_ends_as_one_process(demo, one_process, tmp_path):
-    args = coop_args(demo, tmp_path, 4)
+@pytest.mark.parametrize("resume", ["torchrun", "one process"])
+def test_a_run_killed_on_one_rank_resumes_and_ends_as_one_process(demo, one_process, tmp_path,
+                                                                  resume):
+    """Resumed by the same torchrun command in the same folder, or by one process (batch 8) with
+    --resume into another folder: either ends as the uninterrupted single-process run."""
+    killed_dir = tmp_path / "killed"
+    args = coop_args(demo, killed_dir, 4)
     command = LAUNCH + ["--standalone", "--nproc_per_node", "2", "-m", "textrefiner.train"] + args
     killed = []
 
@@ -230,10 +235,15 @@ def test_a_run_killed_on_one_rank_resumes_and_ends_as_one_process(demo, one_proc
 
     code, output = launch(command, on_line=kill_rank_1)
     assert killed and code != 0, output[-3000:]
-    assert not os.path.exists(tmp_path / "prompt_learner" / "model.pth.tar-2")
-    torchrun(args)  # the same command again: resumes from epoch 1
-    assert "Resumed from epoch 1" in (tmp_path / "log.txt").read_text()
-    assert_same_run(one_process, tmp_path, epoch=2)
+    assert not os.path.exists(killed_dir / "prompt_learner" / "model.pth.tar-2")
+    if resume == "torchrun":
+        torchrun(args)  # the same command again: resumes from epoch 1
+        finished = killed_dir
+    else:
+        finished = tmp_path / "resumed"
+        assert main(["--resume", str(killed_dir)] + coop_args(demo, finished, 8)) == 0
+    assert "Resumed from epoch 1" in (finished / "log.txt").read_text()
+    assert_same_run(one_process, finished, epoch=2)
 
 
 def test_two_nodes_of_one_rank_train_as_one_process(demo, one_process, tmp_path):
