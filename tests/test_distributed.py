@@ -218,6 +218,18 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(demo, one_process,
     assert len(losses(tmp_path)) == 4
 
 
+def test_plain_ddp_runs_and_is_what_the_comparisons_catch(demo, one_process, tmp_path):
+    """DISTRIBUTED.EXACT False: per-rank shuffling, augmentations and BatchNorm, as before. It
+    trains and evaluates under torchrun, and ends far outside the comparisons' tolerance."""
+    torchrun(coop_args(demo, tmp_path, 4, "DISTRIBUTED.EXACT", "False"))
+    assert (tmp_path / "log.txt").read_text().count("* accuracy:") == 1
+    with pytest.raises(AssertionError):
+        assert_same_run(one_process, tmp_path, epoch=2)
+    a, b = (final_checkpoint(out, 2)["state_dict"]["refiner.cache.entries"]
+            for out in (one_process, tmp_path))
+    assert float((a - b).abs().max()) > 1e-2
+
+
 @pytest.mark.parametrize("resume", ["torchrun", "one process"])
 def test_a_run_killed_on_one_rank_resumes_and_ends_as_one_process(demo, one_process, tmp_path,
                                                                   resume):
