@@ -14,7 +14,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 # Idle OpenMP threads sleep instead of spinning, so the CPU-time clock counts work rather than
@@ -104,6 +106,11 @@ How it is measured
   the plain model's own encode_text (clip's or open_clip's, 77 positions). Inference: CoOp+TR's
   forward (classifier computed once before timing) against the plain model's encode_image and a
   product with its normalised zero-shot text features.
+- Distributed (dist_*): benchmarks/distributed.py under torchrun, 2 CPU ranks (gloo), batch/2 per
+  rank, wall time, alternating rounds. Step: CoOp + TR train step with DISTRIBUTED.EXACT's global
+  BatchNorm and no per-step buffer broadcast vs plain DDP (local BatchNorm, buffers broadcast).
+  Loader: one epoch of decoded images, the rank's share of the global batches with the other
+  ranks' augmentation draws replayed vs DistributedSampler.
 """
 
 
@@ -162,7 +169,7 @@ def parse_args(argv=None):
     return args
 
 
-SECTIONS = ("inference", "training", "trimming", "memory", "backbones")
+SECTIONS = ("inference", "training", "trimming", "memory", "backbones", "distributed")
 
 
 def make_cfg(args, refiner: bool, *extra):
@@ -536,6 +543,29 @@ def bench_backbone(family, clip_model, plain, args, device, n_classes):
     }
 
 
+# ------------------------------------------------------------------------------------ distributed
+def bench_distributed(args):
+    """Exact vs plain DDP at 2 CPU ranks (gloo), global batch `batch_size`: training step and
+    data loading, measured by benchmarks/distributed.py under torchrun."""
+    from textrefiner.data import write_synthetic_dataset
+    from textrefiner.data.synthetic import MAX_CLASSES
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        write_synthetic_dataset(data, num_classes=min(args.train_classes, MAX_CLASSES),
+                                per_class_train=8, per_class_val=1, per_class_test=1,
+                                image_size=args.shape["image_resolution"])
+        out = os.path.join(tmp, "results.json")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", "2", os.path.join(ROOT, "benchmarks", "distributed.py"),
+                   "--shape", json.dumps(args.shape), "--batch-size",
+                   str(max(args.batch_size // 2, 1)), "--classes", str(args.train_classes),
+                   "--repeats", str(args.repeats), "--data", data, "--json", out]
+        threads = str(max(1, torch.get_num_threads() // 2))
+        subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
+        with open(out) as f:
+            return json.load(f)
+
+
 # ------------------------------------------------------------------------------------ report
 def target_rows(results, class_counts):
     rows = []
@@ -612,6 +642,8 @@ def main(argv=None):
     if "memory" in args.sections:
         results.update(bench_memory_option(clip_model, args, device, args.batch_size,
                                            args.memory_classes))
+    if "distributed" in args.sections:
+        results.update(bench_distributed(args))
     rows = target_rows(results, args.class_counts)
     setup["wall_s"] = time.perf_counter() - start
     print_table(results, rows, args)

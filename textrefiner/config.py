@@ -209,6 +209,9 @@ _EXTENSIONS = {
     },
     "DATASET": {"SUBSAMPLE_CLASSES": "all"},
     "MODEL": {"BACKBONE": {"PATH": ""}},  # local CLIP file; empty = download by NAME
+    # Under torchrun, end as one process with the global batch ends (textrefiner.distributed);
+    # False: plain DDP (per-rank sampling, augmentation RNG and BatchNorm statistics).
+    "DISTRIBUTED": {"EXACT": True},
     "TEST": {"NO_TEST": False},
 }
 
