@@ -12,6 +12,8 @@ setup(
     # The repository's trainers/ folder (the Dassl layer) installs as `textrefiner_trainers`, so it
     # never shadows, nor is shadowed by, the top-level `trainers` package of CoOp-style repos.
     package_dir={"textrefiner_trainers": "trainers"},
+    # The demo's pretrained tiny CLIP (1.6 MB), the same file on every machine
+    package_data={"textrefiner.demo": ["clip_tiny.pt"]},
     install_requires=[
         "torch>=1.13",  # torch.load(weights_only=True)
         "torchvision",
@@ -27,7 +29,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "open_clip_torch>=2.24"],
+        # OpenCLIP backbones: MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
+        "openclip": ["open_clip_torch>=2.24"],
         # Dassl.pytorch is not on PyPI: install it from its repository to use the Dassl engine.
     },
     entry_points={

@@ -14,7 +14,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 # Idle OpenMP threads sleep instead of spinning, so the CPU-time clock counts work rather than
@@ -37,6 +39,20 @@ VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_wid
                vision_patch_size=16, transformer_width=512, transformer_layers=12)
 SMALL = dict(embed_dim=256, image_resolution=96, vision_layers=6, vision_width=384,
              vision_patch_size=16, transformer_width=256, transformer_layers=4)
+# The other backbone families, same text tower: CLIP's RN50, and OpenCLIP's ViT-B-16 config
+RN50 = dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
+            transformer_width=512, transformer_layers=12)
+SMALL_RN = dict(embed_dim=256, image_resolution=96, vision_layers=(1, 1, 1, 1), vision_width=32,
+                transformer_width=256, transformer_layers=4)
+
+
+def openclip_config(shape):
+    """open_clip's CLIP config for a ViT shape of this file (OpenCLIP ViT-B-16 for VIT_B16)."""
+    vision = {"image_size": shape["image_resolution"], "width": shape["vision_width"],
+              "layers": shape["vision_layers"], "patch_size": shape["vision_patch_size"]}
+    text = {"width": shape["transformer_width"], "heads": shape["transformer_width"] // 64,
+            "layers": shape["transformer_layers"]}
+    return {"embed_dim": shape["embed_dim"], "vision_cfg": vision, "text_cfg": text}
 
 # (result key, comparison, limit, what it means)
 TARGETS = [
@@ -54,12 +70,17 @@ TARGETS = [
     ("train_time_coop_tr_vs_coop", "<=", 1.05, "CoOp+TR train step time / CoOp's"),
     ("train_mem_coop_tr_vs_coop", "<=", 1.15, "CoOp+TR train step peak memory / CoOp's"),
     ("refiner_share_coop_tr", "<=", 0.05, "refiner's own work / CoOp+TR step time"),
+    ("text_time_trim_vs_plain_{f}@{c}", "<=", 0.5,
+     "trimmed text encoder time / the plain backbone's encode_text"),
+    ("infer_tr_vs_plain_{f}@{c}", ">=", 0.98,
+     "CoOp+TR inference throughput / the plain backbone's encode_image + classifier"),
     ("store_forwards_per_image_stored", "<=", 1.0,
      "base2new.sh sweep (ZS, CoOp, CoOp+TR, 3 seeds) with the feature store: image-encoder "
      "forward passes per test image"),
     ("store_eval_wall_ratio", "<=", 0.25,
      "that sweep's evaluation wall time, with / without the feature store"),
 ]
+FAMILIES = ("openai_vit", "openai_resnet", "openclip_vit")
 
 METHOD_NOTES = """\
 How it is measured
@@ -85,6 +106,16 @@ How it is measured
   (profile_memory=True), summed in time order; the peak of that running sum (tensor bytes, the
   CPU counterpart of max_memory_allocated; not RSS). "total" adds the model's parameters and
   buffers (unique storages), so it is what the process needs for that model; the target uses it.
+- Backbones: per family (OpenAI ViT, OpenAI ResNet RN50, OpenCLIP ViT), random weights, eval,
+  no_grad, alternating rounds. Text: the project's trimmed encoder on the class prompts against
+  the plain model's own encode_text (clip's or open_clip's, 77 positions). Inference: CoOp+TR's
+  forward (classifier computed once before timing) against the plain model's encode_image and a
+  product with its normalised zero-shot text features.
+- Distributed (dist_*): benchmarks/distributed.py under torchrun, 2 CPU ranks (gloo), batch/2 per
+  rank, wall time, alternating rounds. Step: CoOp + TR train step with DISTRIBUTED.EXACT's global
+  BatchNorm and no per-step buffer broadcast vs plain DDP (local BatchNorm, buffers broadcast).
+  Loader: one epoch of decoded images, the rank's share of the global batches with the other
+  ranks' augmentation draws replayed vs DistributedSampler.
 """
 
 
@@ -143,7 +174,8 @@ def parse_args(argv=None):
     return args
 
 
-SECTIONS = ("inference", "training", "trimming", "memory", "store")
+SECTIONS = ("inference", "training", "trimming", "memory", "backbones", "distributed",
+            "store")
 
 
 def make_cfg(args, refiner: bool, *extra):
@@ -461,11 +493,92 @@ def bench_memory_option(clip_model, args, device, batch, n_classes):
             f"train_step_peak_mib_coop_tr_checkpointing@{n_classes}": peak / 2**20}
 
 
+# ------------------------------------------------------------------------------------ backbones
+def backbone_families(args, device):
+    """[(family, the project's CLIP, the plain model whose encode_image/encode_text it is
+    compared with)]; the OpenCLIP row needs open_clip_torch."""
+    vit = build_random_clip(**args.shape).float()
+    resnet = build_random_clip(**(SMALL_RN if args.quick else RN50)).float()
+    families = [("openai_vit", vit, vit), ("openai_resnet", resnet, resnet)]
+    try:
+        import open_clip
+    except ImportError:
+        log("open_clip_torch is not installed: no OpenCLIP row")
+        return families
+    from textrefiner.openclip_models import OpenCLIP
+    torch.manual_seed(0)
+    plain = open_clip.model.CLIP(**openclip_config(args.shape)).eval()
+    families.append(("openclip_vit", OpenCLIP(plain, "benchmark"), plain))
+    return [(f, ours.to(device).eval(), plain.to(device).eval()) for f, ours, plain in families]
+
+
+def bench_backbone(family, clip_model, plain, args, device, n_classes):
+    names = class_names(n_classes)
+    log(f"[backbone {family} @{n_classes} classes, batch {args.batch_size}] building ...")
+    res = clip_dims(clip_model)["image_size"]
+    images = torch.randn(args.batch_size, 3, res, res,
+                         generator=torch.Generator().manual_seed(0)).to(device)
+    tokens = backbone.tokenize([f"a photo of a {n}." for n in names], device)
+    model = CoOp(make_cfg(args, True), names, clip_model).to(device).eval()
+    with torch.no_grad():
+        zero_shot = torch.nn.functional.normalize(plain.encode_text(tokens), dim=-1)
+        scale = plain.logit_scale.exp()
+        model.class_embeddings()
+        model(images)  # warm-up
+
+        def plain_forward():
+            features = torch.nn.functional.normalize(plain.encode_image(images), dim=-1)
+            return scale * features @ zero_shot.t()
+
+        work = {"text_trim": lambda: backbone.encode_text_tokens(clip_model, tokens),
+                "text_plain": lambda: plain.encode_text(tokens),
+                "infer_tr": lambda: model(images), "infer_plain": plain_forward}
+        times = {k: [] for k in work}
+        for r in range(args.repeats):
+            for k in (list(work) if r % 2 == 0 else list(work)[::-1]):
+                times[k].append(timed(work[k], device))
+            log(f"  round {r + 1}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in work))
+    key = f"{family}@{n_classes}"
+    return {
+        f"text_s_trim_{key}": median(times["text_trim"]),
+        f"text_s_plain_{key}": median(times["text_plain"]),
+        f"text_time_trim_vs_plain_{key}": median(
+            [t / p for t, p in zip(times["text_trim"], times["text_plain"])]),
+        f"infer_tr_vs_plain_{key}": median(
+            [p / t for t, p in zip(times["infer_tr"], times["infer_plain"])]),
+    }
+
+
+# ------------------------------------------------------------------------------------ distributed
+def bench_distributed(args):
+    """Exact vs plain DDP at 2 CPU ranks (gloo), global batch `batch_size`: training step and
+    data loading, measured by benchmarks/distributed.py under torchrun."""
+    from textrefiner.data import write_synthetic_dataset
+    from textrefiner.data.synthetic import MAX_CLASSES
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        write_synthetic_dataset(data, num_classes=min(args.train_classes, MAX_CLASSES),
+                                per_class_train=8, per_class_val=1, per_class_test=1,
+                                image_size=args.shape["image_resolution"])
+        out = os.path.join(tmp, "results.json")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", "2", os.path.join(ROOT, "benchmarks", "distributed.py"),
+                   "--shape", json.dumps(args.shape), "--batch-size",
+                   str(max(args.batch_size // 2, 1)), "--classes", str(args.train_classes),
+                   "--repeats", str(args.repeats), "--data", data, "--json", out]
+        threads = str(max(1, torch.get_num_threads() // 2))
+        subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
+        with open(out) as f:
+            return json.load(f)
+
+
 # ------------------------------------------------------------------------------------ report
 def target_rows(results, class_counts):
     rows = []
     for key, op, limit, what in TARGETS:
-        keys = [key.format(c=c) for c in class_counts] if "{c}" in key else [key]
+        keys = [key.format(c=c, f=f) for c in class_counts for f in FAMILIES] \
+            if "{c}" in key else [key]
+        keys = list(dict.fromkeys(keys))
         for k in keys:
             if k not in results:
                 continue
@@ -528,9 +641,15 @@ def main(argv=None):
         if not args.skip_maple:
             results.update(bench_trimming(clip_model, args, device, MaPLe, args.maple_batch_size,
                                           args.trim_counts[0]))
+    if "backbones" in args.sections:
+        for family, ours, plain in backbone_families(args, device):
+            results.update(bench_backbone(family, ours, plain, args, device,
+                                          args.class_counts[0]))
     if "memory" in args.sections:
         results.update(bench_memory_option(clip_model, args, device, args.batch_size,
                                            args.memory_classes))
+    if "distributed" in args.sections:
+        results.update(bench_distributed(args))
     if "store" in args.sections:  # scripts/base2new.sh without / with FEATURE_STORE
         from store_sweep import print_store_table, store_section
         results.update(store_section(args.shape, "fp16" if device.type == "cuda" else "fp32",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Offline demo, no network and no dataset needed, on the CPU: base-to-novel for zero-shot CLIP,
 # CoOp and CoOp + TextRefiner on a synthetic colour-and-shape dataset, with a tiny CLIP that is
-# first pretrained here (contrastively, about 35 s; cached in OUT_DIR/clip_tiny.pt).
+# shipped with the package (textrefiner/demo/clip_tiny.pt, the same weights on every machine).
 # A toy: it shows prompt learning at work in miniature, not the paper's numbers.
 #
 # usage: bash scripts/demo.sh [OUT_DIR]      (default output/demo)

@@ -16,6 +16,9 @@ SMALL_CLIP = dict(embed_dim=32, image_resolution=32, vision_layers=3, vision_wid
                   vision_patch_size=8, transformer_width=64, transformer_layers=3)
 TEACHER_CLIP = dict(embed_dim=48, image_resolution=32, vision_layers=2, vision_width=192,
                     vision_patch_size=8, transformer_width=128, transformer_layers=2, seed=1)
+# A ResNet CLIP (`ModifiedResNet`): 96 px images give a 3 x 3 map, 9 local tokens.
+RESNET_CLIP = dict(embed_dim=32, image_resolution=96, vision_layers=(1, 2, 1, 1), vision_width=16,
+                   transformer_width=64, transformer_layers=2, seed=2)
 
 CLASSNAMES = ["red circle", "blue square", "green_triangle", "yellow star", "striped disc"]
 
@@ -39,6 +42,12 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clip_path(tmp_path_factory):
     return save_random_clip(str(tmp_path_factory.mktemp("clip") / "small_clip.pt"), **SMALL_CLIP)
+
+
+@pytest.fixture(scope="session")
+def resnet_clip_path(tmp_path_factory):
+    return save_random_clip(str(tmp_path_factory.mktemp("clip") / "resnet_clip.pt"),
+                            **RESNET_CLIP)
 
 
 @pytest.fixture(scope="session")

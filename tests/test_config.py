@@ -300,10 +300,13 @@ def _codebase_file(relative):
     return found[0]
 
 
-@pytest.mark.parametrize("name", ["CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml"])
-def test_configs_equal_the_codebase_files_of_the_same_name(name):
+@pytest.mark.parametrize("name, codebase_name", [
+    ("CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml", None), ("CoOp/rn50_ep50.yaml", None),
+    ("CoOp/rn50_ep50_ctxv1.yaml", None), ("CoOp/rn101_ep50.yaml", None),
+    ("ZeroshotCLIP/rn50.yaml", "CoOp/rn50.yaml")])  # CoOp's zeroshot.sh reads CoOp/rn50.yaml
+def test_configs_equal_the_codebase_files_of_the_same_name(name, codebase_name):
     """configs/trainers/<name> loads to the same config as the codebase's file of that name."""
-    published = _flat(C.load_cfg(_codebase_file("configs/trainers/" + name)))
+    published = _flat(C.load_cfg(_codebase_file("configs/trainers/" + (codebase_name or name))))
     assert _flat(C.load_cfg(_cfg_path("trainers", *name.split("/")))) == published
 
 

@@ -1,10 +1,7 @@
-"""The standalone engine's pieces: Dassl's schedule, the evaluator's output, precisions, DDP."""
+"""The standalone engine's pieces: Dassl's schedule, the evaluator's output, precisions (torchrun:
+tests/test_distributed.py)."""
 import math
 import os
-import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -97,27 +94,3 @@ def test_precisions_train_and_evaluate(demo, tmp_path, trainer, opts):
     assert main(demo_args(demo, tmp_path, *opts, trainer=trainer)) == 0
     log = (tmp_path / "log.txt").read_text()
     assert "* accuracy:" in log and "nan" not in log.split("Config:")[-1].lower()
-
-
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
-def test_ddp_under_torchrun(demo, tmp_path):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = demo_args(demo, tmp_path, "USE_CUDA", "False", "DATASET.NUM_SHOTS", "4")
-    # Its own process group, so that a hang cannot leave the worker processes behind.
-    proc = subprocess.Popen(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "textrefiner.train"] + args,
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("torchrun did not finish in 300 s")
-    assert proc.returncode == 0, stderr[-2000:]
-    log = (tmp_path / "log.txt").read_text()
-    assert log.count("* accuracy:") == 1  # only rank 0 writes
-    checkpoint = torch.load(tmp_path / "prompt_learner" / "model.pth.tar-1", weights_only=True)
-    assert "refiner.cache.entries" in checkpoint["state_dict"]

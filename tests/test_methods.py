@@ -387,16 +387,23 @@ def test_refiner_training_loss_matches_formula(build, base_clip, batch, method):
     images, labels = batch
     cache = model.refiner.cache.entries.clone()
     with torch.no_grad():
-        text, feature, tokens, attention = hand_pieces(model, base_clip, method, images)
-        scale = base_clip.logit_scale.exp()
-        refined = hand_refine(model.refiner, text, cache)
-        aligned = hand_mlp(model.refiner.aligner, tokens, batch_stats=True)
-        loss_cls = F.cross_entropy(scale * F.normalize(feature, dim=-1) @ refined.t(), labels)
-        semantic = hand_semantic(aligned, attention).reshape(-1, aligned.shape[-1])
-        loss_sem = F.cross_entropy(scale * semantic @ text.t(), labels.repeat_interleave(N_SEM))
-        loss_reg = (F.normalize(refined, dim=-1) - text).abs().mean()
-        expected_cache = hand_cache_write(cache, aligned)
-    check_refiner_step(model, images, labels, (loss_cls, loss_sem, loss_reg), expected_cache)
+        pieces = hand_pieces(model, base_clip, method, images)
+        parts, expected_cache = hand_refiner_step(model, pieces, labels, cache,
+                                                  base_clip.logit_scale.exp())
+    check_refiner_step(model, images, labels, parts, expected_cache)
+
+
+def hand_refiner_step(model, pieces, labels, cache, scale):
+    """((L_cls, L_sem, L_reg), cache after the write) of one CE-form TR step, from the hand-made
+    (E, global feature, tokens, attention) and the cache before the step."""
+    text, feature, tokens, attention = pieces
+    refined = hand_refine(model.refiner, text, cache)
+    aligned = hand_mlp(model.refiner.aligner, tokens, batch_stats=True)
+    loss_cls = F.cross_entropy(scale * F.normalize(feature, dim=-1) @ refined.t(), labels)
+    semantic = hand_semantic(aligned, attention).reshape(-1, aligned.shape[-1])
+    loss_sem = F.cross_entropy(scale * semantic @ text.t(), labels.repeat_interleave(N_SEM))
+    loss_reg = (F.normalize(refined, dim=-1) - text).abs().mean()
+    return (loss_cls, loss_sem, loss_reg), hand_cache_write(cache, aligned)
 
 
 def check_refiner_step(model, images, labels, expected_parts, expected_cache):

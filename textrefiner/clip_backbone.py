@@ -9,6 +9,10 @@ Nothing here copies CLIP's model code. The encoders below walk the stock modules
   them.
 
 With no prompts and no tokens asked for, they compute exactly what the stock methods compute.
+
+Backbones: OpenAI's ViTs and ResNets (`ModifiedResNet`), and OpenCLIP models with CLIP's towers
+(`textrefiner.openclip_models`), which use the same module names. A ResNet has no blocks to
+prompt; its local tokens are the dense reading of its attention pool (`encode_resnet_image`).
 """
 import os
 import socket
@@ -24,8 +28,10 @@ from ._compat import import_clip
 from .errors import UserError
 
 PRECISIONS = ("fp16", "fp32", "amp")
+OPENCLIP_PREFIX = "openclip:"  # MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
 TEXT_LENGTH_MULTIPLE = 16  # see encode_text
 DOWNLOAD_TIMEOUT_S = 60
+RESNET_KEY = "visual.attnpool.positional_embedding"  # only ResNet CLIP state dicts have it
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,8 +52,10 @@ def _read_state_dict(path: str) -> dict:
                             "be an OpenAI JIT archive or a saved CLIP state dict.") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or "visual.proj" not in obj:
-        raise UserError(f"{path!r} does not hold a ViT CLIP state dict (no 'visual.proj' key).")
+    if not isinstance(obj, dict) or not ("visual.proj" in obj or RESNET_KEY in obj):
+        raise UserError(f"{path!r} does not hold a CLIP state dict (neither a ViT's 'visual.proj' "
+                        f"nor a ResNet's {RESNET_KEY!r} key): point MODEL.BACKBONE.PATH to OpenAI "
+                        "CLIP weights, or use 'openclip:<model>/<tag or file>' for OpenCLIP.")
     return obj
 
 
@@ -85,7 +93,8 @@ def _locate_weights(name_or_path: str, config_key: str) -> str:
 
 def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
               config_key: str = "MODEL.BACKBONE.PATH") -> nn.Module:
-    """Load a CLIP model by name (through `clip`'s download cache) or from a local file.
+    """Load a CLIP model by name (through `clip`'s download cache) or from a local file, ViT or
+    ResNet; or an OpenCLIP model, "openclip:<model>/<pretrained tag or local file>".
 
     `precision` follows CoOp's PREC: "fp16" keeps CLIP's half-precision weights, "fp32" and "amp"
     convert them to float32. `config_key` names the setting a user should change when the weights
@@ -93,6 +102,10 @@ def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
     """
     if precision not in PRECISIONS:
         raise UserError(f"Unknown precision {precision!r}: use one of {PRECISIONS}.")
+    if name_or_path.startswith(OPENCLIP_PREFIX):
+        from .openclip_models import load_openclip
+        return load_openclip(name_or_path[len(OPENCLIP_PREFIX):], precision, config_key).to(
+            device).eval()
     state_dict = _read_state_dict(_locate_weights(name_or_path, config_key))
     model = import_clip().model.build_model(state_dict)  # fp16 weights, eval mode
     if precision != "fp16":
@@ -115,21 +128,57 @@ def amp_grad_scaler(precision: str, device: torch.device):
     return torch.cuda.amp.GradScaler()
 
 
+def input_resolution(visual: nn.Module) -> int:
+    """The square image size the image encoder takes (OpenCLIP keeps it as `image_size`)."""
+    if hasattr(visual, "input_resolution"):
+        return visual.input_resolution
+    size = visual.image_size
+    return size if isinstance(size, int) else size[0]
+
+
+def is_resnet(visual: nn.Module) -> bool:
+    """Whether the image encoder is CLIP's ResNet (`ModifiedResNet`, with its attention pool)."""
+    return hasattr(visual, "attnpool")
+
+
+def require_vit(visual: nn.Module, method: str):
+    """Methods that prompt the ViT's blocks refuse any other image encoder."""
+    if is_resnet(visual):
+        raise UserError(f"{method} prompts the blocks of a ViT image encoder and this CLIP's is a "
+                        "ResNet: use a ViT backbone (e.g. MODEL.BACKBONE.NAME ViT-B/16), or CoOp, "
+                        "CoCoOp or ZeroshotCLIP on ResNets.")
+
+
 def check_image_size(cfg, clip_model: nn.Module):
-    """INPUT.SIZE must be the CLIP's input resolution (CoOp asserts the same)."""
-    size = clip_model.visual.input_resolution
+    """INPUT.SIZE must be the CLIP's input resolution (CoOp asserts the same); for an OpenCLIP
+    model, INPUT.PIXEL_MEAN / PIXEL_STD must be the normalisation its weights were trained with."""
+    size = input_resolution(clip_model.visual)
     if tuple(cfg.INPUT.SIZE) != (size, size):
         raise UserError(f"INPUT.SIZE is {tuple(cfg.INPUT.SIZE)} but this CLIP takes {size}x{size} "
                         f"images: set INPUT.SIZE ({size}, {size}).")
+    mean, std = getattr(clip_model, "image_mean", None), getattr(clip_model, "image_std", None)
+    if mean is None or std is None:
+        return
+    if not (_close(cfg.INPUT.PIXEL_MEAN, mean) and _close(cfg.INPUT.PIXEL_STD, std)):
+        raise UserError(f"{clip_model.name} was trained on images normalised with mean "
+                        f"{list(mean)} and std {list(std)}: set INPUT.PIXEL_MEAN {list(mean)} "
+                        f"and INPUT.PIXEL_STD {list(std)}.")
+
+
+def _close(values, expected) -> bool:
+    return len(values) == len(expected) and all(abs(a - b) < 1e-6 for a, b in zip(values, expected))
 
 
 def build_random_clip(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128,
                       vision_patch_size=8, transformer_width=64, transformer_layers=3,
                       context_length=77, seed=0) -> nn.Module:
-    """A small ViT CLIP with random weights, built with the stock `clip.model.CLIP` class.
+    """A small CLIP with random weights, built with the stock `clip.model.CLIP` class.
 
     Used by the tests, the offline demo and the benchmarks. Widths must be multiples of 64 because
     `build_model` derives head counts as width // 64 when the weights are loaded back.
+    `vision_layers` as four block counts gives a ResNet (`ModifiedResNet`, `vision_width` its
+    stem width, `image_resolution` a multiple of 32); its BatchNorms get random running
+    statistics and weights, so that they matter (CLIP's initialisation zeroes every bn3 weight).
     """
     clip = import_clip()
     vocab_size = len(clip.clip._tokenizer.encoder)
@@ -139,6 +188,13 @@ def build_random_clip(embed_dim=32, image_resolution=32, vision_layers=3, vision
             embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
             context_length, vocab_size, transformer_width, transformer_width // 64,
             transformer_layers)
+        if is_resnet(model.visual):
+            for norm in model.visual.modules():
+                if isinstance(norm, nn.BatchNorm2d):
+                    norm.running_mean.normal_(0, 0.1)
+                    norm.running_var.uniform_(0.5, 1.5)
+                    norm.weight.data.uniform_(0.5, 1.5)
+                    norm.bias.data.normal_(0, 0.1)
     return model.eval()
 
 
@@ -159,6 +215,9 @@ class ImageOutput:
     features:      [B, d] global feature (CLS after ln_post and proj), not normalised.
     tokens:        [B, 1+N, d] the last block's CLS + patch tokens after ln_post and proj.
     cls_attention: [B, N] the last block's attention from CLS to each patch, mean over heads.
+
+    For a ResNet (`encode_resnet_image`): the global token is the attention pool's output, the N
+    local tokens its spatial tokens' dense reading, and the attention is the pool's query's.
     """
     features: torch.Tensor
     tokens: Optional[torch.Tensor] = None
@@ -166,42 +225,58 @@ class ImageOutput:
 
 
 def num_patches(visual: nn.Module) -> int:
-    return visual.positional_embedding.shape[0] - 1
+    """Local tokens the image encoder gives: ViT patches, or a ResNet's spatial positions."""
+    embedding = visual.attnpool.positional_embedding if is_resnet(visual) else \
+        visual.positional_embedding
+    return embedding.shape[0] - 1
+
+
+def _batch_first(transformer: nn.Module) -> bool:
+    """Whether the blocks take [B, L, w] (OpenCLIP's, since 2.23) rather than [L, B, w]."""
+    return bool(getattr(transformer, "batch_first", False))
 
 
 def _run_block(block: nn.Module, x: torch.Tensor, attn_mask=None, need_weights: bool = False):
-    """One stock residual block on x [L, B, w] (as `block(x)` computes it), with the block's
-    attention mask cut to L; returns (x, attention weights [B, L, L] or None)."""
+    """One residual block on x in its layout ([L, B, w], or [B, L, w] for batch-first blocks), as
+    `block(x)` computes it (OpenCLIP's blocks may carry layer scales `ls_1`, `ls_2`); returns
+    (x, attention weights [B, L, L] or None)."""
     h = block.ln_1(x)
     attended, weights = block.attn(h, h, h, need_weights=need_weights, attn_mask=attn_mask)
-    x = x + attended
-    return x + block.mlp(block.ln_2(x)), weights
+    x = x + _layer_scale(block, "ls_1", attended)
+    return x + _layer_scale(block, "ls_2", block.mlp(block.ln_2(x))), weights
 
 
-def _cut_mask(block: nn.Module, x: torch.Tensor):
-    """The block's causal mask (text) cut to the sequence length of x [L, B, w], or None."""
-    mask = block.attn_mask
-    if mask is None:
-        return None
-    length = x.shape[0]
-    return mask[:length, :length].to(dtype=x.dtype, device=x.device)
+def _layer_scale(block: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    scale = getattr(block, name, None)
+    return x if scale is None else scale(x)
+
+
+def _causal_mask(length: int, x: torch.Tensor) -> torch.Tensor:
+    """CLIP's text mask for `length` positions: -inf above the diagonal, in x's dtype."""
+    mask = torch.full((length, length), float("-inf"), device=x.device).triu_(1)
+    return mask.to(x.dtype)
 
 
 def _block_with_cls_attention(block: nn.Module, x: torch.Tensor, n_patches: int):
-    """Run one stock residual block ([L, B, w]) and also return CLS-to-patch attention [B, N]."""
-    x, weights = _run_block(block, x, _cut_mask(block, x), need_weights=True)
+    """Run one residual block and also return CLS-to-patch attention [B, N]."""
+    x, weights = _run_block(block, x, need_weights=True)
     return x, weights[:, 0, 1:1 + n_patches]
 
 
 def encode_image(visual: nn.Module, images: torch.Tensor,
                  prompts: Optional[Sequence[torch.Tensor]] = None,
                  return_tokens: bool = False) -> ImageOutput:
-    """Run CLIP's ViT image encoder, optionally with deep vision prompts and local tokens.
+    """Run CLIP's image encoder, optionally with deep vision prompts (ViT) and local tokens.
 
     prompts: per-layer prompt tokens, each [n_ctx, width]. `prompts[0]` is appended after the patch
         tokens (after the positional embedding, before ln_pre); `prompts[i]` for i >= 1 replaces the
         last n_ctx tokens before block i runs. `len(prompts)` is the prompt depth.
+    A ResNet goes to `encode_resnet_image` (it takes no prompts).
     """
+    if is_resnet(visual):
+        if prompts:
+            require_vit(visual, "Deep vision prompting")
+        return encode_resnet_image(visual, images, return_tokens)
     dtype = visual.conv1.weight.dtype
     x = visual.conv1(images.to(dtype))                     # [B, width, grid, grid]
     x = x.flatten(2).transpose(1, 2)                        # [B, N, width]
@@ -215,24 +290,84 @@ def encode_image(visual: nn.Module, images: torch.Tensor,
         x = torch.cat([x, prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
     x = visual.ln_pre(x)
 
-    x = x.permute(1, 0, 2)                                  # [L, B, width]
+    first = _batch_first(visual.transformer)
+    seq = 1 if first else 0                                 # the blocks' sequence dim
+    if not first:
+        x = x.permute(1, 0, 2)                              # [L, B, width]
     blocks = visual.transformer.resblocks
     cls_attention = None
     for i, block in enumerate(blocks):
         if 0 < i < len(prompts):
             n_ctx = prompts[i].shape[0]
-            deep = prompts[i].to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
-            x = torch.cat([x[:-n_ctx], deep], dim=0)
+            kept = x.narrow(seq, 0, x.shape[seq] - n_ctx)
+            deep = prompts[i].to(x.dtype).unsqueeze(1 - seq).expand(
+                x.narrow(seq, 0, n_ctx).shape)
+            x = torch.cat([kept, deep], dim=seq)
         if return_tokens and i == len(blocks) - 1:
             x, cls_attention = _block_with_cls_attention(block, x, n_patches)
         else:
-            x = block(x)
-    x = x.permute(1, 0, 2)                                  # [B, L, width]
+            x = _run_block(block, x)[0]
+    if not first:
+        x = x.permute(1, 0, 2)                              # [B, L, width]
 
     if not return_tokens:
-        return ImageOutput(visual.ln_post(x[:, 0, :]) @ visual.proj)
-    tokens = visual.ln_post(x[:, :1 + n_patches, :]) @ visual.proj  # [B, 1 + N, d]
+        return ImageOutput(_project_image(visual, visual.ln_post(x[:, 0, :])))
+    tokens = _project_image(visual, visual.ln_post(x[:, :1 + n_patches, :]))  # [B, 1 + N, d]
     return ImageOutput(tokens[:, 0, :], tokens, cls_attention)
+
+
+def _project_image(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x if visual.proj is None else x @ visual.proj
+
+
+def encode_resnet_image(visual: nn.Module, images: torch.Tensor,
+                        return_tokens: bool = False) -> ImageOutput:
+    """CLIP's ResNet on images; with `return_tokens`, also its local tokens and their attention.
+
+    The global feature g is the stock attention pool's output. The pool's input is the last
+    stage's map f [B, C, H, W] as N = HW tokens f_i, with x_0 = mean_i f_i + p_0 and
+    x_i = f_i + p_i (p the pool's positional embedding); its one query is x_0. The local tokens
+    are the dense reading of that pool (as DenseCLIP and MaskCLIP read it): each spatial token
+    through the value and output projections alone, t_i = c_proj(v_proj(x_i)), in the joint
+    space. The attention is the pool's, from its query to the spatial tokens, mean over heads:
+    a_i = mean_h softmax_j(q_h(x_0) . k_h(x_j) / sqrt(C / heads))[i] for j = 0..N, i = 1..N.
+    Returns tokens [g, t_1..t_N] [B, 1+N, d] and attention [a_1..a_N] [B, N].
+    """
+    images = images.to(visual.conv1.weight.dtype)
+    if not return_tokens:
+        return ImageOutput(visual(images))
+    fmap = _resnet_feature_map(visual, images)
+    pooled = visual.attnpool(fmap)                                  # g [B, d]
+    local, attention = _attention_pool_dense(visual.attnpool, fmap)
+    return ImageOutput(pooled, torch.cat([pooled.unsqueeze(1), local], dim=1), attention)
+
+
+def _resnet_feature_map(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The stock ResNet's stem and four stages (its forward without the attention pool)."""
+    x = images
+    for i in (1, 2, 3):  # OpenCLIP's copy names the stem's ReLUs act1..act3
+        relu = getattr(visual, f"relu{i}", None) or getattr(visual, f"act{i}")
+        x = relu(getattr(visual, f"bn{i}")(getattr(visual, f"conv{i}")(x)))
+    x = visual.avgpool(x)
+    for stage in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+        x = stage(x)
+    return x                                                        # [B, C, H, W]
+
+
+def _attention_pool_dense(pool: nn.Module, fmap: torch.Tensor):
+    """(t [B, N, d], a [B, N]) of `encode_resnet_image` from the pool's input map [B, C, H, W]."""
+    x = fmap.flatten(2).permute(2, 0, 1)                            # [N, B, C]
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)          # [1 + N, B, C]
+    x = x + pool.positional_embedding[:, None, :].to(x.dtype)
+    local = pool.c_proj(pool.v_proj(x[1:])).permute(1, 0, 2)        # [B, N, d]
+    length, batch, width = x.shape
+    heads = pool.num_heads
+    head_dim = width // heads
+    query = pool.q_proj(x[0]).reshape(batch, heads, head_dim)       # [B, heads, C / heads]
+    keys = pool.k_proj(x).reshape(length, batch, heads, head_dim)   # [1 + N, B, heads, C / heads]
+    scores = torch.einsum("bhc,lbhc->bhl", query.float(), keys.float()) / head_dim ** 0.5
+    attention = scores.softmax(dim=-1).mean(dim=1)[:, 1:]           # [B, N]
+    return local, attention.to(local.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,24 +414,42 @@ def encode_text(clip_model: nn.Module, embeddings: torch.Tensor, eot_indices: to
     length = min(-(-(int(eot_indices.max()) + 1) // TEXT_LENGTH_MULTIPLE) * TEXT_LENGTH_MULTIPLE,
                  embeddings.shape[1])
     x = embeddings[:, :length].to(dtype) + clip_model.positional_embedding[:length].to(dtype)
-    x = x.permute(1, 0, 2)                                  # [L, C, width]
+    first = _batch_first(clip_model.transformer)
+    seq = 1 if first else 0                                 # the blocks' sequence dim
+    if not first:
+        x = x.permute(1, 0, 2)                              # [L, C, width]
     deep_prompts = list(deep_prompts) if deep_prompts else []
     recompute = checkpointing and torch.is_grad_enabled()
+    mask = _causal_mask(length, x)
     for i, block in enumerate(clip_model.transformer.resblocks):
         if 0 < i <= len(deep_prompts):
-            ctx = deep_prompts[i - 1].to(dtype)
-            ctx = ctx.unsqueeze(1).expand(-1, x.shape[1], -1)
-            x = torch.cat([x[:1], ctx, x[1 + ctx.shape[0]:]], dim=0)
+            n_ctx = deep_prompts[i - 1].shape[0]
+            ctx = deep_prompts[i - 1].to(dtype).unsqueeze(1 - seq).expand(
+                x.narrow(seq, 1, n_ctx).shape)
+            rest = x.narrow(seq, 1 + n_ctx, length - 1 - n_ctx)
+            x = torch.cat([x.narrow(seq, 0, 1), ctx, rest], dim=seq)
         if recompute:
-            x = torch.utils.checkpoint.checkpoint(_text_block, block, x, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(_text_block, block, x, mask,
+                                                  use_reentrant=False)
         else:
-            x = _text_block(block, x)
-    eot = x[eot_indices.to(x.device), torch.arange(x.shape[1], device=x.device)]  # [C, width]
-    return clip_model.ln_final(eot).to(dtype) @ clip_model.text_projection       # [C, d]
+            x = _text_block(block, x, mask)
+    rows = torch.arange(embeddings.shape[0], device=x.device)
+    eot_indices = eot_indices.to(x.device)
+    eot = x[rows, eot_indices] if first else x[eot_indices, rows]  # [C, width]
+    return project_text(clip_model.text_projection, clip_model.ln_final(eot).to(dtype))
 
 
-def _text_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return _run_block(block, x, _cut_mask(block, x))[0]
+def _text_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return _run_block(block, x, mask)[0]
+
+
+def project_text(projection, x: torch.Tensor) -> torch.Tensor:
+    """x [..., width] -> [..., d]: CLIP's `text_projection` matrix (OpenCLIP's may be a Linear)."""
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
+def text_embed_dim(projection) -> int:
+    return projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1]
 
 
 class TextEncoder(nn.Module):
@@ -318,7 +471,8 @@ class TextEncoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_projection.dtype
+        projection = self.text_projection
+        return projection.weight.dtype if isinstance(projection, nn.Linear) else projection.dtype
 
     def forward(self, embeddings, eot_indices, deep_prompts=None):
         return encode_text(self, embeddings, eot_indices, deep_prompts,
@@ -331,16 +485,19 @@ def encode_text_tokens(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Ten
 
 
 def clip_dims(clip_model: nn.Module) -> dict:
-    """Sizes read off a loaded CLIP: joint dim, text and vision widths, patch count, depths."""
+    """Sizes read off a loaded CLIP: joint dim, text and vision widths, local-token count, depths
+    (a ResNet has no vision blocks to prompt: vision_layers 0; its width is the pool's)."""
     visual = clip_model.visual
+    resnet = is_resnet(visual)
     return {
-        "embed_dim": clip_model.text_projection.shape[1],
+        "embed_dim": text_embed_dim(clip_model.text_projection),
         "text_width": clip_model.ln_final.weight.shape[0],
-        "vision_width": visual.conv1.weight.shape[0],
+        "vision_width": visual.attnpool.k_proj.in_features if resnet else
+        visual.conv1.weight.shape[0],
         "num_patches": num_patches(visual),
         "text_layers": len(clip_model.transformer.resblocks),
-        "vision_layers": len(visual.transformer.resblocks),
-        "image_size": visual.input_resolution,
+        "vision_layers": 0 if resnet else len(visual.transformer.resblocks),
+        "image_size": input_resolution(visual),
     }
 
 
@@ -361,6 +518,8 @@ def attach_ivlp_prompts(encoder: nn.Module, n_ctx: int, depth: int, vision: bool
     `TextEncoder`): only the deeper `transformer.resblocks.<i>.VPT_shallow`; the layer-0 text
     prompts are the prompt learner's `ctx`.
     """
+    if vision and depth > 0:
+        require_vit(encoder, "IVLP (PromptSRC, PromptKD)")
     blocks = encoder.transformer.resblocks
     if not 0 <= depth <= len(blocks):
         raise UserError(f"Prompt depth {depth} is outside 0..{len(blocks)} for this CLIP.")

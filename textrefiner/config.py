@@ -209,6 +209,9 @@ _EXTENSIONS = {
     },
     "DATASET": {"SUBSAMPLE_CLASSES": "all"},
     "MODEL": {"BACKBONE": {"PATH": ""}},  # local CLIP file; empty = download by NAME
+    # Under torchrun, end as one process with the global batch ends (textrefiner.distributed);
+    # False: plain DDP (per-rank sampling, augmentation RNG and BatchNorm statistics).
+    "DISTRIBUTED": {"EXACT": True},
     # Folder of the feature store: evaluation reads the frozen image encoder's features of each
     # test image from it, computing only what is missing (textrefiner.feature_store); "": off
     "TEST": {"NO_TEST": False, "FEATURE_STORE": ""},

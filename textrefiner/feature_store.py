@@ -10,8 +10,8 @@ entry is exactly the tensor the model computed (its dtype, its bits).
 Keys (a wrong hit must be impossible, so anything that could change a feature changes the key):
 * the model: a digest of the image encoder's state dict (names, dtypes, shapes, bytes) and its
   class, the test transform (its repr: size, interpolation, crop, normalisation), the precision
-  (PREC, the parameters' dtype, amp's autocast dtype), the device type (GPU name, CPU thread
-  count), and the torch and textrefiner versions. They name the folder `DIR/<model digest>/`
+  (PREC, the parameters' dtype, amp's autocast dtype), the device type (GPU name; on a CPU the
+  thread count and kernel settings), and the torch and textrefiner versions. They name the folder `DIR/<model digest>/`
   (`key.json` in it spells them out);
 * the image: its absolute path, size and modification time (ns), and its test batch (the ordered
   images of the batch it is evaluated in, and its row): the encoder's output for an image can
@@ -66,6 +66,16 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def cpu_kernels() -> dict:
+    """What picks the CPU kernels, hence their summation order: thread count, ATen's vector
+    capability and the oneDNN / MKL settings that change it."""
+    return {"threads": torch.get_num_threads(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            **{name: os.environ.get(name, "") for name in (
+                "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR",
+                "MKL_ENABLE_INSTRUCTIONS")}}
+
+
 def model_key(image_encoder: torch.nn.Module, transform, precision: str, device: torch.device,
               autocast) -> dict:
     """Everything the stored image features depend on besides the image itself."""
@@ -85,8 +95,7 @@ def model_key(image_encoder: torch.nn.Module, transform, precision: str, device:
         "parameter_dtype": str(parameter.dtype),
         "autocast_dtype": str(autocast_dtype),
         "device": device_name(device),
-        # CPU kernels may split work (and sums) by thread count
-        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "cpu_kernels": cpu_kernels() if device.type == "cpu" else None,
         "torch": torch.__version__,
         "textrefiner": __version__,
     }

@@ -4,9 +4,10 @@ Notation follows the paper: E [C, d] normalised class text features, A [M, d] th
 V [B, 1+N, d] local tokens in the joint space.
 """
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .distributed import gather_rows
 
 WRITE_RULES = ("released", "paper")
 
@@ -154,14 +155,6 @@ class TextRefiner(nn.Module):
         return self.aligner(local_tokens)
 
     def update(self, aligned_tokens: torch.Tensor) -> int:
-        """Write into the cache; under DDP every rank writes the tokens of all ranks, so the
-        caches stay identical."""
-        return self.cache.write(_gather_from_all_ranks(aligned_tokens.detach()))
-
-
-def _gather_from_all_ranks(tokens: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tokens
-    gathered = [torch.empty_like(tokens) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tokens.contiguous())
-    return torch.cat(gathered)
+        """Write into the cache; under torchrun every rank writes the tokens of all ranks in rank
+        (= global batch) order, so the caches stay identical and equal to one process's."""
+        return self.cache.write(gather_rows(aligned_tokens.detach()))

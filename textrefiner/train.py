@@ -6,7 +6,7 @@
         --output-dir output/pets DATASET.NUM_SHOTS 16 DATASET.SUBSAMPLE_CLASSES base
 
 `--engine auto` runs on Dassl.pytorch when it is installed and on the built-in standalone runner
-otherwise; both read the same configs and write the same outputs.
+otherwise (and always under torchrun); both read the same configs and write the same outputs.
 """
 import argparse
 import contextlib
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
     parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="dassl (Dassl.pytorch), standalone (built in), or auto (dassl when "
-                             "it is installed)")
+                             "it is installed, standalone under torchrun)")
     parser.add_argument("--text-checkpointing", action="store_true",
                         help="recompute the text encoder's activations in the backward pass: "
                              "less memory for many classes, same gradients "
@@ -91,9 +91,14 @@ def _as_list(values):
 
 
 def resolve_engine(engine: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1) only the standalone engine runs: "auto" picks it."""
     has_dassl = importlib.util.find_spec("dassl") is not None
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if engine == "auto":
-        return "dassl" if has_dassl else "standalone"
+        return "dassl" if has_dassl and not under_torchrun else "standalone"
+    if engine == "dassl" and under_torchrun:
+        raise UserError("Dassl.pytorch trains in one process (nn.DataParallel at most) and cannot "
+                        "run under torchrun: use --engine standalone (or auto).")
     if engine == "dassl" and not has_dassl:
         raise UserError("--engine dassl needs Dassl.pytorch, which is not installed: install it "
                         "from its repository or use --engine standalone.")

@@ -1,6 +1,7 @@
 """Image transforms from cfg.INPUT, with Dassl's meaning of its keys."""
 
 import torchvision.transforms as T
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from textrefiner.errors import UserError
@@ -66,3 +67,14 @@ def train_steps(cfg, choices, size, interp):
     if "random_flip" in choices:
         steps.append(T.RandomHorizontalFlip())
     return steps
+
+
+def replay_draws(transform, size):
+    """Make the random draws `transform` (a build_transform result) makes for an image of `size`
+    (width, height), on a blank stand-in. The draws of the TRANSFORM_CHOICES depend on the image's
+    size alone; only the steps before ToTensor (where all of them sit) run."""
+    image = Image.new("L", size)
+    for step in transform.transforms:
+        if isinstance(step, T.ToTensor):
+            return
+        image = step(image)

@@ -1,13 +1,15 @@
 """The offline demo: a synthetic dataset in CoOp's layout and the tiny CLIP that goes with it.
 
     python -m textrefiner.demo prepare DIR        # DIR/data/synthetic_shapes + DIR/clip_tiny.pt
-    python -m textrefiner.demo pretrain FILE      # only the pretrained tiny CLIP, to FILE
+    python -m textrefiner.demo prepare DIR --weights FILE  # the same, FILE's pretrained CLIP
+    python -m textrefiner.demo pretrain FILE      # pretrain a tiny CLIP here, into FILE
     python -m textrefiner.demo prepare DIR --random   # DIR/clip_random.pt: random weights
 
 Two CLIPs, for two jobs:
-* the tiny *pretrained* CLIP (`textrefiner.demo.pretrain`, about half a minute on a CPU, cached
-  in DIR) learns colours and shapes contrastively, so zero-shot works and prompt learning has
-  something to improve: `scripts/demo.sh` and tests/test_demo_learns.py use it;
+* the tiny *pretrained* CLIP learned colours and shapes contrastively
+  (`textrefiner.demo.pretrain`), so zero-shot works and prompt learning has something to improve:
+  `scripts/demo.sh` and tests/test_demo_learns.py use it. It ships with the package
+  (`textrefiner.demo.weights`): pretraining again gives other weights on another CPU;
 * the *random-weight* CLIP (`prepare_random`, instant) is for the fast unit tests, which check
   the pipeline and the equations, not learning.
 """
@@ -20,12 +22,14 @@ import torch
 from ..clip_backbone import save_random_clip
 from ..data.synthetic import write_synthetic_dataset
 from .pretrain import TINY_CLIP, pretrain_tiny_clip
+from .weights import (SHIPPED_FILE, SHIPPED_SHA256, demo_vocabulary, pack, read_packed,
+                      write_packed)
 
 RANDOM_CLIP = dict(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128,
                    vision_patch_size=8, transformer_width=64, transformer_layers=3)
 # 12 classes: base = the first 6 (every colour and every shape), novel = 6 other pairings of them
 DEMO_CLASSES = 12
-PRETRAIN_SEED = 0
+PRETRAIN_SEED = 1  # the shipped file's seed
 
 
 def prepare_random(folder: str) -> dict:
@@ -43,24 +47,29 @@ prepare = prepare_random  # the name the unit tests import
 
 
 def save_pretrained_clip(path: str, seed: int = PRETRAIN_SEED, log=print) -> str:
-    """Pretrain the tiny CLIP and write its state dict (which `load_clip(path)` reads)."""
+    """Pretrain the tiny CLIP here and write it packed (the shipped file's format)."""
     model = pretrain_tiny_clip(seed=seed, log=log)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    partial = f"{path}.partial"
-    torch.save(model.state_dict(), partial)
-    os.replace(partial, path)  # a killed run leaves no file that looks finished
-    return path
+    return write_packed(path, pack(model.state_dict(), demo_vocabulary()))
 
 
-def prepare_pretrained(folder: str, log=print) -> dict:
-    """The demo's 12-class dataset and pretrained tiny CLIP (made once, then reused)."""
+def prepare_pretrained(folder: str, weights: str = SHIPPED_FILE, log=print) -> dict:
+    """The demo's 12-class dataset and pretrained tiny CLIP: {"root", "clip"}.
+
+    `weights` is a packed file (by default the shipped one, whose sha256 is checked); DIR/clip_tiny.pt
+    is written from it as a plain CLIP state dict, which `load_clip` and MODEL.BACKBONE.PATH read.
+    """
     data = os.path.join(folder, "data")
-    clip_file = os.path.join(folder, "clip_tiny.pt")
     if not os.path.isdir(os.path.join(data, "synthetic_shapes")):
         write_synthetic_dataset(data, num_classes=DEMO_CLASSES, per_class_test=30,
                                 image_size=32, seed=0)
-    if not os.path.isfile(clip_file):
-        save_pretrained_clip(clip_file, log=log)
+    sha256 = SHIPPED_SHA256 if os.path.abspath(weights) == SHIPPED_FILE else None
+    state_dict = read_packed(weights, sha256)
+    clip_file = os.path.join(folder, "clip_tiny.pt")
+    partial = f"{clip_file}.{os.getpid()}.partial"
+    torch.save(state_dict, partial)
+    os.replace(partial, clip_file)  # rewritten each time: never a stale or half-written CLIP
+    if log:
+        log(f"tiny CLIP: {weights}")
     return {"root": data, "clip": clip_file}
 
 
@@ -71,14 +80,20 @@ def main(argv=None) -> int:
     prep.add_argument("folder")
     prep.add_argument("--random", action="store_true",
                       help="a random-weight CLIP (fast tests) instead of the pretrained one")
-    pre = commands.add_parser("pretrain", help="pretrain the tiny CLIP into a file")
+    prep.add_argument("--weights", default=SHIPPED_FILE,
+                      help="a packed tiny CLIP written by `pretrain` (default: the shipped one)")
+    pre = commands.add_parser(
+        "pretrain", help="pretrain a tiny CLIP into FILE (the weights depend on the CPU kernels)")
     pre.add_argument("file")
     pre.add_argument("--seed", type=int, default=PRETRAIN_SEED)
     args = parser.parse_args(argv)
     if args.command == "pretrain":
         print(f"clip: {save_pretrained_clip(args.file, args.seed)}")
         return 0
-    paths = (prepare_random if args.random else prepare_pretrained)(args.folder)
+    if args.random:
+        paths = prepare_random(args.folder)
+    else:
+        paths = prepare_pretrained(args.folder, args.weights, log=None)
     print(f"data: {paths['root']}\nclip: {paths['clip']}")
     return 0
 

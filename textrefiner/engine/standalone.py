@@ -6,8 +6,8 @@ Evaluation prints Dassl's result block, so CoOp's result parsers read our logs.
 
 Reproducibility: every epoch reseeds the global RNGs and the loader's shuffling from (SEED, epoch),
 so a run resumed after epoch k draws the same batches and augmentations as an uninterrupted one.
-Distributed: under `torchrun`, PyTorch's DDP wraps the training forward and each rank draws its own
-share of the batches; the cache is written with the tokens of all ranks (see TextRefiner.update).
+Distributed: under `torchrun`, PyTorch's DDP wraps the training forward; with DISTRIBUTED.EXACT
+N ranks x batch b train as one process x batch N*b (textrefiner.distributed). Only rank 0 writes.
 """
 import datetime
 import os
@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
@@ -29,6 +28,9 @@ from ..clip_backbone import (amp_autocast, amp_grad_scaler, check_image_size,
                              load_clip)
 from ..data import build_dataset, build_loader
 from ..data.transforms import build_transform
+from ..distributed import (barrier, check_share_sizes, convert_batchnorm, gather_predictions,
+                           init_from_environment, loss_weight, rank_share, reduce_step,
+                           wrap_ddp)
 from ..errors import UserError, output_failed
 from ..feature_store import labels_of, maybe_stored_evaluation
 from ..methods import method_class
@@ -96,7 +98,8 @@ class TrainStep(nn.Module):
 class StandaloneTrainer:
     def __init__(self, cfg, trainer_name: str):
         self.cfg = cfg
-        self.rank, self.world = _distributed_setup(cfg)
+        self.rank, self.world = init_from_environment(cfg.USE_CUDA)
+        self.exact = self.world > 1 and cfg.DISTRIBUTED.EXACT
         self.log = Logger(enabled=self.rank == 0)
         # Progress bars on rank 0's terminal only (None: tqdm leaves them out when not a tty).
         self._no_bar = None if self.rank == 0 else True
@@ -144,8 +147,11 @@ class StandaloneTrainer:
         self.scaler = amp_grad_scaler(self.precision, self.device)
         self.step_module = TrainStep(self.model)
         if self.world > 1 and trainable:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.step_module = nn.parallel.DistributedDataParallel(self.step_module, device_ids=ids)
+            if self.exact:
+                convert_batchnorm(self.model)
+            # Exact: every rank computes the same buffers (cache, BatchNorm statistics), so DDP
+            # need not broadcast them (nor CLIP's) at every step.
+            self.step_module = wrap_ddp(self.step_module, self.device, sync_buffers=not self.exact)
 
     # ------------------------------------------------------------------ outputs
     def open_outputs(self):
@@ -169,13 +175,13 @@ class StandaloneTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch: int, filename_epoch=None, val_result=None):
-        if self.rank != 0 or not self.checkpoint_name:
-            return
-        path = checkpoint_path(self.cfg.OUTPUT_DIR, self.checkpoint_name, filename_epoch)
-        save_method_checkpoint(self.model, path, epoch, self.optim, self.sched, val_result,
-                               mark_latest=filename_epoch is not None,
-                               best_result=self.best_result, classnames=self.model.classnames)
-        self.log(f"Checkpoint saved to {path}")  # as Dassl prints it
+        if self.rank == 0 and self.checkpoint_name:
+            path = checkpoint_path(self.cfg.OUTPUT_DIR, self.checkpoint_name, filename_epoch)
+            save_method_checkpoint(self.model, path, epoch, self.optim, self.sched, val_result,
+                                   mark_latest=filename_epoch is not None,
+                                   best_result=self.best_result, classnames=self.model.classnames)
+            self.log(f"Checkpoint saved to {path}")  # as Dassl prints it
+        barrier()  # no rank reads a checkpoint before rank 0 has written it
 
     def load_model(self, directory: str, epoch=None, resume=False):
         """Load prompts, refiner and cache from a Dassl-layout folder (e.g. base -> novel)."""
@@ -212,6 +218,7 @@ class StandaloneTrainer:
                                                            self.checkpoint_name)
         if carried:
             self.log(carried)
+        barrier()
 
     # ------------------------------------------------------------------ training
     def train(self):
@@ -238,13 +245,18 @@ class StandaloneTrainer:
     def train_loader(self, epoch: int):
         cfg = self.cfg
         generator = torch.Generator().manual_seed(epoch_seed(cfg.SEED, epoch))
+        batch_size = cfg.DATALOADER.TRAIN_X.BATCH_SIZE
+        if self.exact:
+            check_share_sizes(len(self.splits.train_x), self.world)
+            return build_loader(self.splits.train_x, cfg, is_train=True, batch_size=batch_size,
+                                shuffle=True, generator=generator, share=(self.rank, self.world))
         sampler = None
         if self.world > 1:
             sampler = torch.utils.data.DistributedSampler(
                 _Indexable(len(self.splits.train_x)), shuffle=True, seed=max(cfg.SEED, 0))
             sampler.set_epoch(epoch)
         return build_loader(self.splits.train_x, cfg, is_train=True,
-                            batch_size=cfg.DATALOADER.TRAIN_X.BATCH_SIZE, shuffle=sampler is None,
+                            batch_size=batch_size, shuffle=sampler is None,
                             sampler=sampler, generator=generator)
 
     def run_epoch(self, epoch: int):
@@ -282,7 +294,12 @@ class StandaloneTrainer:
         labels = batch["label"].to(self.device)
         with amp_autocast(self.precision, self.device):
             loss, parts = self.step_module(images, labels)
-        check_loss(loss, self.precision)
+        reported = loss
+        if self.world > 1:  # the check and the log see means over the global batch
+            total, reported, parts = reduce_step(loss, parts, images.shape[0])
+            if self.exact:
+                loss = loss * loss_weight(images.shape[0], total, self.world)
+        check_loss(reported, self.precision)
         self.optim.zero_grad(set_to_none=True)
         with explained_step_errors(self.precision, self.optim):
             if self.scaler is not None:
@@ -292,7 +309,7 @@ class StandaloneTrainer:
             else:
                 loss.backward()
                 self.optim.step()
-        summary = {"loss": float(loss.detach())}
+        summary = {"loss": float(reported.detach())}
         summary.update({k: float(v) for k, v in parts.items()})
         return summary
 
@@ -325,10 +342,13 @@ class StandaloneTrainer:
         if hasattr(self.model, "set_eval_classes"):
             self.model.set_eval_classes(split, cfg.TRAINER.MODAL, cfg.DATASET.SUBSAMPLE_CLASSES)
         self.model.eval()
+        # This rank's contiguous share (all of it on one process); a rank may have none.
+        share = items[rank_share(len(items), self.rank, self.world)]
         evaluator = Classification(self.model.num_eval_classes)
         self.log(f"Evaluate on the *{split}* set")
-        for logits, labels in self._eval_batches(items):
+        for logits, labels in self._eval_batches(share) if share or not items else ():
             evaluator.process(logits.float(), labels)
+        gather_predictions(evaluator, self.device)
         results = _capture(evaluator.evaluate, self.log)
         for key, value in results.items():
             self.write_scalar(f"{split}/{key}", value, epoch if epoch is not None else 0)
@@ -389,16 +409,6 @@ def _pick_device(cfg, rank):
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
-
-
-def _distributed_setup(cfg):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        backend = "nccl" if cfg.USE_CUDA and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
 
 
 def run_standalone(cfg, trainer_name: str, eval_only=False, model_dir="", load_epoch=None,

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..clip_backbone import ImageOutput, TextEncoder, clip_dims, encode_image
+from ..clip_backbone import ImageOutput, TextEncoder, clip_dims, encode_image, require_vit
 from ..codebase_checkpoints import as_own_state, is_codebase_read, what_it_is
 from ..errors import UserError
 from ..losses import regularization_loss, select_semantic_tokens, semantic_loss
@@ -53,6 +53,7 @@ class PromptMethod(nn.Module):
     config_section = "COOP"
     trainable_prefixes: Tuple[str, ...] = ()
     trains_on_all_classes = False  # PromptKD's base-to-novel protocol
+    prompts_vision_blocks = False  # MaPLe, PromptSRC, PromptKD: a ViT image encoder only
     checkpoint_name = None  # folder of its checkpoints in a Dassl output dir; None: nothing saved
     # How its original codebase saves it (textrefiner.codebase_checkpoints); None: as the
     # checkpoint name implies (a submodule of that name registered alone, else the whole model)
@@ -60,6 +61,8 @@ class PromptMethod(nn.Module):
 
     def __init__(self, cfg, classnames: Sequence[str], clip_model: nn.Module):
         super().__init__()
+        if self.prompts_vision_blocks:
+            require_vit(clip_model.visual, type(self).__name__)
         self.classnames = list(classnames)
         self.precision = cfg.TRAINER[self.config_section].PREC
         self.image_encoder = clip_model.visual
@@ -134,7 +137,11 @@ class PromptMethod(nn.Module):
 
     def train(self, mode: bool = True):
         self.invalidate_eval_cache()
-        return super().train(mode)
+        super().train(mode)
+        # CLIP is frozen and stays in eval mode, as in the codebases (which put only their prompt
+        # learners in training mode): a ResNet's BatchNorms keep their running statistics.
+        self.image_encoder.eval()
+        return self
 
     # ---------------------------------------------------------------- forward passes
     def forward(self, images: torch.Tensor) -> torch.Tensor:

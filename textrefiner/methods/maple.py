@@ -46,6 +46,7 @@ class MaPLe(PromptMethod):
     checkpoint_name = "MultiModalPromptLearner"  # the Dassl model name its codebase saves under
     config_section = "MAPLE"
     trainable_prefixes = ("prompt_learner.",)
+    prompts_vision_blocks = True
 
     def __init__(self, cfg, classnames, clip_model):
         super().__init__(cfg, classnames, clip_model)

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import read_checkpoint
-from ..clip_backbone import attach_ivlp_prompts, encode_image, ivlp_vision_prompts, load_clip
+from ..clip_backbone import (attach_ivlp_prompts, encode_image, ivlp_vision_prompts, load_clip,
+                             text_embed_dim)
 from ..codebase_checkpoints import CodebaseLayout
 from ..errors import UserError
 from ..losses import kd_loss, regularization_loss, select_semantic_tokens, semantic_kd_loss
@@ -99,6 +100,7 @@ class PromptKD(PromptMethod):
     config_section = "PROMPTKD"
     trainable_prefixes = ("image_encoder.VPT", "VPT_image_trans.")
     trains_on_all_classes = True
+    prompts_vision_blocks = True
 
     def __init__(self, cfg, classnames, clip_model, teacher: Optional[IVLPTeacher] = None):
         super().__init__(cfg, classnames, clip_model)
@@ -109,7 +111,7 @@ class PromptKD(PromptMethod):
         self.kd_reg_weight = cfg.TRAINER.REFINER.KD_REG_WEIGHT
         attach_ivlp_prompts(self.image_encoder, kcfg.N_CTX_VISION, kcfg.PROMPT_DEPTH_VISION, True)
         teacher = teacher or load_teacher(cfg, classnames, self.precision)
-        teacher_dim = teacher.text_encoder.text_projection.shape[1]
+        teacher_dim = text_embed_dim(teacher.text_encoder.text_projection)
         self.teacher = teacher.eval()  # loaded in this precision; .to() would cast its LayerNorms
         with torch.no_grad():
             self.register_buffer("teacher_text", self.teacher.text_features(), persistent=False)

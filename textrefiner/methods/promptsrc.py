@@ -99,6 +99,7 @@ class PromptSRC(IVLPLayout, PromptMethod):
     checkpoint_name = "VLPromptLearner"  # the Dassl model name its codebase saves under
     config_section = "PROMPTSRC"
     trainable_prefixes = ("prompt_learner.", "image_encoder.VPT")
+    prompts_vision_blocks = True
 
     def __init__(self, cfg, classnames, clip_model):
         super().__init__(cfg, classnames, clip_model)
