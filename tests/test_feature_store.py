@@ -349,3 +349,17 @@ def test_two_evaluations_at_once_share_the_store(demo, tmp_path):
     n = len(trainer.splits.test)
     assert f"{n} of {n} images read, 0 computed" in "\n".join(trainer.log.buffer)
     assert all("images read" in log and "not a complete" not in log for log in logs)
+
+
+def test_resnet_backbone_gives_the_same_logits_through_the_store(demo, tmp_path,
+                                                                 resnet_clip_path):
+    """The store keys off what the model computed, whatever the image encoder is."""
+    store = tmp_path / "store"
+    opts = ("MODEL.BACKBONE.PATH", resnet_clip_path, "INPUT.SIZE", "(96, 96)")
+    plain, _ = eval_logits(run_args(demo, tmp_path / "a", "CoOp", None, True, *opts))
+    cold, _ = eval_logits(run_args(demo, tmp_path / "b", "CoOp", store, True, *opts))
+    warm, trainer = eval_logits(run_args(demo, tmp_path / "c", "CoOp", store, True, *opts))
+    assert torch.equal(plain, cold) and torch.equal(plain, warm)
+    n = len(trainer.splits.test)
+    assert f"{n} of {n} images read, 0 computed" in "\n".join(trainer.log.buffer)
+    assert len({p.parent.parent for p in store.rglob("*.feat")}) == 1  # one model key
