@@ -355,3 +355,19 @@ def test_every_method_trains_under_torchrun_as_in_one_process(tmp_path, clip_pat
             raise AssertionError(f"{trainer}{' + TR' if refiner else ''}: {exc}") from None
     zero_shot = str(len(METHOD_RUNS))
     assert accuracies(one / zero_shot) == accuracies(many / zero_shot)
+
+
+def test_ranks_fill_and_read_the_feature_store(demo, tmp_path):
+    """Each rank evaluates its share through the store; accuracy as without it, and a second
+    evaluation computes nothing."""
+    store = ["--feature-store", str(tmp_path / "store")]
+    plain, filled, read = tmp_path / "plain", tmp_path / "filled", tmp_path / "read"
+    torchrun(["--eval-only"] + coop_args(demo, plain, 4, "DATALOADER.TEST.BATCH_SIZE", "7"))
+    torchrun(["--eval-only"] + store + coop_args(demo, filled, 4, "DATALOADER.TEST.BATCH_SIZE",
+                                                 "7"))
+    torchrun(["--eval-only"] + store + coop_args(demo, read, 4, "DATALOADER.TEST.BATCH_SIZE",
+                                                 "7"))
+    assert accuracies(plain) == accuracies(filled) == accuracies(read) and accuracies(plain)
+    assert " 0 computed" not in (filled / "log.txt").read_text()
+    assert re.search(r"feature store: (\d+) of \1 images read, 0 computed",
+                     (read / "log.txt").read_text())
