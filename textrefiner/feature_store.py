@@ -11,15 +11,16 @@ Keys (a wrong hit must be impossible, so anything that could change a feature ch
 * the model: a digest of the image encoder's state dict (names, dtypes, shapes, bytes) and its
   class, the test transform (its repr: size, interpolation, crop, normalisation), the precision
   (PREC, the parameters' dtype, amp's autocast dtype), the device type (GPU name; on a CPU the
-  thread count and kernel settings), and the torch and textrefiner versions. They name the folder `DIR/<model digest>/`
-  (`key.json` in it spells them out);
+  thread count and kernel settings), and the torch and textrefiner versions. They name the
+  folder `DIR/<model digest>/` (`key.json` in it spells them out);
 * the image: its absolute path, size and modification time (ns), and its test batch (the ordered
   images of the batch it is evaluated in, and its row): the encoder's output for an image can
   differ in the last bits with its batch (see `batch_entry_keys`).
 
 Layout and safety: `DIR/<model digest>/<group>/<random>.feat` files (group: the dataset name),
-one per computed test batch, each written whole to a temporary file, flushed to disk and renamed, so a reader sees a complete
-file or none, and runs that write at once (seeds in parallel) never touch each other's files. A
+one per computed test batch, each written whole to a temporary file, flushed to disk and
+renamed, so a reader sees a complete file or none, and runs that write at once (seeds in
+parallel) never touch each other's files. A
 killed writer leaves at most its temporary file, which the next run on that machine removes. A
 file that is not a complete store file (truncated, foreign, checksum wrong) is reported in one
 line, moved aside to `<name>.bad`, and its features are computed again.
