@@ -9,10 +9,11 @@
 #   KEY VALUE pairs are config overrides passed to every run.
 # Environment: PYTHON (default python), DATA (default --root), TEACHERS (PromptKD's teacher
 # checkpoints, default teacher_model: TEACHERS/<DATASET.NAME>/VLPromptLearner/model-best.pth.tar),
-# FEATURE_STORE (a folder: every run reads the test images' features from it, --feature-store).
+# FEATURE_STORE (a folder: every run reads the test images' features from it, --feature-store),
+# ENGINE (auto, dassl or standalone: every run's --engine).
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 [[ $# -ge 2 ]] || usage
 TRAINER=$1
@@ -57,9 +58,10 @@ if [[ $TRAINER == PromptKD ]]; then
 fi
 
 feature_store_flag
+engine_flag
 COMMON=(--root "$ROOT" --trainer "$TRAINER"
         --dataset-config-file "configs/datasets/$DATASET.yaml" --config-file "$CFG_FILE"
-        "${STORE_FLAG[@]+"${STORE_FLAG[@]}"}")
+        "${STORE_FLAG[@]+"${STORE_FLAG[@]}"}" "${ENGINE_FLAG[@]+"${ENGINE_FLAG[@]}"}")
 SUB_DIR=$DATASET/shots_$SHOTS/$METHOD/$CFG
 
 for SEED in $SEEDS; do

@@ -24,6 +24,13 @@ parse_options() {
     done
 }
 
+# engine_flag: ENGINE_FLAG, textrefiner-train's --engine for every run when the environment
+# variable ENGINE is set (auto, dassl or standalone; unset: the command's default, auto).
+engine_flag() {
+    ENGINE_FLAG=()
+    [[ -z ${ENGINE:-} ]] || ENGINE_FLAG=(--engine "$ENGINE")
+}
+
 # feature_store_flag: STORE_FLAG, the --feature-store option every run gets when the environment
 # variable FEATURE_STORE names a folder (the frozen image encoder's test features, reused).
 feature_store_flag() {

@@ -7,10 +7,11 @@
 #   trainer: CoOp | CoCoOp | MaPLe | PromptSRC | ZeroshotCLIP (PromptKD distils on each target set,
 #   a different protocol)
 # Environment: PYTHON (default python), DATA (default --root), FEATURE_STORE (a folder: every run
-# reads the test images' features from it, --feature-store).
+# reads the test images' features from it, --feature-store), ENGINE (auto, dassl or standalone:
+# every run's --engine).
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 [[ $# -ge 1 ]] || usage
 TRAINER=$1
@@ -50,7 +51,9 @@ require_config "$CFG_FILE"
 LOAD=()
 [[ -z $LOAD_EPOCH ]] || LOAD=(--load-epoch "$LOAD_EPOCH")
 feature_store_flag
-COMMON=(--root "$ROOT" --trainer "$TRAINER" --config-file "$CFG_FILE" "${STORE_FLAG[@]+"${STORE_FLAG[@]}"}")
+engine_flag
+COMMON=(--root "$ROOT" --trainer "$TRAINER" --config-file "$CFG_FILE"
+        "${STORE_FLAG[@]+"${STORE_FLAG[@]}"}" "${ENGINE_FLAG[@]+"${ENGINE_FLAG[@]}"}")
 SUB_DIR=shots_$SHOTS/$METHOD/$CFG
 
 for SEED in $SEEDS; do

@@ -238,3 +238,17 @@ def test_feature_store_variable_reaches_every_run(fake, tmp_path, script, args):
     assert all(opt(call, "--feature-store") == str(tmp_path / "store") for call in calls)
     fake(script, *args, "--out", str(tmp_path / "out2"))
     assert not any("--feature-store" in call for call in fake.calls()[2:])
+
+
+@pytest.mark.parametrize("script, args", [("base2new.sh", ("CoOp", "dtd", "--seeds", "1")),
+                                          ("xd.sh", ("CoOp", "--seeds", "1", "--targets", "dtd"))])
+def test_engine_variable_reaches_every_run(fake, tmp_path, script, args):
+    fake(script, *args, "--out", str(tmp_path / "out"), ENGINE="standalone")
+    calls = fake.calls()
+    assert len(calls) == 2 and all(opt(call, "--engine") == "standalone" for call in calls)
+    fake(script, *args, "--out", str(tmp_path / "out2"))
+    assert not any("--engine" in call for call in fake.calls()[2:])
+
+
+def test_demo_runs_on_the_builtin_engine():
+    assert "export ENGINE=standalone" in (REPO / "scripts" / "demo.sh").read_text()
