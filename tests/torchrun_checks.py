@@ -27,6 +27,8 @@ def check_batchnorm_and_loss_weight(rank, world):
 
     model = convert_batchnorm(whole_batch_model())
     assert isinstance(model[1], GlobalBatchNorm)
+    frozen = whole_batch_model().requires_grad_(False)
+    assert type(convert_batchnorm(frozen)[1]) is nn.BatchNorm1d  # a frozen CLIP's stay as they are
     share = rank_share(len(x), rank, world)
     out = model(x[share])
     weight = loss_weight(out.shape[0], len(x), world)

@@ -8,7 +8,7 @@ floating-point summation order:
 * augmentations: for the images of the other ranks' shares a rank replays only the random draws
   (on a blank stand-in of the image's size, `ImageDataset.draw_only`), so every image is augmented
   with the random numbers one process would give it, with or without loader workers;
-* BatchNorm (the refiner's alignment MLP, PromptKD's projector, any other BatchNorm) normalises
+* BatchNorm that trains (the refiner's alignment MLP, PromptKD's projector) normalises
   over the global batch (`GlobalBatchNorm`, a differentiable all-reduce of sums; it also runs on
   the CPU with gloo, where torch's SyncBatchNorm cannot);
 * losses: every term is a mean over the images of a rank's share; rank r's loss is weighted by
@@ -231,11 +231,14 @@ def _summed(local: torch.Tensor) -> torch.Tensor:
 
 
 def convert_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm inside `module` with a GlobalBatchNorm holding the same parameters
-    and buffers (the optimiser's parameters stay the same objects)."""
+    """Replace every trained BatchNorm inside `module` (the refiner's aligner, PromptKD's
+    projector) with a GlobalBatchNorm holding the same parameters and buffers (the optimiser's
+    parameters stay the same objects). A frozen CLIP's BatchNorms (a ResNet's) stay as they are:
+    they run in eval mode, on their running statistics."""
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(
-                child, (GlobalBatchNorm, nn.SyncBatchNorm)):
+                child, (GlobalBatchNorm, nn.SyncBatchNorm)) and any(
+                    p.requires_grad for p in child.parameters()):
             replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum,
                                           child.affine, child.track_running_stats)
             replacement._parameters = child._parameters
