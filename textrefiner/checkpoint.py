@@ -19,7 +19,7 @@ import torch
 
 from .codebase_checkpoints import is_codebase_read
 from .errors import OutputError, UserError, output_failed
-from .safe_load import load_torch_file
+from .safe_load import load_torch_file, one_line
 
 
 BEST = "model-best.pth.tar"
@@ -224,7 +224,8 @@ def read_checkpoint(path: str, what: str = "checkpoint") -> dict:
         raise
     except Exception as exc:  # any failure to parse the file means it is damaged
         raise UserError(f"The {what} {path!r} is corrupt or truncated ({type(exc).__name__}: "
-                        f"{exc}). Delete it and train again, or point to another file.") from None
+                        f"{one_line(exc)}). Delete it and train again, or point to another file."
+                        ) from None
     if not isinstance(obj, dict):
         raise UserError(f"The {what} {path!r} is not a checkpoint dictionary.")
     return obj

@@ -94,6 +94,11 @@ class RefusedFile(UserError):
         self.kind = kind
 
 
+def one_line(text) -> str:
+    """An error's text on one line (torch's and pickle's messages span several)."""
+    return " ".join(str(text).split())
+
+
 def trusted() -> bool:
     """Whether the user opted in to reading torch files as full pickles."""
     return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
@@ -130,6 +135,8 @@ def load_torch_file(path: str, what: str = "checkpoint"):
     if trusted():
         logger.warning("%s=1: reading %s as a full pickle, which can run code", TRUST_ENV, path)
         return torch.load(path, map_location="cpu", weights_only=False)
+    if is_torchscript(path):
+        raise _refusal(path, what, "a TorchScript program")
     try:
         with torch.serialization.safe_globals(TORCH_ALLOW_LIST):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -138,10 +145,6 @@ def load_torch_file(path: str, what: str = "checkpoint"):
         if kind is None:
             raise
         raise _refusal(path, what, kind) from None
-    except RuntimeError as exc:
-        if "TorchScript" in str(exc):
-            raise _refusal(path, what, "a TorchScript program") from None
-        raise
 
 
 def is_torchscript(path: str) -> bool:

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from textrefiner.checkpoint import atomic_write
 from textrefiner.errors import OutputError, UserError
-from textrefiner.safe_load import RefusedFile, load_fewshot_pickle
+from textrefiner.safe_load import RefusedFile, load_fewshot_pickle, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def load_fewshot_cache(path, dataset_dir):
         logger.warning("Not using the few-shot cache %s: it is not a readable cache of Datums "
                        "(%s: %s). Drawing the split again in memory; the file is left as it is "
                        "(delete it to have the draw written there).", path, type(err).__name__,
-                       err)
+                       one_line(err))
         return LEFT_AS_IT_IS
     root = os.path.join(os.path.abspath(dataset_dir), "")
     if any(not item.impath.startswith(root) for items in cached.values() for item in items[:1]):
