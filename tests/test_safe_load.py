@@ -6,6 +6,7 @@ files the codebases published (Dassl's checkpoint dict with its optimiser and wa
 state, in torch's zip and legacy formats) and those earlier textrefiner versions wrote still load.
 """
 import os
+import pickle
 import random
 import shlex
 import zipfile
@@ -282,7 +283,6 @@ def test_bad_openclip_weight_file_is_refused_before_open_clip_reads_it(tmp_path,
 
 # ------------------------------------------------------------------------------ few-shot caches
 def hostile_cache(path, marker):
-    import pickle
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
     with open(path, "wb") as f:
         pickle.dump({"train": [MakesMarker(marker)], "val": []}, f)

@@ -35,6 +35,7 @@ _NP_CORE = np._core if hasattr(np, "_core") else np.core  # NumPy 2 renamed nump
 _NP_DTYPE_CLASSES = (  # dtype instances are built by their class (NumPy >= 1.25): numbers only
     [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"])
 
+
 def _plain_dict(default_factory=None, *args):
     """What a pickled `collections.defaultdict` is read as: a dict with its items."""
     return dict(*args)
@@ -58,8 +59,9 @@ TORCH_ALLOW_LIST = [
     torch.optim.Adam,
     torch.optim.AdamW,
     torch.optim.RMSprop,
-    # ... whose pickled `state` is a defaultdict(dict), read as a plain dict (weights_only fills
-    # no other mapping; that optimiser object only ever hands its learning rates on).
+    # ... whose pickled `state` is a defaultdict(dict): read as a plain dict (weights_only fills
+    # no other mapping; that optimiser object is never stepped, its schedule only sets its
+    # learning rates), with `dict`, its default factory.
     (_plain_dict, "collections.defaultdict"),
     dict,
     # NumPy: scalars (a `val_result` or `best_result` computed with NumPy), and arrays with their
