@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import shlex
+import warnings
 import zipfile
 
 import numpy as np
@@ -124,10 +125,20 @@ def test_damaged_checkpoint_says_so(tmp_path, kind):
 
 def test_torchscript_archive_as_a_checkpoint_is_refused(tmp_path):
     path = str(tmp_path / "model.pth.tar-1")
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
     with pytest.raises(RefusedFile, match="a TorchScript program") as info:
         read_checkpoint(path)
     assert path in str(info.value) and TRUST_ENV in str(info.value)
+
+
+def test_torch_without_safe_globals_tuples_says_to_upgrade(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.pth.tar-1")
+    torch.save({"epoch": 1}, path)
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(UserError, match=r"needs torch >= 2.6 \(this is 2.5.1\+cpu\)"):
+        read_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------ what is allowed

@@ -25,6 +25,7 @@ import zipfile
 
 import numpy as np
 import torch
+from packaging.version import Version
 
 from .errors import UserError
 
@@ -139,6 +140,7 @@ def load_torch_file(path: str, what: str = "checkpoint"):
         return torch.load(path, map_location="cpu", weights_only=False)
     if is_torchscript(path):
         raise _refusal(path, what, "a TorchScript program")
+    _check_torch_version()
     try:
         with torch.serialization.safe_globals(TORCH_ALLOW_LIST):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -147,6 +149,13 @@ def load_torch_file(path: str, what: str = "checkpoint"):
         if kind is None:
             raise
         raise _refusal(path, what, kind) from None
+
+
+def _check_torch_version():
+    """safe_globals with (obj, "module.name") entries arrived in torch 2.6 (setup.py's floor)."""
+    if Version(torch.__version__.split("+")[0]) < Version("2.6"):
+        raise UserError(f"textrefiner reads checkpoints as data only, which needs torch >= 2.6 "
+                        f"(this is {torch.__version__}): pip install -U torch.")
 
 
 def is_torchscript(path: str) -> bool:
