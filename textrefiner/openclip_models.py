@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ._compat import import_clip
 from .errors import UserError
-from .safe_load import load_torch_file, trusted
+from .safe_load import load_torch_file, one_line, trusted
 
 INSTALL = "pip install 'textrefiner[openclip]'"
 NO_PICKLE = (".safetensors", ".npz", ".npy")
@@ -102,7 +102,7 @@ def check_local_weights(pretrained):
             raise
         except Exception as exc:
             raise UserError(f"Could not read OpenCLIP weights from {pretrained!r} "
-                            f"({type(exc).__name__}: {exc}).") from None
+                            f"({type(exc).__name__}: {one_line(exc)}).") from None
 
 
 def weights_only_option(open_clip) -> dict:
