@@ -15,7 +15,7 @@ setup(
     # The demo's pretrained tiny CLIP (1.6 MB), the same file on every machine
     package_data={"textrefiner.demo": ["clip_tiny.pt"]},
     install_requires=[
-        "torch>=1.13",  # torch.load(weights_only=True)
+        "torch>=2.6",  # torch.load(weights_only=True) with safe_globals (textrefiner.safe_load)
         "torchvision",
         "openai-clip",
         "packaging",

@@ -23,11 +23,10 @@ import time
 from collections import defaultdict
 from glob import glob
 
-import torch
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from textrefiner.checkpoint import read_checkpoint  # noqa: E402
 from textrefiner.results import scan_runs  # noqa: E402
 
 SETTINGS = {
@@ -74,8 +73,7 @@ def trained_weights(out: str) -> dict:
     found = {}
     for path in glob(os.path.join(out, "base2new", "train_base", "**", "model.pth.tar-*"),
                      recursive=True):
-        found[os.path.relpath(path, out)] = torch.load(path, map_location="cpu",
-                                                       weights_only=False)["state_dict"]
+        found[os.path.relpath(path, out)] = read_checkpoint(path)["state_dict"]
     return found
 
 

@@ -15,7 +15,9 @@ from textrefiner.clip_backbone import (TextEncoder, attach_ivlp_prompts, clip_ca
                                        clip_dims, embed_tokens, encode_image, encode_text,
                                        encode_text_tokens, ivlp_deep_prompts, ivlp_vision_prompts,
                                        load_clip, tokenize)
+from textrefiner.clip_backbone import openai_sha256s
 from textrefiner.errors import UserError
+from textrefiner.safe_load import TRUST_ENV, RefusedFile, sha256_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +57,9 @@ def test_load_clip_amp_is_float32_and_model_is_in_eval_mode(clip_path):
         load_clip(clip_path, "bf16")
 
 
-def test_load_clip_reads_a_jit_archive(clip_path, tmp_path, model):
+def test_load_clip_reads_openais_jit_archives_only(clip_path, tmp_path, model, monkeypatch):
+    """A TorchScript archive runs its code when loaded: only the files OpenAI published (known by
+    the sha256 in their download address) are loaded, others with the explicit opt-in."""
     clip = _compat.import_clip()
     traced_from = clip.model.build_model(torch.load(clip_path, weights_only=True)).float().eval()
     with warnings.catch_warnings():
@@ -64,11 +68,22 @@ def test_load_clip_reads_a_jit_archive(clip_path, tmp_path, model):
             traced_from, {"encode_image": torch.randn(1, 3, 32, 32)}, check_trace=False)
         path = str(tmp_path / "clip_jit.pt")
         torch.jit.save(archive, path)
+    assert sha256_of(path) not in openai_sha256s()
+    with pytest.raises(RefusedFile, match="TorchScript archive other than the ones OpenAI") as info:
+        load_clip(path, "fp32")
+    assert path in str(info.value) and TRUST_ENV in str(info.value)
+
+    published = openai_sha256s() | {sha256_of(path)}  # as if OpenAI had published this file
+    monkeypatch.setattr("textrefiner.clip_backbone.openai_sha256s", lambda: published)
     loaded = load_clip(path, "fp32").state_dict()
+    monkeypatch.undo()
+    monkeypatch.setenv(TRUST_ENV, "1")
+    trusted = load_clip(path, "fp32").state_dict()
     expected = model.state_dict()
-    assert set(loaded) == set(expected)
+    assert set(loaded) == set(trusted) == set(expected)
     for key in expected:
         assert torch.equal(loaded[key], expected[key]), key
+        assert torch.equal(trusted[key], expected[key]), key
 
 
 def test_unknown_name_lists_the_known_ones():
@@ -115,7 +130,8 @@ def test_corrupt_files_raise_user_errors(tmp_path, clip_path):
         load_clip(str(not_clip))
 
 
-def test_jit_archive_of_another_model_raises_a_user_error(tmp_path):
+def test_jit_archive_of_another_model_raises_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(TRUST_ENV, "1")
     path = str(tmp_path / "linear_jit.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

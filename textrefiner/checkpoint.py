@@ -12,7 +12,6 @@ follow the user's umask, like every other output of the run.
 """
 import math
 import os
-import pickle
 import secrets
 import shutil
 
@@ -20,6 +19,7 @@ import torch
 
 from .codebase_checkpoints import is_codebase_read
 from .errors import OutputError, UserError, output_failed
+from .safe_load import load_torch_file, one_line
 
 
 BEST = "model-best.pth.tar"
@@ -214,24 +214,19 @@ def _other_folders(path: str) -> str:
 
 
 def read_checkpoint(path: str, what: str = "checkpoint") -> dict:
-    """Load a checkpoint dict on the CPU; a missing or unreadable file is a UserError."""
+    """Load a checkpoint dict on the CPU, as data only (textrefiner.safe_load); a missing,
+    unreadable or refused file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"The {what} {path!r} does not exist.")
     try:
-        obj = _load(path)
+        obj = load_torch_file(path, what)
+    except UserError:
+        raise
     except Exception as exc:  # any failure to parse the file means it is damaged
         raise UserError(f"The {what} {path!r} is corrupt or truncated ({type(exc).__name__}: "
-                        f"{exc}). Delete it and train again, or point to another file.") from None
+                        f"{one_line(exc)}). Delete it and train again, or point to another file."
+                        ) from None
     if not isinstance(obj, dict):
         raise UserError(f"The {what} {path!r} is not a checkpoint dictionary.")
     return obj
 
-
-def _load(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
-            raise
-    # Older Dassl checkpoints may pickle plain Python objects; the user chose this file.
-    return torch.load(path, map_location="cpu", weights_only=False)

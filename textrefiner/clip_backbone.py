@@ -16,7 +16,6 @@ prompt; its local tokens are the dense reading of its attention pool (`encode_re
 """
 import os
 import socket
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -26,6 +25,7 @@ import torch.utils.checkpoint
 
 from ._compat import import_clip
 from .errors import UserError
+from .safe_load import is_torchscript, load_torch_file, load_torchscript_state_dict
 
 PRECISIONS = ("fp16", "fp32", "amp")
 OPENCLIP_PREFIX = "openclip:"  # MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
@@ -43,13 +43,18 @@ def clip_cache_dir() -> str:
 
 
 def _read_state_dict(path: str) -> dict:
-    obj = _read_jit_state_dict(path)
-    if obj is None:  # not a JIT archive: a plain state dict
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(f"Could not read CLIP weights from {path!r} ({exc}). The file must "
-                            "be an OpenAI JIT archive or a saved CLIP state dict.") from None
+    """CLIP weights as data only (textrefiner.safe_load): OpenAI's TorchScript archives, or a
+    saved state dict (or a Dassl dict holding one)."""
+    try:
+        if is_torchscript(path):
+            obj = load_torchscript_state_dict(path, openai_sha256s(), "CLIP weights")
+        else:
+            obj = load_torch_file(path, "CLIP weights")
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"Could not read CLIP weights from {path!r} ({exc}). The file must "
+                        "be an OpenAI JIT archive or a saved CLIP state dict.") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not ("visual.proj" in obj or RESNET_KEY in obj):
@@ -59,13 +64,9 @@ def _read_state_dict(path: str) -> dict:
     return obj
 
 
-def _read_jit_state_dict(path: str):
-    try:
-        with open(path, "rb") as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-            return dict(torch.jit.load(f, map_location="cpu").state_dict())
-    except RuntimeError:
-        return None
+def openai_sha256s() -> set:
+    """The sha256 of each file OpenAI published (the folder of its download address)."""
+    return {url.rsplit("/", 2)[-2] for url in import_clip().clip._MODELS.values()}
 
 
 def _locate_weights(name_or_path: str, config_key: str) -> str:

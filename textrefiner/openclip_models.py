@@ -12,13 +12,18 @@ tokenizer. Those use the module names of OpenAI's CLIP, so `OpenCLIP` below only
 every encoder of `clip_backbone` runs on them unchanged (batch-first blocks and layer scales are
 handled there). Anything else is refused with one line naming what is not supported.
 """
+import inspect
+import os
+
 import torch
 import torch.nn as nn
 
 from ._compat import import_clip
 from .errors import UserError
+from .safe_load import load_torch_file, one_line, trusted
 
 INSTALL = "pip install 'textrefiner[openclip]'"
+NO_PICKLE = (".safetensors", ".npz", ".npy")
 TOKENIZER_PROBES = ["a photo of a dog.", "A PHOTO of an Airbus A320, a type of aircraft!",
                     "x x x x great_crested  newt", "Gruyère & café au lait"]
 
@@ -71,9 +76,11 @@ def load_openclip(spec: str, precision: str, config_key: str) -> OpenCLIP:
         raise UserError(f"{config_key} 'openclip:{spec}' names no weights: write "
                         f"'openclip:{name}/<pretrained tag or local file>'"
                         + (f" (tags for {name}: {', '.join(tags)})." if tags else "."))
+    check_local_weights(pretrained)
     try:
         model = open_clip.create_model(name, pretrained=pretrained, device="cpu",
-                                       precision="fp16" if precision == "fp16" else "fp32")
+                                       precision="fp16" if precision == "fp16" else "fp32",
+                                       **weights_only_option(open_clip))
     except Exception as exc:  # open_clip raises RuntimeError, hub and file errors alike
         raise UserError(f"open_clip could not build 'openclip:{spec}' ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}). Check the model name "
@@ -82,6 +89,28 @@ def load_openclip(spec: str, precision: str, config_key: str) -> OpenCLIP:
     check_clip_towers(model, f"openclip:{spec}")
     check_tokenizer(open_clip, name, model, f"openclip:{spec}")
     return OpenCLIP(model, f"openclip:{spec}")
+
+
+def check_local_weights(pretrained):
+    """A local weights file is read as data only (textrefiner.safe_load) before open_clip reads
+    it, which versions without `weights_only` do with a full pickle. Safetensors and NumPy files
+    hold no pickle (open_clip reads .npz with allow_pickle off)."""
+    if pretrained and os.path.isfile(pretrained) and not pretrained.endswith(NO_PICKLE):
+        try:
+            load_torch_file(pretrained, "OpenCLIP weights")
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"Could not read OpenCLIP weights from {pretrained!r} "
+                            f"({type(exc).__name__}: {one_line(exc)}).") from None
+
+
+def weights_only_option(open_clip) -> dict:
+    """create_model(weights_only=True) where open_clip has it (it then also reads the weights of
+    pretrained tags and hub models as data only), unless the user opted in to full pickles."""
+    if "weights_only" not in inspect.signature(open_clip.create_model).parameters:
+        return {}
+    return {"weights_only": not trusted()}
 
 
 def _known_tags(open_clip, name: str):

@@ -8,6 +8,8 @@ datasets "TR_<Name>".
 
 Nothing else in textrefiner imports this package, so Dassl stays optional.
 """
+import logging
+
 from textrefiner.errors import UserError
 
 
@@ -22,6 +24,11 @@ except ImportError as exc:
         f"The Dassl engine needs Dassl.pytorch, which cannot be imported ({exc}). Install "
         "Dassl.pytorch from its GitHub repository (clone it, then `pip install -e .` inside), "
         "or use the standalone engine.") from exc
+# Importing Dassl runs `logging.disable(logging.WARNING)` (dassl/data/datasets/dg/wilds, to quiet
+# the wilds package), which would silence every warning of the run, e.g. that a few-shot cache
+# was refused (textrefiner.safe_load): undo it.
+if logging.root.manager.disable == logging.WARNING:
+    logging.disable(logging.NOTSET)
 
 from . import datasets  # noqa: E402,F401  (registers the TR_<Name> datasets)
 from .base import TRAINER_NAMES, MethodTrainer  # noqa: E402

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from textrefiner.checkpoint import atomic_write
 from textrefiner.errors import OutputError, UserError
+from textrefiner.safe_load import RefusedFile, load_fewshot_pickle, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -198,33 +199,40 @@ class _DasslFormatPickler(pickle._Pickler):  # the Python pickler: its save_glob
         self.memoize(obj)
 
 
-class _FewshotUnpickler(pickle.Unpickler):
-    """Reads Dassl's Datum without Dassl; everything else as usual (our older files hold
-    textrefiner's own Datum)."""
-
-    def find_class(self, module, name):
-        if (module, name) == DASSL_DATUM:
-            return _DasslDatumState
-        return super().find_class(module, name)
+# A cache file that exists but is not used, left as it is: only a file that we read as a few-shot
+# cache (ours, the codebases', or an earlier textrefiner's) is ever written over. What else is in a
+# shared dataset folder belongs to someone else: a hostile file is evidence to keep, a file of
+# another tool is theirs.
+LEFT_AS_IT_IS = "left as it is"
 
 
 def load_fewshot_cache(path, dataset_dir):
-    """The cached {"train": [...], "val": [...]} as our `Datum`s, or None when unusable.
+    """The cached {"train": [...], "val": [...]} as our `Datum`s; None when there is no usable
+    cache and the draw may be written to `path`; LEFT_AS_IT_IS when the file is not used and
+    must not be overwritten (unreadable, or holding anything but Datums).
 
     Reads the files of CoOp-style codebases and ours (Dassl's Datum, with or without Dassl), and
     those of earlier textrefiner versions (textrefiner's Datum), which are rewritten in Dassl's
-    format. A file that points outside `dataset_dir` (dataset moved) is drawn again.
+    format; nothing else is built (textrefiner.safe_load). A file that points outside
+    `dataset_dir` (dataset moved) is drawn again.
     """
     if not os.path.exists(path):
         return None
     try:
-        with open(path, "rb") as f:
-            data = _FewshotUnpickler(f).load()
+        data = load_fewshot_pickle(path)
         old_format = any(isinstance(item, Datum) for items in data.values() for item in items)
         cached = {key: [as_datum(item) for item in items] for key, items in data.items()}
-    except (ImportError, AttributeError, pickle.UnpicklingError, EOFError) as err:
-        logger.warning("Ignoring few-shot cache %s (%s); drawing it again", path, err)
-        return None
+    except RefusedFile as err:
+        logger.warning("Not using the few-shot cache %s: %s. Drawing the split again in memory; "
+                       "the file is left as it is (delete it to have the draw written there).",
+                       path, err)
+        return LEFT_AS_IT_IS
+    except Exception as err:  # truncated, or not a cache of Datums: not a file we wrote
+        logger.warning("Not using the few-shot cache %s: it is not a readable cache of Datums "
+                       "(%s: %s). Drawing the split again in memory; the file is left as it is "
+                       "(delete it to have the draw written there).", path, type(err).__name__,
+                       one_line(err))
+        return LEFT_AS_IT_IS
     root = os.path.join(os.path.abspath(dataset_dir), "")
     if any(not item.impath.startswith(root) for items in cached.values() for item in items[:1]):
         logger.warning("Few-shot cache %s points outside %s; drawing it again", path, dataset_dir)
@@ -268,11 +276,12 @@ def fewshot_splits(dataset_dir, train, val, num_shots, seed):
         return train, val
     path = fewshot_cache_path(dataset_dir, num_shots, seed)
     cached = load_fewshot_cache(path, dataset_dir)
-    if cached is not None:
+    if cached is not None and cached is not LEFT_AS_IT_IS:
         return cached["train"], cached.get("val", val)
     rng = random.Random(seed)
     data = {"train": generate_fewshot(train, num_shots, rng)}
     if val is not None:
         data["val"] = generate_fewshot(val, min(num_shots, 4), rng)
-    save_fewshot_cache(path, data)
+    if cached is None:
+        save_fewshot_cache(path, data)
     return data["train"], data.get("val")

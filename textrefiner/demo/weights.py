@@ -17,7 +17,6 @@ every machine gets the same weights. The file is a *packed* state dict:
 `python -m textrefiner.demo pretrain FILE` writes the same format (the weights it gives depend on
 the machine's CPU kernels); `python -m textrefiner.demo prepare DIR --weights FILE` uses it.
 """
-import hashlib
 import itertools
 import os
 from typing import Dict
@@ -27,6 +26,7 @@ import torch
 from .._compat import import_clip
 from ..clip_backbone import tokenize
 from ..errors import UserError
+from ..safe_load import load_torch_file, sha256_of
 from ..data.synthetic import COLORS, SHAPES
 from ..methods.templates import DATASET_TEMPLATES, DEFAULT_TEMPLATE, IMAGENET_TEMPLATES
 from .pretrain import POSITIONS, SIZES, TEMPLATES, world_classes
@@ -69,14 +69,6 @@ def unpack(packed: dict) -> Dict[str, torch.Tensor]:
     return {**packed["state_dict"], TOKEN_KEY: table}
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_packed(path: str, sha256: str = None) -> Dict[str, torch.Tensor]:
     """The full state dict from a packed file, after checking its sha256 when one is given."""
     if sha256 is not None and sha256_of(path) != sha256:
@@ -84,7 +76,9 @@ def read_packed(path: str, sha256: str = None) -> Dict[str, torch.Tensor]:
                         "reinstall textrefiner (pip install -e . in a clone), or rebuild a "
                         "machine-dependent one with `python -m textrefiner.demo pretrain FILE`.")
     try:
-        packed = torch.load(path, map_location="cpu", weights_only=True)
+        packed = load_torch_file(path, "demo CLIP")
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(f"Could not read the demo CLIP {path!r} ({exc}).") from None
     if not isinstance(packed, dict) or packed.get("format") != FORMAT:
