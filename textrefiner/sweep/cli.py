@@ -72,7 +72,8 @@ def plan(args):
     return spec, runs, out
 
 
-def print_plan(runs, states, stream=sys.stdout) -> None:
+def print_plan(runs, states, stream=None) -> None:
+    stream = stream or sys.stdout
     for run in runs:
         if states[run.key] == "queued":
             print(f"to do: {run.key}", file=stream)
