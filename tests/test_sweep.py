@@ -296,3 +296,14 @@ def test_report_of_a_one_setting_grid_is_a_line_plot(tmp_path, monkeypatch):
     assert paper["imagenet"]["CoOp+TR@CACHE_SIZE=25"] == [76.84, 70.54, 73.56]
     assert "| CoOp+TR@CACHE_SIZE=25 | 70.25 ± 0.00 (paper 76.84, -6.59) |" in Path(
         written[0]).read_text()
+
+
+def test_gpu_slots_split_the_visible_gpus(monkeypatch):
+    from textrefiner.sweep.local import gpu_slots
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert gpu_slots(8, 1) == [str(i) for i in range(8)]
+    assert gpu_slots(8, 2) == ["0,1", "2,3", "4,5", "6,7"]  # 4 runs of 2 GPUs at a time
+    assert gpu_slots(2, 3) == ["0,1,2", "3,4,5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_slots(3, 1) == [None, None, None]  # CPU slots

@@ -9,6 +9,7 @@ write the report with the paper's numbers.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -48,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_executor_args(parser) -> None:
     """HOOK for the Slurm executor: textrefiner/sweep/slurm.py (`add_slurm_args`) adds its own
     options (--slurm KEY=VALUE, --partition, ...) when it is there."""
-    try:
-        from . import slurm
-    except ImportError:
+    if importlib.util.find_spec(f"{__package__}.slurm") is None:
         return
+    from . import slurm  # its own import errors are reported, not skipped
+
     slurm.add_slurm_args(parser)
 
 
@@ -105,6 +106,9 @@ def _main(args) -> int:
         print_plan(runs, initial_states(runs, args.retry_failed))
         return 0
     if args.executor == "slurm":  # HOOK: textrefiner/sweep/slurm.py (the Slurm executor)
+        if importlib.util.find_spec(f"{__package__}.slurm") is None:
+            raise UserError("--executor slurm: this installation has no Slurm executor "
+                            "(textrefiner/sweep/slurm.py)")
         from . import slurm
 
         if args.status:

@@ -33,6 +33,7 @@ POLL_S = 0.05
 def warm_up(runs: list) -> None:
     """Import what every run imports, and read the CLIP weights the runs will load."""
     import torch  # noqa: F401
+    import torch.utils.tensorboard  # noqa: F401 - the engines' SummaryWriter: 0.2 s a run
     import torchvision  # noqa: F401
 
     from .. import train
@@ -41,13 +42,18 @@ def warm_up(runs: list) -> None:
 
     import_clip()
     parser = train.build_parser()
-    paths = set()
+    paths, engines = set(), set()
     for run in runs:
         try:
-            cfg = train.setup_cfg(parser.parse_args(list(run.argv)))
+            args = parser.parse_args(list(run.argv))
+            cfg = train.setup_cfg(args)
+            engines.add(train.resolve_engine(args.engine))
         except Exception:  # noqa: BLE001 - the run itself reports its error, in its log
             continue
         paths.add(cfg.MODEL.BACKBONE.PATH or cfg.MODEL.BACKBONE.NAME)
+    if "dassl" in engines:
+        import dassl.engine  # noqa: F401
+        import textrefiner_trainers  # noqa: F401
     for path in sorted(p for p in paths if p):
         with contextlib.suppress(Exception):  # not there yet / a name to download: the run reads it
             preload_state_dict(path)
@@ -92,6 +98,9 @@ def run_local(runs: list, jobs: int = 1, gpus_per_run: int = 1, retry_failed: bo
     reasons: dict = {}
     by_key = {run.key: run for run in runs}
     slots = gpu_slots(jobs, gpus_per_run)
+    if len(slots) < jobs:
+        progress.stream.write(f"[sweep] --jobs {jobs}: {len(slots)} at a time, one per "
+                              f"{gpus_per_run} GPU(s) of CUDA_VISIBLE_DEVICES / the machine\n")
     free = list(range(len(slots)))
     children: dict = {}  # pid -> (key, slot)
     threads = fresh_thread_count()

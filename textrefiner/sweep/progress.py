@@ -23,7 +23,7 @@ class Progress:
         self.clock = clock
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.started: dict = {}  # key -> start time (this sweep's runs)
-        self.durations: list = []  # seconds of the runs this sweep finished
+        self.seconds: dict = {}  # key -> wall seconds of the runs this sweep finished
         self._last_plain = None
         self._last_line = ""
 
@@ -32,7 +32,7 @@ class Progress:
 
     def ended_run(self, key: str, ok: bool) -> None:
         if ok and key in self.started:
-            self.durations.append(self.clock() - self.started[key])
+            self.seconds[key] = self.clock() - self.started[key]
 
     def line(self, states: dict, slots: int = 1) -> str:
         counts = {s: sum(1 for v in states.values() if v == s)
@@ -42,9 +42,9 @@ class Progress:
                 f"{counts['queued']} queued, {counts['failed']} failed")
         if counts["blocked"]:
             text += f", {counts['blocked']} blocked"
-        if self.durations and (counts["queued"] or counts["running"]):
+        if self.seconds and (counts["queued"] or counts["running"]):
             # the runs left, each as long as the finished ones on average, `slots` at a time
-            left = mean(self.durations) * (counts["queued"] + counts["running"] / 2) / max(slots, 1)
+            left = mean(self.seconds.values()) * (counts["queued"] + counts["running"] / 2) / max(slots, 1)
             text += f", about {_duration(left)} left"
         return text
 

@@ -41,6 +41,8 @@ def execute_run(run: Run) -> int:
 def _call_main(argv) -> int:
     from ..train import main
 
+    saved_argv = sys.argv
+    sys.argv = ["textrefiner-train", *argv]  # the run's log prints its command from sys.argv
     try:
         return int(main(list(argv)) or 0)
     except SystemExit as exc:  # argparse's errors (exit 2) and explicit exits
@@ -49,6 +51,7 @@ def _call_main(argv) -> int:
         traceback.print_exc()
         return 1
     finally:
+        sys.argv = saved_argv
         sys.stdout.flush()
         sys.stderr.flush()
 
