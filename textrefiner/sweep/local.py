@@ -143,7 +143,6 @@ def run_local(runs: list, jobs: int = 1, gpus_per_run: int = 1, retry_failed: bo
         for pid in children:  # interrupted: the children go with the sweep
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-    progress.update(states, len(slots), force=True)
     progress.finish(states, reasons)
     return states
 

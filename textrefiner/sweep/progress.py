@@ -85,8 +85,8 @@ class Progress:
         return "\n".join(lines)
 
     def finish(self, states: dict, reasons: dict | None = None) -> None:
-        if self.tty:
-            self.stream.write("\n")
+        if self.tty:  # the summary's first line takes the live line's place
+            self.stream.write("\r" + " " * len(self._last_line) + "\r")
         self.stream.write(self.summary(states, reasons) + "\n")
         self.stream.flush()
 
