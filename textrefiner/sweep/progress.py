@@ -44,7 +44,8 @@ class Progress:
             text += f", {counts['blocked']} blocked"
         if self.seconds and (counts["queued"] or counts["running"]):
             # the runs left, each as long as the finished ones on average, `slots` at a time
-            left = mean(self.seconds.values()) * (counts["queued"] + counts["running"] / 2) / max(slots, 1)
+            runs_left = counts["queued"] + counts["running"] / 2
+            left = mean(self.seconds.values()) * runs_left / max(slots, 1)
             text += f", about {_duration(left)} left"
         return text
 
