@@ -136,9 +136,8 @@ def run_local(runs: list, jobs: int = 1, gpus_per_run: int = 1, retry_failed: bo
             if code < 0:  # killed by a signal: the child could not write its outcome
                 write_status(by_key[key], code)
             if code in STOPPED:
-                reasons[key] = (f"stopped (exit {code}); not kept as failed: the next sweep "
-                                "resumes it")
-            states[key] = "finished" if code == 0 else "failed"
+                reasons[key] = f"exit {code}; the next sweep resumes it"
+            states[key] = "finished" if code == 0 else "stopped" if code in STOPPED else "failed"
             progress.ended_run(key, code == 0)
     finally:
         for pid in children:  # interrupted: the children go with the sweep
@@ -155,9 +154,9 @@ def _ready(run: Run, states: dict) -> bool:
 def _block_dependents(states: dict, by_key: dict, reasons: dict) -> None:
     for key, state in states.items():
         after = by_key[key].after
-        if state == "queued" and after and states.get(after) in ("failed", "blocked"):
+        if state == "queued" and after and states.get(after) in ("failed", "blocked", "stopped"):
             states[key] = "blocked"
-            reasons[key] = f"not run: its training run {after} failed"
+            reasons[key] = f"not run: its training run {after} {states[after]}"
 
 
 def _fork_run(run: Run, devices, threads: int) -> int:

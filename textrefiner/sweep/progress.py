@@ -1,8 +1,9 @@
 """The sweep's one live line (finished / running / queued / failed, time left) and its summary at
 the end, for either executor: `Progress(runs).update(states)`, then `progress.summary(states)`.
 
-States: "finished", "running", "queued", "failed", "blocked" (its training run failed), "skipped"
-(finished before this sweep started: not counted in the time estimate).
+States: "finished", "running", "queued", "failed", "blocked" (its training run failed), "stopped"
+(by Ctrl-C or a signal: resumed by the next sweep), "skipped" (finished before this sweep
+started: not counted in the time estimate).
 """
 from __future__ import annotations
 
@@ -36,12 +37,14 @@ class Progress:
 
     def line(self, states: dict, slots: int = 1) -> str:
         counts = {s: sum(1 for v in states.values() if v == s)
-                  for s in ("finished", "skipped", "running", "queued", "failed", "blocked")}
+                  for s in ("finished", "skipped", "running", "queued", "failed", "blocked",
+                            "stopped")}
         done = counts["finished"] + counts["skipped"]
         text = (f"[sweep] {done}/{len(states)} finished, {counts['running']} running, "
                 f"{counts['queued']} queued, {counts['failed']} failed")
-        if counts["blocked"]:
-            text += f", {counts['blocked']} blocked"
+        for extra in ("blocked", "stopped"):
+            if counts[extra]:
+                text += f", {counts[extra]} {extra}"
         if self.seconds and (counts["queued"] or counts["running"]):
             # the runs left, each as long as the finished ones on average, `slots` at a time
             runs_left = counts["queued"] + counts["running"] / 2
@@ -79,6 +82,8 @@ class Progress:
                       f"  error: {status.get('error') or reasons.get(key, 'no status recorded')}",
                       f"  log: {run.log}",
                       f"  rerun: {run.command()}"]
+        for key in (k for k, s in states.items() if s == "stopped"):
+            lines.append(f"STOPPED {key}: {reasons.get(key, 'the next sweep resumes it')}")
         for key in (k for k, s in states.items() if s == "blocked"):
             lines.append(f"BLOCKED {key}: {reasons.get(key, 'its training run failed')}")
         if failed:
