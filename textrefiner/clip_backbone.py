@@ -42,9 +42,34 @@ def clip_cache_dir() -> str:
     return os.path.expanduser("~/.cache/clip")
 
 
+# State dicts read ahead by a warm process (textrefiner.sweep.local forks its runs from it), by
+# (real path, size, mtime): a run then builds its model from them instead of reading the file.
+_PRELOADED: dict = {}
+
+
+def _file_key(path: str) -> tuple:
+    stat = os.stat(path)
+    return os.path.realpath(path), stat.st_size, stat.st_mtime_ns
+
+
+def preload_state_dict(name_or_path: str) -> None:
+    """Read the CLIP weights of a model name (when downloaded) or file once, for every later
+    `load_clip` of this process and of the processes it forks."""
+    path = name_or_path
+    if not os.path.isfile(path):  # a model name: only when already downloaded
+        url = import_clip().clip._MODELS.get(name_or_path)
+        path = os.path.join(clip_cache_dir(), os.path.basename(url)) if url else ""
+        if not os.path.isfile(path):
+            return
+    _PRELOADED[_file_key(path)] = _read_state_dict(path)
+
+
 def _read_state_dict(path: str) -> dict:
     """CLIP weights as data only (textrefiner.safe_load): OpenAI's TorchScript archives, or a
     saved state dict (or a Dassl dict holding one)."""
+    preloaded = _PRELOADED.get(_file_key(path)) if _PRELOADED else None
+    if preloaded is not None:
+        return dict(preloaded)  # clip's build_model deletes keys; the tensors are only copied
     try:
         if is_torchscript(path):
             obj = load_torchscript_state_dict(path, openai_sha256s(), "CLIP weights")
