@@ -1,0 +1,299 @@
+"""`textrefiner-sweep --executor slurm`: the sbatch options it writes (no cluster needed), then a
+real one-node Slurm (tests/slurm_cluster.py: munged, slurmctld and slurmd from a temporary
+configuration, as root, accounting disabled): a sweep through Slurm gives the local accuracies,
+a job requeued in the middle of training ends bit-identical to an uninterrupted run, a failing
+run is reported with its log, `--status` reads the queue without accounting, and a run of two
+tasks trains as one process."""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from textrefiner.errors import UserError
+from textrefiner.sweep import slurm
+from textrefiner.sweep.plan import Run, run_finished
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from slurm_cluster import LocalSlurm, unavailable, wait_for  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def slurm_args(*argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("spec", nargs="?", default="spec.yaml")
+    parser.add_argument("--out", default="")
+    slurm.add_slurm_args(parser)
+    return parser.parse_args(list(argv))
+
+
+def a_run(trainer="CoOp", kind="train", gpus=1, key="k", after=None, argv=(), out="/tmp/x"):
+    return Run(key, os.path.join(out, key), tuple(argv), after, trainer, kind, gpus)
+
+
+# ------------------------------------------------------------------------ options, no cluster
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30:00", 90), ("0:00:30", 1),
+                                           ("2-00:00:00", 2880), ("1-12", 2160)])
+def test_time_limits_read_as_slurm_writes_them(text, minutes):
+    assert slurm.parse_time(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["1h", "", "0", "1:2:3:4"])
+def test_a_time_limit_slurm_cannot_read_is_one_clear_error(text):
+    with pytest.raises(UserError, match="--time"):
+        slurm.parse_time(text)
+
+
+def test_memory_sizes():
+    assert [slurm.parse_mem(t) for t in ("64G", "64GB", "512M", "1T", "8")] == [64, 64, 0.5,
+                                                                               1024, 8]
+    with pytest.raises(UserError, match="--mem lots"):
+        slurm.parse_mem("lots")
+
+
+def test_per_method_defaults_promptkd_needs_more_than_coop_and_zero_shot_little():
+    args = slurm_args()
+    coop, kd, zs = (slurm.resources(a_run(t), args) for t in ("CoOp", "PromptKD", "ZeroshotCLIP"))
+    assert kd.mem_gb > coop.mem_gb > zs.mem_gb and kd.time > coop.time > zs.time
+    assert coop.gpus_per_node == 1 and coop.tasks_per_node == 1
+    table = slurm.describe([a_run("CoOp"), a_run("CoOp", "test"), a_run("PromptKD")], args)
+    assert "PromptKD train" in table and f"--mem={kd.mem_gb:g}GB" in table
+    assert f"--time={kd.time}" in table and "CoOp test" in table
+
+
+def test_every_option_becomes_its_sbatch_line(tmp_path):
+    """The job script submitit writes from the options (the README's table)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+    args = slurm_args("--partition", "gpu", "--account", "lab", "--qos", "high", "--time",
+                      "12:00:00", "--gpus-per-run", "4", "--cpus-per-task", "6", "--mem", "80G",
+                      "--constraint", "a100", "--array-parallelism", "3", "--slurm",
+                      "mail-type=FAIL", "--slurm", "exclusive")
+    res = slurm.resources(a_run(), args)
+    script = _make_sbatch_string("cmd", tmp_path, map_count=10,
+                                 **slurm.executor_parameters(res, args))
+    for line in ["--partition=gpu", "--account=lab", "--qos=high", "--time=720",
+                 "--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=6", "--mem=80GB",
+                 "--constraint=a100", "--array=0-9%3", "--mail-type=FAIL", "--exclusive",
+                 "--signal=USR2@90", "--nodes=1"]:
+        assert f"#SBATCH {line}" in script.splitlines(), line
+    # a test run evaluates on one GPU, one task
+    test = slurm.resources(a_run(kind="test"), args)
+    assert (test.gpus_per_node, test.tasks_per_node) == (1, 1)
+
+
+def test_several_nodes_share_the_gpus_one_task_per_gpu():
+    res = slurm.resources(a_run(), slurm_args("--gpus-per-run", "16", "--nodes", "2"))
+    assert (res.nodes, res.gpus_per_node, res.tasks_per_node) == (2, 8, 8)
+    cpu = slurm.resources(a_run(gpus=0), slurm_args("--tasks-per-node", "2"))
+    assert (cpu.gpus_per_node, cpu.tasks_per_node) == (0, 2)
+
+
+def test_ranks_and_rendezvous_come_from_slurms_environment(monkeypatch):
+    calls = []
+
+    def hostnames(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0, "node3\nnode4\n", "")
+
+    monkeypatch.setattr(slurm.subprocess, "run", hostnames)
+    env = slurm.distributed_env({"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+                                 "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[3-4]",
+                                 "SLURM_JOB_ID": "1234"})
+    assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "node3", "MASTER_PORT": str(15000 + 1234)}
+    assert calls == [["scontrol", "show", "hostnames", "node[3-4]"]]
+    assert slurm.distributed_env({"SLURM_NTASKS": "1"}) == {}
+
+
+# ------------------------------------------------------------------------ the cluster
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-node Slurm for this module's tests; SLURM_CONF set while they run."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as env:
+        saved = os.environ.get("SLURM_CONF")
+        os.environ["SLURM_CONF"] = env["SLURM_CONF"]
+        try:
+            yield env
+        finally:
+            if saved is None:
+                os.environ.pop("SLURM_CONF", None)
+            else:
+                os.environ["SLURM_CONF"] = saved
+
+
+SPEC = """\
+protocol: base2new
+datasets: [synthetic_shapes]
+methods:
+  - {{method: ZeroshotCLIP, seeds: [1]}}
+  - CoOp+TR
+seeds: [1]
+config: demo_tiny
+engine: standalone
+root: {root}
+overrides: {{MODEL.BACKBONE.PATH: {clip}, OPTIM.MAX_EPOCH: {epochs}}}
+"""
+
+
+def write_spec(path, demo, epochs=10):
+    path.write_text(SPEC.format(root=demo["root"], clip=demo["clip"], epochs=epochs))
+    return str(path)
+
+
+def plan(spec, out, gpus=0):
+    from textrefiner.sweep.spec import expand, load_spec
+    return expand(load_spec(spec), str(out), gpus=gpus)
+
+
+def cpu_args(spec, out, *more):
+    """One CPU per job, no GPU, little memory: the local node has 2 CPUs and 4000 MB."""
+    return slurm_args(spec, "--out", str(out), "--gpus-per-run", "0", "--cpus-per-task", "1",
+                      "--mem", "500M", "--time", "30", "--poll", "1", *more)
+
+
+def accuracies(run):
+    with open(os.path.join(run.output_dir, "log.txt")) as f:
+        return re.findall(r"\* accuracy: ([\d.]+)%", f.read())
+
+
+def job_info(job, env):
+    return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
+                          env=env).stdout
+
+
+def test_sweep_through_slurm_gives_the_local_accuracies(cluster, demo, tmp_path, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", demo)
+    out = tmp_path / "slurm"
+    runs = plan(spec, out)
+    assert [r.kind for r in runs] == ["test", "test", "train", "test"]
+    assert slurm.submit(runs, cpu_args(spec, out)) == 0
+    printed = capsys.readouterr().out
+    jobs = slurm.read_jobs(str(out))
+    assert sorted(jobs) == sorted(r.key for r in runs)
+    for run in runs:
+        assert f"job {jobs[run.key]}: {run.key}" in printed
+    # the zero-shot runs and the training run: one array; the test run after its training
+    train, test = runs[2], runs[3]
+    assert jobs[train.key].split("_")[0] == jobs[runs[0].key].split("_")[0]
+    assert f"afterok:{jobs[train.key]}" in job_info(jobs[test.key], cluster)
+    # submitting again while they wait or run adds nothing
+    slurm.submit(runs, cpu_args(spec, out))
+    assert "0 to submit" in capsys.readouterr().out and slurm.read_jobs(str(out)) == jobs
+    states = slurm.follow(runs, str(out), poll=1)
+    assert {s.state for s in states.values()} == {"finished"}
+    assert all(run_finished(run) for run in runs)
+    # the same runs, one after another in this process (textrefiner-train's code path)
+    from textrefiner.train import main
+    local = plan(spec, tmp_path / "local")
+    for run in local:
+        assert main(list(run.argv)) == 0, run.key
+    assert [accuracies(r) for r in runs] == [accuracies(r) for r in local]
+    assert all(accuracies(r) for r in runs)
+    # finished: nothing to submit, and --status says so (squeue only: there is no accounting)
+    assert subprocess.run(["sacct"], capture_output=True, env=cluster).returncode != 0
+    slurm.submit(runs, cpu_args(spec, out))
+    assert "4 finished, 0 queued or running, 0 to submit" in capsys.readouterr().out
+    assert slurm.status(runs, cpu_args(spec, out)) == 0
+    assert "finished 4 running 0 queued 0 failed 0 todo 0 of 4" in capsys.readouterr().out
+
+
+def test_status_shows_queued_and_running_runs_from_squeue(cluster, demo, tmp_path, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", demo)
+    out = tmp_path / "out"
+    runs = plan(spec, out)[2:]  # CoOp+TR: training, then its test
+    hold = subprocess.run(["sbatch", "--parsable", "--hold", "--wrap", "true"], env=cluster,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    try:  # both runs wait for a held job: queued, with a job id each
+        slurm.submit(runs, cpu_args(spec, out, "--slurm", f"dependency=afterok:{hold}"))
+        capsys.readouterr()
+        assert slurm.status(runs, cpu_args(spec, out)) == 0
+        text = capsys.readouterr().out
+        assert "finished 0 running 0 queued 2 failed 0 todo 0 of 2" in text
+        jobs = slurm.read_jobs(str(out))
+        assert re.search(rf"queued +job {jobs[runs[0].key]} +{re.escape(runs[0].key)}", text)
+    finally:
+        subprocess.run(["scancel", hold] + list(slurm.read_jobs(str(out)).values()),
+                       env=cluster)
+    wait_for(lambda: not (set(slurm.read_jobs(str(out)).values()) & set(slurm.queue())),
+             "the cancelled jobs to leave the queue")
+    capsys.readouterr()
+    assert slurm.status(runs, cpu_args(spec, out)) == 1  # cancelled: failed, with the rerun line
+    text = capsys.readouterr().out
+    assert "failed 2" in text and f"rerun: {runs[0].command()}" in text
+
+
+def test_a_failing_run_is_reported_with_its_log_and_its_test_run_dropped(cluster, demo, tmp_path,
+                                                                          capsys):
+    spec = write_spec(tmp_path / "spec.yaml", demo)
+    out = tmp_path / "out"
+    runs = plan(spec, out)[2:]
+    bad = Run(runs[0].key, runs[0].output_dir, runs[0].argv + ("OPTIM.NO_SUCH_KEY", "1"),
+              None, runs[0].trainer, runs[0].kind, runs[0].gpus)
+    runs = [bad, runs[1]]
+    slurm.submit(runs, cpu_args(spec, out))
+    states = slurm.follow(runs, str(out), poll=1)
+    assert [states[r.key].state for r in runs] == ["failed", "failed"]
+    text = capsys.readouterr()
+    text = text.out + text.err
+    status = json.loads(open(os.path.join(bad.output_dir, "sweep_status.json")).read())
+    assert status["state"] == "failed" and "NO_SUCH_KEY" in status["error"]
+    assert f"FAILED {bad.key}" in text and "NO_SUCH_KEY" in text
+    assert bad.log in text and f"rerun: {bad.command()}" in text
+    assert f"{runs[1].key}: its training run" in text  # Slurm dropped the test run
+
+
+@pytest.mark.parametrize("epochs", [12])
+def test_a_job_requeued_in_the_middle_of_training_ends_bit_identical(cluster, demo, tmp_path,
+                                                                     epochs):
+    spec = write_spec(tmp_path / "spec.yaml", demo, epochs=epochs)
+    out = tmp_path / "slurm"
+    train = plan(spec, out)[2]
+    slurm.submit([train], cpu_args(spec, out))
+    job = slurm.read_jobs(str(out))[train.key]
+    first = os.path.join(train.output_dir, "prompt_learner", "model.pth.tar-1")
+    wait_for(lambda: os.path.exists(first), "the epoch 1 checkpoint", timeout=300, every=0.02)
+    subprocess.run(["scontrol", "requeue", job], env=cluster, check=True)
+    # Slurm holds a requeued job back for a while (its begin time): let it start now
+    wait_for(lambda: "Restarts=1" in job_info(job, cluster), "the job's requeue")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster,
+                   check=True)
+    assert slurm.follow([train], str(out), poll=1)[train.key].state == "finished"
+    log = open(os.path.join(train.output_dir, "log.txt")).read()
+    assert f"epoch [{epochs}/{epochs}]" in log
+    assert "Resumed from epoch" in log, "the job finished before it was requeued"
+    from textrefiner.train import main
+    alone = plan(spec, tmp_path / "alone")[2]
+    assert main(list(alone.argv)) == 0
+    a, b = (torch.load(os.path.join(r.output_dir, "prompt_learner", f"model.pth.tar-{epochs}"),
+                       weights_only=False) for r in (alone, train))
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for slot, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value),
+                               torch.as_tensor(b["optimizer"]["state"][slot][name])), name
+    assert accuracies(alone) == accuracies(train)
+
+
+def test_two_tasks_train_as_one_process(cluster, demo, tmp_path):
+    """A job of 2 tasks on the node (2 ranks, gloo): the torchrun path with ranks from Slurm."""
+    from test_distributed import assert_same_run, coop_args
+    from textrefiner.train import main
+    one = tmp_path / "one"
+    assert main(coop_args(demo, one, 8)) == 0
+    many = tmp_path / "many"
+    run = Run("many", str(many), tuple(coop_args(demo, many, 4)), None, "CoOp", "train", 0)
+    args = cpu_args("spec", tmp_path, "--tasks-per-node", "2", "--mem", "1G")
+    slurm.submit([run], args)
+    assert slurm.follow([run], str(tmp_path), poll=1)[run.key].state == "finished"
+    assert_same_run(one, many, epoch=2)
+    assert (many / "log.txt").read_text().count("* accuracy:") == 1  # rank 0 writes
