@@ -78,7 +78,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
-KillWait=5
+KillWait=1
 MinJobAge=600
 NodeName={host} CPUs={cpus} RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -222,6 +223,7 @@ class SlurmRun(Checkpointable):
     resumes from the run folder's last checkpoint."""
 
     def __call__(self, run):
+        signal.signal(signal.SIGTERM, _stop)
         os.environ.update(distributed_env(os.environ))
         if int(os.environ.get("RANK", "0")) > 0:
             from ..train import main  # the other ranks: the same training; rank 0 keeps the books
@@ -233,6 +235,14 @@ class SlurmRun(Checkpointable):
             raise RuntimeError(f"{run.key} failed (exit code {code}); see "
                                f"{os.path.join(run.output_dir, 'sweep.log')}")
         return code
+
+
+def _stop(signum, frame):
+    """SIGTERM (scontrol requeue, scancel, a preemption, the time limit's end) stops the run at
+    once, as by default; its checkpoints are in its folder (written atomically), so it loses at
+    most the current epoch. submitit ignores SIGTERM so that its USR2 handler (Slurm's warning
+    before the time limit, `--signal`) can requeue the job; that handler stays as it is."""
+    raise SystemExit(128 + signum)
 
 
 def distributed_env(environ) -> dict:
