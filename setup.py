@@ -13,7 +13,9 @@ setup(
     # never shadows, nor is shadowed by, the top-level `trainers` package of CoOp-style repos.
     package_dir={"textrefiner_trainers": "trainers"},
     # The demo's pretrained tiny CLIP (1.6 MB), the same file on every machine
-    package_data={"textrefiner.demo": ["clip_tiny.pt"]},
+    package_data={"textrefiner.demo": ["clip_tiny.pt"],
+                  # textrefiner-sweep's shipped sweeps and the paper's published numbers
+                  "textrefiner.sweep": ["specs/*.yaml", "paper_numbers.yaml"]},
     install_requires=[
         "torch>=1.13",  # torch.load(weights_only=True)
         "torchvision",
@@ -39,6 +41,7 @@ setup(
             "textrefiner-train=textrefiner.train:main",
             "textrefiner-data=textrefiner.data.prepare:main",
             "textrefiner-results=textrefiner.results:main",
+            "textrefiner-sweep=textrefiner.sweep.cli:main",
         ],
     },
 )

@@ -79,6 +79,12 @@ TARGETS = [
      "forward passes per test image"),
     ("store_eval_wall_ratio", "<=", 0.25,
      "that sweep's evaluation wall time, with / without the feature store"),
+    ("sweep_wall_ratio", "<=", 0.35,
+     "the demo sweep's wall time, textrefiner-sweep --jobs 2 / one process per run in turn"),
+    ("sweep_startup_s_per_run_tool", "<=", 0.3,
+     "textrefiner-sweep: a run's wall time minus its own training and evaluation (s)"),
+    ("sweep_same_accuracies", ">=", 1.0,
+     "every demo run's accuracy the same through textrefiner-sweep as in its own process"),
 ]
 FAMILIES = ("openai_vit", "openai_resnet", "openclip_vit")
 
@@ -175,7 +181,7 @@ def parse_args(argv=None):
 
 
 SECTIONS = ("inference", "training", "trimming", "memory", "backbones", "distributed",
-            "store")
+            "store", "sweep")
 
 
 def make_cfg(args, refiner: bool, *extra):
@@ -597,7 +603,7 @@ def print_table(results, rows, args):
             log(f"  {k:<36} {v:8.3f}")
     log("Absolute values (median)")
     for k, v in results.items():
-        if not any(s in k for s in ("_vs_", "share", "overhead", "store_")):
+        if not any(s in k for s in ("_vs_", "share", "overhead", "store_", "sweep_")):
             unit = "img/s" if k.startswith("throughput") else (
                 "s" if "_s_" in k else ("GiB" if "_gib_" in k else "MiB"))
             log(f"  {k:<36} {v:10.2f} {unit}")
@@ -655,6 +661,10 @@ def main(argv=None):
         results.update(store_section(args.shape, "fp16" if device.type == "cuda" else "fp32",
                                      log=log))
         print_store_table(results, log)
+    if "sweep" in args.sections:  # the demo: textrefiner-sweep --jobs 2 vs a process per run
+        from sweep_bench import print_sweep_table, sweep_section
+        results.update(sweep_section(log=log))
+        print_sweep_table(results, log)
     rows = target_rows(results, args.class_counts)
     setup["wall_s"] = time.perf_counter() - start
     print_table(results, rows, args)

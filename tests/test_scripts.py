@@ -251,4 +251,5 @@ def test_engine_variable_reaches_every_run(fake, tmp_path, script, args):
 
 
 def test_demo_runs_on_the_builtin_engine():
-    assert "export ENGINE=standalone" in (REPO / "scripts" / "demo.sh").read_text()
+    assert "textrefiner.sweep.cli demo" in (REPO / "scripts" / "demo.sh").read_text()
+    assert "engine: standalone" in (REPO / "textrefiner" / "sweep" / "specs" / "demo.yaml").read_text()

@@ -42,7 +42,32 @@ def clip_cache_dir() -> str:
     return os.path.expanduser("~/.cache/clip")
 
 
+# State dicts read ahead by a warm process (textrefiner.sweep.local forks its runs from it), by
+# (real path, size, mtime): a run then builds its model from them instead of reading the file.
+_PRELOADED: dict = {}
+
+
+def _file_key(path: str) -> tuple:
+    stat = os.stat(path)
+    return os.path.realpath(path), stat.st_size, stat.st_mtime_ns
+
+
+def preload_state_dict(name_or_path: str) -> None:
+    """Read the CLIP weights of a model name (when downloaded) or file once, for every later
+    `load_clip` of this process and of the processes it forks."""
+    path = name_or_path
+    if not os.path.isfile(path):  # a model name: only when already downloaded
+        url = import_clip().clip._MODELS.get(name_or_path)
+        path = os.path.join(clip_cache_dir(), os.path.basename(url)) if url else ""
+        if not os.path.isfile(path):
+            return
+    _PRELOADED[_file_key(path)] = _read_state_dict(path)
+
+
 def _read_state_dict(path: str) -> dict:
+    preloaded = _PRELOADED.get(_file_key(path)) if _PRELOADED else None
+    if preloaded is not None:
+        return dict(preloaded)  # clip's build_model deletes keys; the tensors are only copied
     obj = _read_jit_state_dict(path)
     if obj is None:  # not a JIT archive: a plain state dict
         try:

@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 from textrefiner.errors import describe_os_error
 
@@ -72,6 +72,11 @@ class Base2NewRow:
     novel: float | None
     base_seeds: int
     novel_seeds: int
+    # spread over seeds (sample standard deviation; 0 for one seed; None for Average rows); the
+    # HM's is that of the per-seed HMs (seeds with both numbers)
+    base_std: float | None = None
+    novel_std: float | None = None
+    hm_std: float | None = None
 
     @property
     def hm(self) -> float | None:
@@ -92,6 +97,7 @@ class CrossRow:
     shots: int
     accuracy: float
     seeds: int
+    std: float | None = None  # over seeds, as Base2NewRow's
 
 
 def harmonic_mean(base: float | None, novel: float | None) -> float | None:
@@ -158,6 +164,18 @@ def _mean_by_seed(runs: list[Run]) -> tuple[float | None, int]:
     return (mean(accs), len(accs)) if accs else (None, 0)
 
 
+def _std(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return stdev(values) if len(values) > 1 else 0.0
+
+
+def _seed_hms(base_runs: list[Run], novel_runs: list[Run]) -> list:
+    novel = {r.seed: r.accuracy for r in novel_runs}
+    return [harmonic_mean(r.accuracy, novel.get(r.seed)) for r in base_runs]
+
+
 def base2new_rows(runs: list[Run]) -> list[Base2NewRow]:
     """One row per (dataset, method, cfg, shots), base and novel averaged over seeds, then Average rows."""
     groups: dict[tuple, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
@@ -170,7 +188,11 @@ def base2new_rows(runs: list[Run]) -> list[Base2NewRow]:
         novel, n_novel = _mean_by_seed(stages["test_new"])
         if base is None and novel is None:
             continue
-        rows.append(Base2NewRow(dataset, method, cfg, shots, base, novel, n_base, n_novel))
+        rows.append(Base2NewRow(
+            dataset, method, cfg, shots, base, novel, n_base, n_novel,
+            _std([r.accuracy for r in stages["train_base"]]),
+            _std([r.accuracy for r in stages["test_new"]]),
+            _std(_seed_hms(stages["train_base"], stages["test_new"]))))
     rows.sort(key=lambda r: (_dataset_order(r.dataset), _method_order((r.method, r.cfg, r.shots))))
     return average_rows(rows) + rows
 
@@ -199,11 +221,11 @@ def cross_rows(runs: list[Run]) -> list[CrossRow]:
             groups[(run.dataset, run.method, run.cfg, run.shots)][run.stage].append(run)
     rows = []
     for (dataset, method, cfg, shots), stages in groups.items():
-        acc, n = _mean_by_seed(stages["test"])
-        if acc is None:
-            acc, n = _mean_by_seed(stages["train"])
+        stage = "test" if _mean_by_seed(stages["test"])[0] is not None else "train"
+        acc, n = _mean_by_seed(stages[stage])
         if acc is not None:
-            rows.append(CrossRow(dataset, method, cfg, shots, acc, n))
+            rows.append(CrossRow(dataset, method, cfg, shots, acc, n,
+                                 _std([r.accuracy for r in stages[stage]])))
     rows.sort(key=lambda r: (_dataset_order(r.dataset), _method_order((r.method, r.cfg, r.shots))))
     return rows
 
@@ -284,22 +306,32 @@ def _csv(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
-def plot(b2n: list[Base2NewRow], xd: list[CrossRow], path: Path) -> None:
-    """Grouped bars: one panel each for base, novel, HM (and cross-dataset), one bar colour per method."""
+def plot(b2n: list[Base2NewRow], xd: list[CrossRow], path: Path, paper: dict | None = None,
+         label=None) -> None:
+    """Grouped bars: one panel each for base, novel, HM (and cross-dataset), one bar colour per
+    method; each bar with its value, the seeds' spread as an error bar and, where `paper` has it
+    ({(panel title, dataset, method, cfg, shots): value}), the published value as a marker. The
+    axis spans the values, not 0-100; a one-dataset sweep has no Average bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = []
+    if len({r.dataset for r in b2n if r.dataset != AVERAGE}) == 1:
+        b2n = [r for r in b2n if r.dataset != AVERAGE]  # the one dataset's bars again
     if b2n:
-        for title, getter in (("Base", lambda r: r.base), ("Novel", lambda r: r.novel), ("HM", lambda r: r.hm)):
+        for title, getter in (("Base", lambda r: (r.base, r.base_std)),
+                              ("Novel", lambda r: (r.novel, r.novel_std)),
+                              ("HM", lambda r: (r.hm, r.hm_std))):
             panels.append((title, {(r.dataset, r.method, r.cfg, r.shots): getter(r) for r in b2n}))
     if xd:
-        panels.append(("Cross-dataset", {(r.dataset, r.method, r.cfg, r.shots): r.accuracy for r in xd}))
+        panels.append(("Cross-dataset", {(r.dataset, r.method, r.cfg, r.shots): (r.accuracy, r.std)
+                                         for r in xd}))
     fig, axes = plt.subplots(max(len(panels), 1), 1, figsize=(12, 3.2 * max(len(panels), 1)), squeeze=False)
     for ax, (title, values) in zip(axes[:, 0], panels):
-        _bars(ax, title, values)
+        _bars(ax, title, values, {k[1:]: v for k, v in (paper or {}).items() if k[0] == title},
+              label)
     if not panels:
         axes[0, 0].text(0.5, 0.5, "no finished runs", ha="center", va="center")
     fig.tight_layout()
@@ -307,21 +339,45 @@ def plot(b2n: list[Base2NewRow], xd: list[CrossRow], path: Path) -> None:
     plt.close(fig)
 
 
-def _bars(ax, title: str, values: dict) -> None:
+def _bars(ax, title: str, values: dict, paper: dict, label=None) -> None:
+    """values: {(dataset, method, cfg, shots): (mean, std)}; paper: {same key: value}."""
     datasets = sorted({k[0] for k in values}, key=lambda d: (d != AVERAGE, _dataset_order(d)))
     methods = sorted({k[1:] for k in values}, key=_method_order)
-    label = _label(methods)
+    label = label or _label(methods)
     width = 0.8 / max(len(methods), 1)
+    shown = []
     for i, method in enumerate(methods):
-        heights = [values.get((d, *method)) or 0.0 for d in datasets]
+        cells = [values.get((d, *method)) or (None, None) for d in datasets]
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(datasets))]
-        ax.bar(xs, heights, width, label=label(*method))
+        kept = [(x, m, s or 0.0) for x, (m, s) in zip(xs, cells) if m is not None]
+        if not kept:
+            continue
+        bars = ax.bar([x for x, _, _ in kept], [m for _, m, _ in kept], width,
+                      yerr=[s for _, _, s in kept], capsize=3, label=label(*method))
+        ax.bar_label(bars, labels=[f"{m:.1f}" for _, m, _ in kept], fontsize="x-small",
+                     padding=2)
+        shown += [m - s for _, m, s in kept] + [m + s for _, m, s in kept]
+        marks = [(x, paper[(d, *method)]) for x, d in zip(xs, datasets) if (d, *method) in paper]
+        if marks:
+            ax.scatter([x for x, _ in marks], [v for _, v in marks], marker="D", color="black",
+                       zorder=3, s=18, label="paper" if i == 0 or not ax.get_legend_handles_labels()
+                       [1].count("paper") else None)
+            shown += [v for _, v in marks]
     ax.set_xticks(range(len(datasets)))
     ax.set_xticklabels([DATASET_NAMES.get(d, d) for d in datasets], rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize="small", ncol=min(len(methods), 4))
+    ax.set_ylim(*zoomed_limits(shown))
+    ax.legend(fontsize="small", ncol=min(len(methods) + 1, 4))
+
+
+def zoomed_limits(values: list, low: float = 0.0, high: float = 100.0) -> tuple:
+    """An axis that shows the differences: the values' span plus a margin (room for the value
+    labels above the bars), within [low, high]."""
+    if not values:
+        return low, high
+    span = max(max(values) - min(values), 1.0)
+    return max(low, min(values) - 0.6 * span), min(high, max(values) + 0.4 * span)
 
 
 # ----------------------------------------------------------------------------- command line

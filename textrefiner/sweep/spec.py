@@ -1,0 +1,444 @@
+"""A sweep's YAML spec, its validation, and its expansion into runs (textrefiner.sweep.plan.Run).
+
+    protocol: base2new          # base2new (scripts/base2new.sh) or xd (scripts/xd.sh)
+    datasets: [eurosat, dtd]    # names under configs/datasets/ (xd: the training set, imagenet)
+    targets: [imagenetv2, ...]  # xd only: the test sets (default: xd.sh's 14)
+    methods:                    # a trainer, "<trainer>+TR" (--refiner), or a mapping:
+      - CoOp
+      - CoOp+TR
+      - {method: ZeroshotCLIP, seeds: [1]}
+      - {method: CoOp+TR, variant: no_losses, overrides: {TRAINER.REFINER.SEM_WEIGHT: 0}}
+    seeds: [1, 2, 3]
+    config: vit_b16_ep10_ctxv1  # configs/trainers/<trainer>/<config>.yaml, or {trainer: name};
+                                # default: the scripts' per trainer
+    shots: 16                   # default: the scripts' per trainer
+    engine: standalone          # textrefiner-train --engine (default: its own, auto)
+    root: "{out}/data"          # datasets folder (default: --root); {out} is the sweep's OUT
+    overrides: {KEY: VALUE}     # config overrides of every run ({out} and {root} replaced)
+    grid:                       # every combination of these values; a list of mappings is the
+      TRAINER.REFINER.CACHE_SIZE: [5, 10, 25, 50, 100]   # union of their grids
+    paper: table1               # the published numbers the report puts beside each cell
+    prepare: demo               # make the demo's data and tiny CLIP in OUT first
+
+The run folders are the scripts': OUT/base2new/{train_base,test_new}/<dataset>/shots_<K>/<method>/
+<config>/seed<S> and OUT/xd/{train,test}/<dataset>/shots_<K>/<method>/<config>/seed<S>. A method
+entry's `variant` and a grid point are added to the <config> folder name after "@"
+("vit_b16_ep10_ctxv1@CACHE_SIZE=5"), so each setting has its own folder at the depth
+`textrefiner-results` and the codebases' parse_test_res.py read.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+from .plan import TRAINERS, Run
+
+PROTOCOLS = ("base2new", "xd")
+TR_SUFFIX = "+TR"  # scripts/common.sh set_method: the folder name of a method with --refiner
+XD_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+              "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
+              "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+# scripts/common.sh set_trainer_defaults: trainer -> (config, shots)
+TRAINER_DEFAULTS = {
+    "CoOp": ("vit_b16_ep10_ctxv1", 16),
+    "CoCoOp": ("vit_b16_c4_ep10_batch1_ctxv1", 16),
+    "MaPLe": ("vit_b16_c2_ep5_batch4_2ctx", 16),
+    "PromptKD": ("vit_b16_c2_ep20_batch8_4+4ctx", 0),
+    "PromptSRC": ("vit_b16_c2_ep20_batch4_4+4ctx", 16),
+    "ZeroshotCLIP": ("vit_b16", 0),
+}
+XD_CONFIG_SUFFIX = {"MaPLe": "_cross_datasets", "PromptSRC": "_cross_datasets"}  # xd.sh
+PROMPTKD_FINE_GRAINED = ("fgvc_aircraft", "oxford_flowers", "dtd")  # KD_WEIGHT 200, else 1000
+SPEC_KEYS = {"protocol", "datasets", "targets", "methods", "seeds", "config", "shots", "engine",
+             "root", "overrides", "grid", "paper", "prepare", "teachers", "description"}
+METHOD_KEYS = {"method", "seeds", "variant", "overrides", "config"}
+SHIPPED = ("paper-table1", "paper-table2", "paper-table3", "paper-table4", "paper-fig4",
+           "paper-fig5", "demo")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # folder name: "CoOp" or "CoOp+TR"
+    trainer: str
+    refiner: bool
+    seeds: tuple
+    variant: str = ""  # added to the config folder name
+    overrides: tuple = ()  # (KEY, VALUE) pairs of this method only
+    config: str = ""  # "" -> spec's config or the trainer's default
+
+
+@dataclass
+class Spec:
+    name: str
+    protocol: str
+    datasets: list
+    methods: list  # of Method
+    targets: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)  # trainer -> config name ("*": every trainer)
+    shots: int | None = None
+    engine: str = ""
+    root: str = ""
+    overrides: list = field(default_factory=list)  # (KEY, VALUE) pairs
+    grid: list = field(default_factory=list)  # list of {KEY: [values]}
+    paper: str = ""
+    prepare: str = ""
+    teachers: str = "teacher_model"
+
+
+def spec_error(name: str, message: str) -> UserError:
+    return UserError(f"sweep spec {name}: {message}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_spec(name_or_path: str) -> Spec:
+    """A shipped spec by name (see SHIPPED) or a YAML file; checked for shape (not yet for the
+    datasets, configs and keys: `validate` does that against a checkout's configs/)."""
+    if name_or_path in SHIPPED:
+        text = resources.files(__package__).joinpath("specs", f"{name_or_path}.yaml").read_text()
+        name = name_or_path
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise UserError(f"no sweep spec {name_or_path!r}: give a YAML file or one of the "
+                            f"shipped sweeps ({', '.join(SHIPPED)})")
+        text, name = path.read_text(), str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise spec_error(name, f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_spec(data, name)
+
+
+def parse_spec(data, name: str = "<spec>") -> Spec:
+    if not isinstance(data, dict):
+        raise spec_error(name, "must be a YAML mapping of keys (protocol, datasets, methods, ...)")
+    unknown = sorted(set(data) - SPEC_KEYS)
+    if unknown:
+        raise spec_error(name, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(SPEC_KEYS))})")
+    protocol = data.get("protocol", "base2new")
+    if protocol not in PROTOCOLS:
+        raise spec_error(name, f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    datasets = _names(data.get("datasets", ["imagenet"] if protocol == "xd" else None),
+                      "datasets", name)
+    seeds = _seeds(data.get("seeds", [1, 2, 3]), "seeds", name)
+    config = data.get("config") or {}
+    if isinstance(config, str):
+        config = {"*": config}
+    if not isinstance(config, dict):
+        raise spec_error(name, "config must be a config name or a mapping trainer -> name")
+    spec = Spec(
+        name=name, protocol=protocol, datasets=datasets,
+        methods=[_method(entry, seeds, name) for entry in _list(data.get("methods"), "methods",
+                                                                 name)],
+        targets=_names(data.get("targets", list(XD_TARGETS)), "targets", name)
+        if protocol == "xd" else [],
+        config={str(k): str(v) for k, v in config.items()},
+        shots=data.get("shots"), engine=str(data.get("engine") or ""),
+        root=str(data.get("root") or ""), overrides=_pairs(data.get("overrides"), name),
+        grid=_grid(data.get("grid"), name), paper=str(data.get("paper") or ""),
+        prepare=str(data.get("prepare") or ""),
+        teachers=str(data.get("teachers") or "teacher_model"))
+    if spec.shots is not None and (not isinstance(spec.shots, int) or spec.shots < 0):
+        raise spec_error(name, f"shots must be a number >= 0, got {spec.shots!r}")
+    if protocol == "xd" and datasets != ["imagenet"]:
+        raise spec_error(name, "the xd protocol trains on imagenet: datasets: [imagenet]")
+    if spec.prepare not in ("", "demo"):
+        raise spec_error(name, f"prepare {spec.prepare!r}: only 'demo' is known")
+    return spec
+
+
+def _list(value, what, name):
+    if not isinstance(value, list) or not value:
+        raise spec_error(name, f"{what} must be a non-empty list")
+    return value
+
+
+def _names(value, what, name):
+    return [str(v) for v in _list(value, what, name)]
+
+
+def _seeds(value, what, name):
+    seeds = _list(value, what, name)
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in seeds):
+        raise spec_error(name, f"{what} must be positive integers, got {seeds}")
+    return tuple(seeds)
+
+
+def _method(entry, seeds, name) -> Method:
+    if isinstance(entry, str):
+        entry = {"method": entry}
+    if not isinstance(entry, dict) or "method" not in entry:
+        raise spec_error(name, f"a methods entry must be a name or a mapping with 'method', got "
+                               f"{entry!r}")
+    unknown = sorted(set(entry) - METHOD_KEYS)
+    if unknown:
+        raise spec_error(name, f"methods entry {entry['method']!r}: unknown key {unknown[0]!r} "
+                               f"(known: {', '.join(sorted(METHOD_KEYS))})")
+    label = str(entry["method"])
+    refiner = label.endswith(TR_SUFFIX)
+    trainer = label[:-len(TR_SUFFIX)] if refiner else label
+    if trainer not in TRAINERS:
+        raise spec_error(name, f"unknown method {label!r}: use one of {', '.join(TRAINERS)}, "
+                               f"with '{TR_SUFFIX}' for TextRefiner (e.g. CoOp{TR_SUFFIX})")
+    if refiner and trainer == "ZeroshotCLIP":
+        raise spec_error(name, f"{label}: ZeroshotCLIP has nothing to refine; drop {TR_SUFFIX}")
+    variant = str(entry.get("variant") or "")
+    if variant and not all(c.isalnum() or c in "_-.=," for c in variant):
+        raise spec_error(name, f"variant {variant!r}: use letters, digits and _-.=, only (it "
+                               "names a folder)")
+    return Method(label, trainer, refiner,
+                  _seeds(entry["seeds"], f"{label}'s seeds", name) if "seeds" in entry else seeds,
+                  variant, tuple(_pairs(entry.get("overrides"), name)),
+                  str(entry.get("config") or ""))
+
+
+def _pairs(mapping, name) -> list:
+    if mapping is None:
+        return []
+    if not isinstance(mapping, dict):
+        raise spec_error(name, f"overrides must be a mapping KEY: VALUE, got {mapping!r}")
+    return [(str(k), v) for k, v in mapping.items()]
+
+
+def _grid(grid, name) -> list:
+    if grid is None:
+        return []
+    grids = grid if isinstance(grid, list) else [grid]
+    for g in grids:
+        if not isinstance(g, dict) or not g:
+            raise spec_error(name, f"grid must be a mapping KEY: [values] (or a list of them), "
+                                   f"got {g!r}")
+        for key, values in g.items():
+            if not isinstance(values, list) or not values:
+                raise spec_error(name, f"grid {key}: empty grid, give a non-empty list of values")
+    return grids
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def configs_dir() -> Path:
+    """The configs/ folder: the current directory's (as the scripts use), else the checkout's
+    that this package was installed from (editable install)."""
+    here = Path("configs")
+    if (here / "datasets").is_dir() and (here / "trainers").is_dir():
+        return here.resolve()
+    checkout = Path(__file__).resolve().parents[2] / "configs"
+    if (checkout / "datasets").is_dir():
+        return checkout
+    raise UserError("no configs/ folder: run textrefiner-sweep from the root of the textrefiner "
+                    "checkout")
+
+
+def value_text(value) -> str:
+    """A YAML value as textrefiner-train's KEY VALUE word (yacs reads it back)."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, (list, tuple)):
+        return str([v for v in value])
+    return str(value)
+
+
+def grid_points(spec: Spec) -> list:
+    """Each point: a tuple of (KEY, VALUE) pairs; [()] without a grid."""
+    points = []
+    for g in spec.grid or [{}]:
+        keys = list(g)
+        for values in itertools.product(*(g[k] for k in keys)):
+            point = tuple(zip(keys, values))
+            if point not in points:
+                points.append(point)
+    return points
+
+
+def point_label(pairs) -> str:
+    return ",".join(f"{key.rsplit('.', 1)[-1]}={value_text(value)}" for key, value in pairs)
+
+
+def config_name(spec: Spec, method: Method) -> str:
+    name = method.config or spec.config.get(method.trainer) or spec.config.get("*")
+    if not name:
+        name = TRAINER_DEFAULTS[method.trainer][0]
+        if spec.protocol == "xd":
+            name += XD_CONFIG_SUFFIX.get(method.trainer, "")
+    return name
+
+
+def shots_of(spec: Spec, method: Method) -> int:
+    if spec.shots is not None:
+        return spec.shots
+    return 16 if spec.protocol == "xd" else TRAINER_DEFAULTS[method.trainer][1]
+
+
+def expand(spec: Spec, out_dir, root: str = "", gpus: int = 1, feature_store: str = "",
+           configs: Path | None = None) -> list:
+    """The sweep's runs in dependency order (each test run after its training run)."""
+    out_dir = os.path.abspath(out_dir)
+    configs = configs or configs_dir()
+    root = _template(spec.root or root or "data", out_dir, "")
+    runs = []
+    for method in spec.methods:
+        for point in grid_points(spec):
+            for dataset in spec.datasets:
+                for seed in method.seeds:
+                    runs += _method_runs(spec, method, point, dataset, seed, out_dir, root, gpus,
+                                         feature_store, configs)
+    keys = [r.key for r in runs]
+    if len(set(keys)) != len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        raise spec_error(spec.name, f"two runs write {twice}: give the methods entries that "
+                                    "differ only in overrides a different 'variant'")
+    return runs
+
+
+def _template(value, out_dir, root):
+    return value.replace("{out}", out_dir).replace("{root}", root) if isinstance(value, str) \
+        else value
+
+
+def _method_runs(spec, method, point, dataset, seed, out_dir, root, gpus, feature_store,
+                 configs):
+    cfg = config_name(spec, method)
+    cfg_file = configs / "trainers" / method.trainer / f"{cfg}.yaml"
+    shots = shots_of(spec, method)
+    extra = []
+    for key, value in [*spec.overrides, *method.overrides, *point]:
+        extra += [key, value_text(_template(value, out_dir, root))]
+    folder = cfg + ("@" + ",".join(filter(None, [method.variant, point_label(point)]))
+                    if method.variant or point else "")
+    common = ["--root", root, "--trainer", method.trainer, "--config-file", str(cfg_file)]
+    if feature_store:
+        common += ["--feature-store", feature_store]
+    if spec.engine:
+        common += ["--engine", spec.engine]
+    refiner = ["--refiner"] if method.refiner else []
+    load_epoch = _max_epoch(cfg_file, extra)
+    load = ["--load-epoch", str(load_epoch)] if load_epoch else []
+    sub = f"shots_{shots}/{method.name}/{folder}/seed{seed}"
+
+    def run(key, argv, after, kind):
+        output_dir = os.path.join(out_dir, key)
+        return Run(key, output_dir, tuple(_argv(argv, output_dir)), after, method.trainer,
+                   kind, gpus)
+
+    if spec.protocol == "base2new":
+        data = ["--dataset-config-file", str(configs / "datasets" / f"{dataset}.yaml")]
+        opts = ["DATASET.NUM_SHOTS", str(shots)]
+        if method.trainer == "PromptKD":
+            opts += ["TRAINER.MODAL", "base2novel", "TRAINER.PROMPTKD.KD_WEIGHT",
+                     "200" if dataset in PROMPTKD_FINE_GRAINED else "1000"]
+            if "TRAINER.PROMPTKD.TEACHER_CKPT" not in extra[0::2]:
+                opts += ["TRAINER.PROMPTKD.TEACHER_CKPT", _teacher(spec, configs, dataset)]
+        train_key = f"base2new/train_base/{dataset}/{sub}"
+        test_key = f"base2new/test_new/{dataset}/{sub}"
+        seed_args = ["--seed", str(seed)]
+        if method.trainer == "ZeroshotCLIP":
+            return [run(train_key, [*common, *data, *seed_args, "--eval-only", *opts,
+                                    "DATASET.SUBSAMPLE_CLASSES", "base", *extra], None, "test"),
+                    run(test_key, [*common, *data, *seed_args, "--eval-only", *opts,
+                                   "DATASET.SUBSAMPLE_CLASSES", "new", *extra], None, "test")]
+        train_dir = os.path.join(out_dir, train_key)
+        return [run(train_key, [*common, *data, *seed_args, *refiner, *opts,
+                                "DATASET.SUBSAMPLE_CLASSES", "base", *extra], None, "train"),
+                run(test_key, [*common, *data, *seed_args, "--model-dir", train_dir, *load,
+                               "--eval-only", *refiner, *opts, "DATASET.SUBSAMPLE_CLASSES",
+                               "new", *extra], train_key, "test")]
+    # xd: train on ImageNet (all classes), test the same model on every target
+    runs, model, after = [], [], None
+    seed_args = ["--seed", str(seed)]
+    tests = spec.targets
+    if method.trainer == "ZeroshotCLIP":
+        tests = ["imagenet", *spec.targets]
+    else:
+        train_key = f"xd/train/imagenet/{sub}"
+        runs.append(run(train_key, [*common, *seed_args, "--dataset-config-file",
+                                    str(configs / "datasets" / "imagenet.yaml"), *refiner,
+                                    "DATASET.NUM_SHOTS", str(shots),
+                                    "DATASET.SUBSAMPLE_CLASSES", "all", *extra], None, "train"))
+        model = ["--model-dir", os.path.join(out_dir, train_key), *load]
+        after = train_key
+    for target in tests:
+        runs.append(run(f"xd/test/{target}/{sub}",
+                        [*common, *seed_args, "--dataset-config-file",
+                         str(configs / "datasets" / f"{target}.yaml"), *model, "--eval-only",
+                         *refiner, *extra], after, "test"))
+    return runs
+
+
+def _argv(argv, output_dir):
+    """--output-dir after --seed, where the scripts put it."""
+    i = argv.index("--seed") + 2
+    return [*argv[:i], "--output-dir", output_dir, *argv[i:]]
+
+
+def _max_epoch(cfg_file: Path, extra: list):
+    """scripts/common.sh max_epoch: the epoch the test run loads (OPTIM.MAX_EPOCH)."""
+    for key, value in zip(extra[0::2], extra[1::2]):
+        if key == "OPTIM.MAX_EPOCH":
+            return int(value)
+    try:
+        data = yaml.safe_load(cfg_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return (data.get("OPTIM") or {}).get("MAX_EPOCH")
+
+
+def _teacher(spec: Spec, configs: Path, dataset: str) -> str:
+    """PromptKD's teacher where its code looks: <teachers>/<DATASET.NAME>/VLPromptLearner/..."""
+    data = yaml.safe_load((configs / "datasets" / f"{dataset}.yaml").read_text()) or {}
+    name = (data.get("DATASET") or {}).get("NAME", dataset)
+    return os.path.join(spec.teachers, name, "VLPromptLearner", "model-best.pth.tar")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(spec: Spec, runs: list, configs: Path | None = None) -> None:
+    """One UserError naming what to fix, before anything runs: a dataset not under
+    configs/datasets/, a config file that does not exist, or a config key / value that
+    textrefiner-train would refuse (checked once per distinct setting, as it will read it)."""
+    configs = configs or configs_dir()
+    known = sorted(p.stem for p in (configs / "datasets").glob("*.yaml"))
+    for dataset in [*spec.datasets, *spec.targets]:
+        if dataset not in known:
+            raise spec_error(spec.name, f"unknown dataset {dataset!r} (not under "
+                                        f"{configs / 'datasets'}; known: {', '.join(known)})")
+    for method in spec.methods:
+        cfg_file = configs / "trainers" / method.trainer / f"{config_name(spec, method)}.yaml"
+        if not cfg_file.is_file():
+            have = sorted(p.stem for p in cfg_file.parent.glob("*.yaml"))
+            raise spec_error(spec.name, f"{method.name}: no config file {cfg_file} (available: "
+                                        f"{', '.join(have)})")
+    from ..train import build_parser, setup_cfg  # imports torch: after the cheap checks
+
+    seen = set()
+    parser = build_parser()
+    for run in runs:
+        argv = _without_seed_and_dirs(run.argv)
+        if argv in seen:
+            continue
+        seen.add(argv)
+        try:
+            setup_cfg(parser.parse_args(list(run.argv)))
+        except UserError as exc:
+            raise spec_error(spec.name, f"{run.key}: {exc}") from None
+
+
+def _without_seed_and_dirs(argv) -> tuple:
+    out, skip = [], 0
+    for word in argv:
+        if skip:
+            skip -= 1
+        elif word in ("--seed", "--output-dir", "--model-dir"):
+            skip = 1
+        else:
+            out.append(word)
+    return tuple(out)
