@@ -4,7 +4,6 @@ configuration, as root, accounting disabled): a sweep through Slurm gives the lo
 a job requeued in the middle of training ends bit-identical to an uninterrupted run, a failing
 run is reported with its log, `--status` reads the queue without accounting, and a run of two
 tasks trains as one process."""
-import argparse
 import json
 import os
 import re
@@ -26,11 +25,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def slurm_args(*argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("spec", nargs="?", default="spec.yaml")
-    parser.add_argument("--out", default="")
-    slurm.add_slurm_args(parser)
-    return parser.parse_args(list(argv))
+    """textrefiner-sweep's arguments (SPEC first, or spec.yaml)."""
+    from textrefiner.sweep.cli import build_parser
+    argv = list(argv) if argv and not argv[0].startswith("-") else ["spec.yaml", *argv]
+    return build_parser().parse_args(argv + ["--executor", "slurm"])
 
 
 def a_run(trainer="CoOp", kind="train", gpus=1, key="k", after=None, argv=(), out="/tmp/x"):
@@ -74,7 +72,7 @@ def test_every_option_becomes_its_sbatch_line(tmp_path):
                       "12:00:00", "--gpus-per-run", "4", "--cpus-per-task", "6", "--mem", "80G",
                       "--constraint", "a100", "--array-parallelism", "3", "--slurm",
                       "mail-type=FAIL", "--slurm", "exclusive")
-    res = slurm.resources(a_run(), args)
+    res = slurm.resources(a_run(gpus=args.gpus_per_run), args)
     script = _make_sbatch_string("cmd", tmp_path, map_count=10,
                                  **slurm.executor_parameters(res, args))
     for line in ["--partition=gpu", "--account=lab", "--qos=high", "--time=720",
@@ -83,14 +81,14 @@ def test_every_option_becomes_its_sbatch_line(tmp_path):
                  "--signal=USR2@90", "--nodes=1"]:
         assert f"#SBATCH {line}" in script.splitlines(), line
     # a test run evaluates on one GPU, one task
-    test = slurm.resources(a_run(kind="test"), args)
+    test = slurm.resources(a_run(kind="test", gpus=4), args)
     assert (test.gpus_per_node, test.tasks_per_node) == (1, 1)
 
 
 def test_several_nodes_share_the_gpus_one_task_per_gpu():
-    res = slurm.resources(a_run(), slurm_args("--gpus-per-run", "16", "--nodes", "2"))
+    res = slurm.resources(a_run(gpus=16), slurm_args("--nodes", "2"))
     assert (res.nodes, res.gpus_per_node, res.tasks_per_node) == (2, 8, 8)
-    cpu = slurm.resources(a_run(gpus=0), slurm_args("--tasks-per-node", "2"))
+    cpu = slurm.resources(a_run(gpus=1), slurm_args("--no-gpu", "--tasks-per-node", "2"))
     assert (cpu.gpus_per_node, cpu.tasks_per_node) == (0, 2)
 
 
@@ -149,15 +147,18 @@ def write_spec(path, demo, epochs=10):
     return str(path)
 
 
-def plan(spec, out, gpus=0):
+def plan(spec, out):
     from textrefiner.sweep.spec import expand, load_spec
-    return expand(load_spec(spec), str(out), gpus=gpus)
+    return expand(load_spec(spec), str(out))
+
+
+# One CPU per job, no GPU, little memory: the local node has the machine's CPUs and 4000 MB.
+CPU_JOBS = ["--executor", "slurm", "--no-gpu", "--cpus-per-task", "1", "--mem", "500M",
+            "--time", "30", "--poll", "1"]
 
 
 def cpu_args(spec, out, *more):
-    """One CPU per job, no GPU, little memory: the local node has 2 CPUs and 4000 MB."""
-    return slurm_args(spec, "--out", str(out), "--gpus-per-run", "0", "--cpus-per-task", "1",
-                      "--mem", "500M", "--time", "30", "--poll", "1", *more)
+    return slurm_args(spec, "--out", str(out), *CPU_JOBS[2:], *more)
 
 
 def accuracies(run):
@@ -170,40 +171,54 @@ def job_info(job, env):
                           env=env).stdout
 
 
-def test_sweep_through_slurm_gives_the_local_accuracies(cluster, demo, tmp_path, capsys):
-    spec = write_spec(tmp_path / "spec.yaml", demo)
+def test_demo_sweep_through_slurm_gives_the_local_accuracies(cluster, tmp_path, capsys):
+    """The demo sweep with one seed (6 runs: zero-shot, CoOp, CoOp + TR), through
+    `textrefiner-sweep --executor slurm` and through the local executor."""
+    from textrefiner.sweep.cli import main
+    demo = open(os.path.join(REPO, "textrefiner", "sweep", "specs", "demo.yaml")).read()
+    spec = tmp_path / "demo1.yaml"
+    spec.write_text(re.sub(r"(?m)^seeds: .*$", "seeds: [1]", demo))
     out = tmp_path / "slurm"
-    runs = plan(spec, out)
-    assert [r.kind for r in runs] == ["test", "test", "train", "test"]
-    assert slurm.submit(runs, cpu_args(spec, out)) == 0
+    sweep = [str(spec), "--out", str(out)]
+    assert main(sweep + ["--dry-run"] + CPU_JOBS) == 0
     printed = capsys.readouterr().out
+    assert "6 runs in all: 0 finished, 6 to do" in printed
+    assert "CoOp train" in printed and "--cpus-per-task=1" in printed
+    assert main(sweep + CPU_JOBS) == 0
+    printed = capsys.readouterr().out
+    runs = plan(str(spec), out)
     jobs = slurm.read_jobs(str(out))
     assert sorted(jobs) == sorted(r.key for r in runs)
     for run in runs:
         assert f"job {jobs[run.key]}: {run.key}" in printed
-    # the zero-shot runs and the training run: one array; the test run after its training
-    train, test = runs[2], runs[3]
-    assert jobs[train.key].split("_")[0] == jobs[runs[0].key].split("_")[0]
-    assert f"afterok:{jobs[train.key]}" in job_info(jobs[test.key], cluster)
+    # the runs that wait for nothing: one array; a test run after its training run's job
+    trains = [r for r in runs if r.kind == "train"]
+    assert len({jobs[r.key].split("_")[0] for r in runs if r.after is None}) == 1
+    for run in runs:
+        if run.after:
+            assert f"afterok:{jobs[run.after]}" in job_info(jobs[run.key], cluster)
     # submitting again while they wait or run adds nothing
-    slurm.submit(runs, cpu_args(spec, out))
+    assert main(sweep + CPU_JOBS) == 0
     assert "0 to submit" in capsys.readouterr().out and slurm.read_jobs(str(out)) == jobs
-    states = slurm.follow(runs, str(out), poll=1)
-    assert {s.state for s in states.values()} == {"finished"}
-    assert all(run_finished(run) for run in runs)
-    # the same runs, one after another in this process (textrefiner-train's code path)
-    from textrefiner.train import main
-    local = plan(spec, tmp_path / "local")
-    for run in local:
-        assert main(list(run.argv)) == 0, run.key
-    assert [accuracies(r) for r in runs] == [accuracies(r) for r in local]
+    assert main(sweep + CPU_JOBS + ["--wait"]) == 0
+    waited = capsys.readouterr()
+    assert "[sweep] 6/6 finished, 0 running, 0 queued, 0 failed" in waited.err
+    assert (out / "report" / "results.md").is_file()
+    assert all(run_finished(run) for run in runs) and trains
+    # the same sweep through the local executor
+    local = tmp_path / "local"
+    assert main([str(spec), "--out", str(local)]) == 0
+    capsys.readouterr()
+    assert [accuracies(r) for r in runs] == [accuracies(r) for r in plan(str(spec), local)]
     assert all(accuracies(r) for r in runs)
+    assert (out / "report" / "results.md").read_text() == \
+        (local / "report" / "results.md").read_text().replace(str(local), str(out))
     # finished: nothing to submit, and --status says so (squeue only: there is no accounting)
     assert subprocess.run(["sacct"], capture_output=True, env=cluster).returncode != 0
-    slurm.submit(runs, cpu_args(spec, out))
-    assert "4 finished, 0 queued or running, 0 to submit" in capsys.readouterr().out
-    assert slurm.status(runs, cpu_args(spec, out)) == 0
-    assert "finished 4 running 0 queued 0 failed 0 todo 0 of 4" in capsys.readouterr().out
+    assert main(sweep + CPU_JOBS) == 0
+    assert "6 finished, 0 queued or running, 0 to submit" in capsys.readouterr().out
+    assert main(sweep + CPU_JOBS + ["--status"]) == 0
+    assert "finished 6 running 0 queued 0 failed 0 todo 0 of 6" in capsys.readouterr().out
 
 
 def test_status_shows_queued_and_running_runs_from_squeue(cluster, demo, tmp_path, capsys):
@@ -300,7 +315,7 @@ def test_two_tasks_train_as_one_process(cluster, demo, tmp_path):
     one = tmp_path / "one"
     assert main(coop_args(demo, one, 8)) == 0
     many = tmp_path / "many"
-    run = Run("many", str(many), tuple(coop_args(demo, many, 4)), None, "CoOp", "train", 0)
+    run = Run("many", str(many), tuple(coop_args(demo, many, 4)), None, "CoOp", "train", 1)
     args = cpu_args("spec", tmp_path, "--tasks-per-node", "2", "--mem", "1G")
     slurm.submit([run], args)
     assert slurm.follow([run], str(tmp_path), poll=1)[run.key].state == "finished"

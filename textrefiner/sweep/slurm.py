@@ -18,6 +18,7 @@
   without Slurm's accounting (no `sacct`).
 """
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -67,8 +68,8 @@ def add_slurm_args(parser):
     group.add_argument("--qos", help="sbatch --qos")
     group.add_argument("--time", help="time limit of every job, minutes or [D-]HH:MM:SS "
                                       "(sbatch --time; default per method, see --dry-run)")
-    if "--gpus-per-run" not in parser._option_string_actions:
-        group.add_argument("--gpus-per-run", type=int, help="GPUs of each run")
+    group.add_argument("--no-gpu", action="store_true",
+                       help="jobs ask for no GPU (a CPU-only cluster or partition)")
     group.add_argument("--nodes", type=int, default=1,
                        help="nodes of each training run (sbatch --nodes; > 1: distributed)")
     group.add_argument("--tasks-per-node", type=int,
@@ -179,9 +180,9 @@ def resources(run, args) -> Resources:
 
 
 def _gpus(run, args) -> int:
-    """GPUs of the run: --gpus-per-run when given, else the plan's (Run.gpus); a test run
+    """GPUs of the run's job: the plan's (--gpus-per-run), none with --no-gpu; a test run
     evaluates on one at most."""
-    gpus = args.gpus_per_run if getattr(args, "gpus_per_run", None) is not None else run.gpus
+    gpus = 0 if getattr(args, "no_gpu", False) else run.gpus
     return min(gpus, 1) if run.kind == "test" else gpus
 
 
@@ -225,12 +226,14 @@ class SlurmRun(Checkpointable):
     def __call__(self, run):
         signal.signal(signal.SIGTERM, _stop)
         os.environ.update(distributed_env(os.environ))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         if int(os.environ.get("RANK", "0")) > 0:
             from ..train import main  # the other ranks: the same training; rank 0 keeps the books
             code = main(list(run.argv))
         else:
             from .worker import execute_run
-            code = execute_run(run)
+            # the ranks are Slurm's tasks: this one trains in-process (not through torchrun)
+            code = execute_run(dataclasses.replace(run, gpus=1) if world > 1 else run)
         if code != 0:  # the job fails, so that Slurm drops the runs that wait for it
             raise RuntimeError(f"{run.key} failed (exit code {code}); see "
                                f"{os.path.join(run.output_dir, 'sweep.log')}")
@@ -264,8 +267,10 @@ def distributed_env(environ) -> dict:
 
 
 # ----------------------------------------------------------------------------------- records
-def _out(args):
-    return os.path.abspath(args.out)
+def sweep_out(runs) -> str:
+    """The sweep's OUT: a run's folder is OUT/<its key>."""
+    run = runs[0]
+    return run.output_dir[:-len(run.key)].rstrip(os.sep) if runs else os.getcwd()
 
 
 @contextlib.contextmanager
@@ -363,7 +368,7 @@ def submit(runs, args):
     """Submit every run that is neither finished nor queued/running; print the job ids."""
     if submitit is None:
         raise UserError("--executor slurm needs submitit: pip install 'textrefiner[slurm]'.")
-    out = _out(args)
+    out = sweep_out(runs)
     folder = os.path.join(out, SUBMITIT_FOLDER)
     with _locked_jobs(out) as jobs:
         squeued = queue()
@@ -388,8 +393,8 @@ def submit(runs, args):
             for run, job in zip(group, submitted):
                 jobs[run.key] = job.job_id
                 print(f"  job {job.job_id}: {run.key}")
-    print(f"Follow it with: textrefiner-sweep {_spec_arg(args)} --executor slurm --status "
-          f"(or --wait)")
+    print(f"Follow it with: textrefiner-sweep {_spec_arg(args, out)} --executor slurm --status "
+          "(or --wait)")
     return 0
 
 
@@ -419,15 +424,14 @@ def _forget_failure(run):
         os.remove(os.path.join(run.output_dir, "sweep_status.json"))
 
 
-def _spec_arg(args) -> str:
-    spec = getattr(args, "spec", "SPEC")
-    return shlex.quote(str(spec)) + (f" --out {shlex.quote(args.out)}" if args.out else "")
+def _spec_arg(args, out) -> str:
+    return f"{shlex.quote(str(getattr(args, 'spec', 'SPEC')))} --out {shlex.quote(out)}"
 
 
 # ----------------------------------------------------------------------------------- status
 def status(runs, args) -> int:
     """Print where every run stands; 1 when a run failed."""
-    out = _out(args)
+    out = sweep_out(runs)
     states = run_states(runs, out)
     counts = {name: sum(s.state == name for s in states.values())
               for name in (FINISHED, RUNNING, QUEUED, FAILED, TODO)}
@@ -455,8 +459,9 @@ def _print_failures(runs, states):
 def wait(runs, args) -> int:
     """Follow the sweep to its end, then write the report as a local sweep does; 1 when a run
     failed."""
-    states = follow(runs, _out(args), getattr(args, "poll", 30.0))
-    _write_report(_out(args), args)
+    out = sweep_out(runs)
+    states = follow(runs, out, getattr(args, "poll", 30.0))
+    _write_report(out, args)
     return 0 if all(s.state == FINISHED for s in states.values()) else 1
 
 
