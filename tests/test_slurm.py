@@ -109,6 +109,33 @@ def test_ranks_and_rendezvous_come_from_slurms_environment(monkeypatch):
     assert slurm.distributed_env({"SLURM_NTASKS": "1"}) == {}
 
 
+def test_the_dry_run_prints_each_kind_of_jobs_sbatch_options(capsys):
+    from textrefiner.sweep.cli import main
+    assert main(["paper-table1", "--out", "unused", "--dry-run", "--executor", "slurm",
+                 "--partition", "gpu", "--time", "2:00:00"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"PromptKD train +--time=120 --mem=64GB .*--gpus-per-node=1 "
+                     r"--partition=gpu", text)
+    assert re.search(r"CoOp train +--time=120 --mem=32GB", text)
+    assert re.search(r"ZeroshotCLIP test +--time=120 --mem=16GB", text)
+
+
+def test_without_squeue_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UserError, match="no squeue here"):
+        slurm.queue()
+
+
+def test_the_cluster_tests_say_why_they_skip(monkeypatch):
+    import slurm_cluster
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: None)
+    monkeypatch.setattr(slurm_cluster.os.path, "exists", lambda path: False)
+    assert "apt-get install slurm-wlm munge" in unavailable()
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(slurm_cluster.os, "geteuid", lambda: 1000)
+    assert unavailable() == "starting slurmctld, slurmd and munged needs root"
+
+
 # ------------------------------------------------------------------------ the cluster
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

@@ -51,8 +51,9 @@ METHOD_RESOURCES = {
     "PromptSRC": (480, 48, 8),
     "PromptKD": (720, 64, 8),
 }
-TEST_RESOURCES = (60, 32, 8)  # an evaluation of a trained run (PromptKD's student alone)
-TEST_MEMORY = {"ZeroshotCLIP": 16}
+TEST_TIME, TEST_MEMORY = 60, 32  # an evaluation (PromptKD's: the student alone): at most these
+# A job warned of its time limit (USR2) is requeued at most this many times (submitit's count).
+MAX_TIMEOUTS = 10
 
 JOBS_FILE = os.path.join(".sweep", "slurm_jobs.json")
 SUBMITIT_FOLDER = os.path.join(".sweep", "slurm")
@@ -161,8 +162,7 @@ def resources(run, args) -> Resources:
     """The run's resources: the method's defaults (a test run: an evaluation's), then the options."""
     time_min, mem, cpus = METHOD_RESOURCES.get(run.trainer, METHOD_RESOURCES["CoOp"])
     if run.kind == "test":
-        time_min, mem, cpus = TEST_RESOURCES
-        mem = TEST_MEMORY.get(run.trainer, mem)
+        time_min, mem = min(time_min, TEST_TIME), min(mem, TEST_MEMORY)
     gpus = _gpus(run, args)
     nodes = max(1, getattr(args, "nodes", 1) or 1) if run.kind == "train" else 1
     per_node = max(1, -(-gpus // nodes)) if gpus else 0
@@ -299,8 +299,12 @@ def read_jobs(out) -> dict:
 def queue(env=None) -> dict:
     """Job id -> (Slurm state, reason) of this user's jobs in the queue, one line per array task
     (`squeue -r`): no accounting needed."""
-    result = subprocess.run(["squeue", "-h", "-r", "-u", str(os.getuid()), "-o", "%i|%T|%r"],
-                            capture_output=True, text=True, env=env)
+    try:
+        result = subprocess.run(["squeue", "-h", "-r", "-u", str(os.getuid()), "-o",
+                                 "%i|%T|%r"], capture_output=True, text=True, env=env)
+    except FileNotFoundError:
+        raise UserError("--executor slurm: no squeue here; run it on a Slurm login node.") \
+            from None
     if result.returncode != 0:
         raise UserError(f"squeue failed: {result.stderr.strip() or result.stdout.strip()} "
                         "(is this a Slurm login node, with SLURM_CONF set if needed?)")
@@ -383,7 +387,7 @@ def submit(runs, args):
               f"{len(todo)} to submit")
         function = SlurmRun()
         for group, dependency in _groups(todo, jobs, squeued, args):
-            executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=3)
+            executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=MAX_TIMEOUTS)
             params = executor_parameters(resources(group[0], args), args)
             if dependency:
                 params.setdefault("additional_parameters", {}).update(
