@@ -281,11 +281,13 @@ def _locked_jobs(out):
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         jobs = read_jobs(out)
-        yield jobs
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(jobs, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        try:
+            yield jobs
+        finally:  # also what was submitted before an error: never submitted twice
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(jobs, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
 
 
 def read_jobs(out) -> dict:
@@ -380,7 +382,10 @@ def submit(runs, args):
         todo = [run for run in runs if states[run.key].state in (TODO, FAILED)]
         for run in todo:
             _forget_failure(run)
-        by_key = {run.key: run for run in todo}
+        # a job left waiting for a failed run's job (a cluster that keeps such jobs) goes
+        stale = [jobs[run.key] for run in todo if jobs.get(run.key) in squeued]
+        if stale:
+            subprocess.run(["scancel", *stale], check=True)
         done = sum(state.state == FINISHED for state in states.values())
         active = sum(state.state in (QUEUED, RUNNING) for state in states.values())
         print(f"{len(runs)} runs: {done} finished, {active} queued or running, "
