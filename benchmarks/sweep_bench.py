@@ -8,7 +8,8 @@ Both ways go through a stand-in interpreter that times each run's own training a
 time from its fork to its end (the executor's Progress); one JSON line per event. Reported: the
 whole sweep's wall time with / without the tool (demo data and tiny CLIP prepared by both), each
 way's start-up cost per run (the run's wall time minus its own training and evaluation; mean),
-and whether every run's accuracy is the same both ways.
+and whether every run's accuracy is the same both ways; then the sweep again with --jobs 1, whose
+start-up cost is free of the contention between its own two runs on a 2-core machine.
 """
 import json
 import os
@@ -94,15 +95,15 @@ def one_process_per_run(out, probe, log):
     return runs, total, walls
 
 
-def sweep_tool(out, probe, log):
+def sweep_tool(out, probe, log, jobs=JOBS):
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", PROBE, "textrefiner.sweep.cli", "demo", "--out", out,
-                    "--jobs", str(JOBS)], check=True, cwd=ROOT, env=_env(probe),
+                    "--jobs", str(jobs)], check=True, cwd=ROOT, env=_env(probe),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     total = time.perf_counter() - start
     runs = expand(load_spec("demo"), out)
     walls = {os.path.join(out, r["key"]): r["wall_s"] for r in _records(probe) if "key" in r}
-    log(f"  textrefiner-sweep demo --jobs {JOBS}: {total:.1f} s")
+    log(f"  textrefiner-sweep demo --jobs {jobs}: {total:.1f} s")
     return runs, total, walls
 
 
@@ -125,9 +126,12 @@ def sweep_section(log=print):
                                                                 cold_probe, log)
         warm_runs, warm_total, warm_walls = sweep_tool(os.path.join(tmp, "warm"), warm_probe,
                                                        log)
+        one_probe = os.path.join(tmp, "one.jsonl")  # one job: no contention between the runs
+        _, one_total, one_walls = sweep_tool(os.path.join(tmp, "one"), one_probe, log, jobs=1)
+        one_startup, one_own = startup_per_run(one_walls, one_probe)
         cold_startup, cold_own = startup_per_run(cold_walls, cold_probe)
         warm_startup, warm_own = startup_per_run(warm_walls, warm_probe)
-        same = all(read_accuracy_of(a) == read_accuracy_of(b) is not None
+        same = all(read_accuracy_of(a) is not None and read_accuracy_of(a) == read_accuracy_of(b)
                    for a, b in zip(cold_runs, warm_runs))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,7 +141,10 @@ def sweep_section(log=print):
             "sweep_startup_s_per_run_one_process": cold_startup,
             "sweep_startup_s_per_run_tool": warm_startup,
             "sweep_own_s_per_run_one_process": cold_own, "sweep_own_s_per_run_tool": warm_own,
-            "sweep_same_accuracies": float(same)}
+            "sweep_same_accuracies": float(same),
+            "sweep_wall_s_tool_jobs1": one_total,
+            "sweep_startup_s_per_run_tool_jobs1": one_startup,
+            "sweep_own_s_per_run_tool_jobs1": one_own}
 
 
 def read_accuracy_of(run):
@@ -155,6 +162,9 @@ def print_sweep_table(results, log=print):
         f"{r['sweep_startup_s_per_run_one_process']:.2f} s, sweep "
         f"{r['sweep_startup_s_per_run_tool']:.2f} s (own train+eval per run: "
         f"{r['sweep_own_s_per_run_one_process']:.2f} s / {r['sweep_own_s_per_run_tool']:.2f} s)")
+    log(f"  --jobs 1: wall {r['sweep_wall_s_tool_jobs1']:.1f} s, start-up per run "
+        f"{r['sweep_startup_s_per_run_tool_jobs1']:.2f} s (own train+eval "
+        f"{r['sweep_own_s_per_run_tool_jobs1']:.2f} s)")
     log(f"  same accuracies: {'yes' if r['sweep_same_accuracies'] else 'NO'}")
 
 

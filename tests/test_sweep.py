@@ -307,3 +307,29 @@ def test_gpu_slots_split_the_visible_gpus(monkeypatch):
     assert gpu_slots(2, 3) == ["0,1,2", "3,4,5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert gpu_slots(3, 1) == [None, None, None]  # CPU slots
+
+
+def test_warm_process_reads_clip_weights_and_dataset_indexes_once(tmp_path, monkeypatch, clip_path):
+    """What the sweep reads ahead (then forks) is what a run would read itself."""
+    from textrefiner import clip_backbone
+    from textrefiner.clip_backbone import load_clip, preload_state_dict
+    from textrefiner.data import datasets, write_synthetic_dataset
+    from textrefiner.data.datasets import preload_dataset, read_dataset
+
+    monkeypatch.setattr(clip_backbone, "_PRELOADED", {})
+    monkeypatch.setattr(datasets, "_PRELOADED", {})
+    cold = load_clip(clip_path).state_dict()
+    preload_state_dict(clip_path)
+    monkeypatch.setattr(clip_backbone.torch, "load", None)  # any read of the file would fail
+    monkeypatch.setattr(clip_backbone, "_read_jit_state_dict", None)
+    warm = load_clip(clip_path).state_dict()
+    assert cold.keys() == warm.keys() and all(torch.equal(cold[k], warm[k]) for k in cold)
+    load_clip(clip_path)  # twice: the preloaded dict is not consumed by clip's build_model
+
+    write_synthetic_dataset(str(tmp_path / "data"), num_classes=4, per_class_test=2,
+                            image_size=8, seed=0)
+    cold = read_dataset(str(tmp_path / "data"), "SyntheticShapes")
+    preload_dataset(str(tmp_path / "data"), "SyntheticShapes")
+    monkeypatch.setitem(datasets.DATASETS, "SyntheticShapes", None)
+    warm = read_dataset(str(tmp_path / "data"), "SyntheticShapes")
+    assert warm == cold and warm[0] is not read_dataset(str(tmp_path / "data"), "SyntheticShapes")[0]

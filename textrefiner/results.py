@@ -359,16 +359,16 @@ def _bars(ax, title: str, values: dict, paper: dict, label=None) -> None:
         shown += [m - s for _, m, s in kept] + [m + s for _, m, s in kept]
         marks = [(x, paper[(d, *method)]) for x, d in zip(xs, datasets) if (d, *method) in paper]
         if marks:
+            labelled = "paper" in ax.get_legend_handles_labels()[1]
             ax.scatter([x for x, _ in marks], [v for _, v in marks], marker="D", color="black",
-                       zorder=3, s=18, label="paper" if i == 0 or not ax.get_legend_handles_labels()
-                       [1].count("paper") else None)
+                       zorder=3, s=18, label=None if labelled else "paper")
             shown += [v for _, v in marks]
     ax.set_xticks(range(len(datasets)))
     ax.set_xticklabels([DATASET_NAMES.get(d, d) for d in datasets], rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.set_ylim(*zoomed_limits(shown))
-    ax.legend(fontsize="small", ncol=min(len(methods) + 1, 4))
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the bars
 
 
 def zoomed_limits(values: list, low: float = 0.0, high: float = 100.0) -> tuple:

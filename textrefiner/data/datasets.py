@@ -195,6 +195,11 @@ DATASETS = {
 TEST_ONLY = frozenset(IMAGENET_VARIANTS)
 
 
+# Splits read ahead by a warm process (textrefiner.sweep.local forks its runs from it), by
+# (absolute root, name): the runs of a sweep then do not read a dataset's index files again.
+_PRELOADED: dict = {}
+
+
 def read_dataset(root, name):
     """(train, val, test) of dataset `name` under `root`; val is None for ImageNet and variants."""
     if name not in DATASETS:
@@ -202,7 +207,16 @@ def read_dataset(root, name):
             f"Unknown dataset {name!r} (DATASET.NAME). "
             f"Known datasets: {', '.join(sorted(DATASETS))}"
         )
+    preloaded = _PRELOADED.get((os.path.abspath(root), name)) if _PRELOADED else None
+    if preloaded is not None:  # new lists of the same (frozen) Datums
+        return tuple(None if split is None else list(split) for split in preloaded)
     return DATASETS[name](root, name)
+
+
+def preload_dataset(root, name) -> None:
+    """Read dataset `name`'s splits once, for every later `read_dataset` of this process and of
+    the processes it forks."""
+    _PRELOADED[(os.path.abspath(root), name)] = read_dataset(root, name)
 
 
 def build_dataset(cfg, all_classes_for_training=False):

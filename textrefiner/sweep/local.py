@@ -3,7 +3,8 @@ warm process.
 
 Why a fork per run, from the sweep's own process:
 - warm: this process imports torch, torchvision, clip and textrefiner.train once, and reads the
-  CLIP weights of the sweep's runs once (textrefiner.clip_backbone.preload_state_dict); a child
+  CLIP weights and the dataset indexes of the sweep's runs once
+  (textrefiner.clip_backbone.preload_state_dict, textrefiner.data.datasets.preload_dataset); a child
   starts with all of it in its (copy-on-write) memory, in milliseconds instead of the ~3.5 s an
   import of textrefiner.train costs a fresh process.
 - exact: each run is `textrefiner.train.main(argv)` in a process of its own, so nothing one run
@@ -38,11 +39,12 @@ def warm_up(runs: list) -> None:
 
     from .. import train
     from ..clip_backbone import import_clip, preload_state_dict
+    from ..data.datasets import preload_dataset
     from ..engine import standalone  # noqa: F401
 
     import_clip()
     parser = train.build_parser()
-    paths, engines = set(), set()
+    paths, engines, datasets = set(), set(), set()
     for run in runs:
         try:
             args = parser.parse_args(list(run.argv))
@@ -51,12 +53,16 @@ def warm_up(runs: list) -> None:
         except Exception:  # noqa: BLE001 - the run itself reports its error, in its log
             continue
         paths.add(cfg.MODEL.BACKBONE.PATH or cfg.MODEL.BACKBONE.NAME)
+        datasets.add((cfg.DATASET.ROOT, cfg.DATASET.NAME))
     if "dassl" in engines:
         import dassl.engine  # noqa: F401
         import textrefiner_trainers  # noqa: F401
     for path in sorted(p for p in paths if p):
         with contextlib.suppress(Exception):  # not there yet / a name to download: the run reads it
             preload_state_dict(path)
+    for root, name in sorted(datasets):  # the built-in engine's reader (Dassl reads its own)
+        with contextlib.suppress(Exception):  # missing: the run reports it, in its log
+            preload_dataset(root, name)
 
 
 def fresh_thread_count() -> int:

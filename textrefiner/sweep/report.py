@@ -130,7 +130,7 @@ def line_plot(rows, key: str, paper: dict, path: Path) -> None:
         x = float(label.split(f"{short}=", 1)[1].split(",")[0])
         points.append((x, r, paper.get(r.dataset, {}).get(label)))
     points.sort(key=lambda p: p[0])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     shown = []
     for i, (name, get) in enumerate((("Base", lambda r: (r.base, r.base_std)),
                                      ("Novel", lambda r: (r.novel, r.novel_std)),
@@ -157,7 +157,7 @@ def line_plot(rows, key: str, paper: dict, path: Path) -> None:
     ax.set_xlabel(key)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(*results.zoomed_limits(shown))
-    ax.legend(fontsize="small", ncol=2)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the lines
     ax.set_title(f"{', '.join(DATASET_NAMES.get(d, d) for d in dict.fromkeys(r.dataset for _, r, _ in points))}: accuracy against {short}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
