@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from slurm_cluster import LocalSlurm, unavailable, wait_for  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 1200  # seconds a test waits for its jobs: generous, for a slow shared machine
 
 
 def slurm_args(*argv):
@@ -227,6 +227,8 @@ def test_demo_sweep_through_slurm_gives_the_local_accuracies(cluster, tmp_path, 
     # submitting again while they wait or run adds nothing
     assert main(sweep + CPU_JOBS) == 0
     assert "0 to submit" in capsys.readouterr().out and slurm.read_jobs(str(out)) == jobs
+    slurm.follow(runs, str(out), poll=1, timeout=TIMEOUT)  # the test's own time limit
+    capsys.readouterr()
     assert main(sweep + CPU_JOBS + ["--wait"]) == 0
     waited = capsys.readouterr()
     assert "[sweep] 6/6 finished, 0 running, 0 queued, 0 failed" in waited.err
@@ -282,7 +284,7 @@ def test_a_failing_run_is_reported_with_its_log_and_its_test_run_dropped(cluster
               None, runs[0].trainer, runs[0].kind, runs[0].gpus)
     runs = [bad, runs[1]]
     slurm.submit(runs, cpu_args(spec, out))
-    states = slurm.follow(runs, str(out), poll=1)
+    states = slurm.follow(runs, str(out), poll=1, timeout=TIMEOUT)
     assert [states[r.key].state for r in runs] == ["failed", "failed"]
     text = capsys.readouterr()
     text = text.out + text.err
@@ -316,7 +318,8 @@ def test_a_job_interrupted_in_the_middle_of_training_ends_bit_identical(cluster,
                                job_info(job, cluster), re.S), "the job's requeue")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster,
                    check=True)
-    assert slurm.follow([train], str(out), poll=1)[train.key].state == "finished"
+    states = slurm.follow([train], str(out), poll=1, timeout=TIMEOUT)
+    assert states[train.key].state == "finished"
     log = open(os.path.join(train.output_dir, "log.txt")).read()
     resumed = re.findall(r"Resumed from epoch (\d+)", log)
     assert len(resumed) == 1 and 1 <= int(resumed[0]) < epochs, \
@@ -345,6 +348,7 @@ def test_two_tasks_train_as_one_process(cluster, demo, tmp_path):
     run = Run("many", str(many), tuple(coop_args(demo, many, 4)), None, "CoOp", "train", 1)
     args = cpu_args("spec", tmp_path, "--tasks-per-node", "2", "--mem", "1G")
     slurm.submit([run], args)
-    assert slurm.follow([run], str(tmp_path), poll=1)[run.key].state == "finished"
+    states = slurm.follow([run], str(tmp_path), poll=1, timeout=TIMEOUT)
+    assert states[run.key].state == "finished"
     assert_same_run(one, many, epoch=2)
     assert (many / "log.txt").read_text().count("* accuracy:") == 1  # rank 0 writes

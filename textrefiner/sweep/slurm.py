@@ -26,9 +26,8 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import UserError
 
@@ -141,7 +140,7 @@ class Resources:
     gpus_per_node: int = 0
     nodes: int = 1
     tasks_per_node: int = 1
-    extra: tuple = field(default=())  # sorted (key, value) pairs: any other #SBATCH line
+    extra: tuple = ()  # sorted (key, value) pairs: any other #SBATCH line
 
     def sbatch(self) -> dict:
         """The sbatch options (long names) this job gets, as submitit writes them."""
@@ -159,7 +158,8 @@ def _mem_text(mem_gb: float) -> str:
 
 
 def resources(run, args) -> Resources:
-    """The run's resources: the method's defaults (a test run: an evaluation's), then the options."""
+    """The run's resources: the method's defaults (a test run: at most an evaluation's), then
+    the options."""
     time_min, mem, cpus = METHOD_RESOURCES.get(run.trainer, METHOD_RESOURCES["CoOp"])
     if run.kind == "test":
         time_min, mem = min(time_min, TEST_TIME), min(mem, TEST_MEMORY)
@@ -474,11 +474,13 @@ def wait(runs, args) -> int:
     return 0 if all(s.state == FINISHED for s in states.values()) else 1
 
 
-def follow(runs, out, poll=30.0, stream=None) -> dict:
+def follow(runs, out, poll=30.0, stream=None, timeout=None) -> dict:
     """Show the sweep's progress line until no run is queued or running, then the summary of a
-    local sweep (failed runs with their error, log and rerun command). Returns the states."""
+    local sweep (failed runs with their error, log and rerun command). Returns the states.
+    `timeout` (seconds; None: none): a TimeoutError after it."""
     from .progress import Progress
     progress = Progress(runs, stream=stream)
+    deadline = None if timeout is None else time.monotonic() + timeout
     seen_running = set()
     while True:
         states = run_states(runs, out)
@@ -494,6 +496,8 @@ def follow(runs, out, poll=30.0, stream=None) -> dict:
         if not any(s.state in (QUEUED, RUNNING) for s in states.values()):
             progress.finish(shown, reasons)
             return states
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"the sweep's jobs still run after {timeout:.0f} s")
         time.sleep(max(0.2, float(poll)))
 
 
