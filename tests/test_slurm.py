@@ -199,17 +199,15 @@ def job_info(job, env):
 
 
 def test_demo_sweep_through_slurm_gives_the_local_accuracies(cluster, tmp_path, capsys):
-    """The demo sweep with one seed (6 runs: zero-shot, CoOp, CoOp + TR), through
+    """The demo sweep (14 runs: zero-shot, CoOp and CoOp + TR, 3 seeds) through
     `textrefiner-sweep --executor slurm` and through the local executor."""
     from textrefiner.sweep.cli import main
-    demo = open(os.path.join(REPO, "textrefiner", "sweep", "specs", "demo.yaml")).read()
-    spec = tmp_path / "demo1.yaml"
-    spec.write_text(re.sub(r"(?m)^seeds: .*$", "seeds: [1]", demo))
+    spec = "demo"
     out = tmp_path / "slurm"
     sweep = [str(spec), "--out", str(out)]
     assert main(sweep + ["--dry-run"] + CPU_JOBS) == 0
     printed = capsys.readouterr().out
-    assert "6 runs in all: 0 finished, 6 to do" in printed
+    assert "14 runs in all: 0 finished, 14 to do" in printed
     assert "CoOp train" in printed and "--cpus-per-task=1" in printed
     assert main(sweep + CPU_JOBS) == 0
     printed = capsys.readouterr().out
@@ -231,7 +229,7 @@ def test_demo_sweep_through_slurm_gives_the_local_accuracies(cluster, tmp_path, 
     capsys.readouterr()
     assert main(sweep + CPU_JOBS + ["--wait"]) == 0
     waited = capsys.readouterr()
-    assert "[sweep] 6/6 finished, 0 running, 0 queued, 0 failed" in waited.err
+    assert "[sweep] 14/14 finished, 0 running, 0 queued, 0 failed" in waited.err
     assert (out / "report" / "results.md").is_file()
     assert all(run_finished(run) for run in runs) and trains
     # the same sweep through the local executor
@@ -245,9 +243,9 @@ def test_demo_sweep_through_slurm_gives_the_local_accuracies(cluster, tmp_path, 
     # finished: nothing to submit, and --status says so (squeue only: there is no accounting)
     assert subprocess.run(["sacct"], capture_output=True, env=cluster).returncode != 0
     assert main(sweep + CPU_JOBS) == 0
-    assert "6 finished, 0 queued or running, 0 to submit" in capsys.readouterr().out
+    assert "14 finished, 0 queued or running, 0 to submit" in capsys.readouterr().out
     assert main(sweep + CPU_JOBS + ["--status"]) == 0
-    assert "finished 6 running 0 queued 0 failed 0 todo 0 of 6" in capsys.readouterr().out
+    assert "finished 14 running 0 queued 0 failed 0 todo 0 of 14" in capsys.readouterr().out
 
 
 def test_status_shows_queued_and_running_runs_from_squeue(cluster, demo, tmp_path, capsys):
