@@ -88,6 +88,8 @@ def test_every_option_becomes_its_sbatch_line(tmp_path):
 def test_several_nodes_share_the_gpus_one_task_per_gpu():
     res = slurm.resources(a_run(gpus=16), slurm_args("--nodes", "2"))
     assert (res.nodes, res.gpus_per_node, res.tasks_per_node) == (2, 8, 8)
+    with pytest.raises(UserError, match="--gpus-per-run 3 on --nodes 2"):
+        slurm.resources(a_run(gpus=3), slurm_args("--nodes", "2"))
     cpu = slurm.resources(a_run(gpus=1), slurm_args("--no-gpu", "--tasks-per-node", "2"))
     assert (cpu.gpus_per_node, cpu.tasks_per_node) == (0, 2)
 

@@ -165,7 +165,10 @@ def resources(run, args) -> Resources:
         time_min, mem = min(time_min, TEST_TIME), min(mem, TEST_MEMORY)
     gpus = _gpus(run, args)
     nodes = max(1, getattr(args, "nodes", 1) or 1) if run.kind == "train" else 1
-    per_node = max(1, -(-gpus // nodes)) if gpus else 0
+    if gpus % nodes:
+        raise UserError(f"--gpus-per-run {gpus} on --nodes {nodes}: give a number of GPUs that "
+                        "the nodes share evenly (one process per GPU).")
+    per_node = gpus // nodes
     tasks = getattr(args, "tasks_per_node", None) if run.kind == "train" else None
     tasks = tasks or max(1, per_node)
     extra = {"partition": args.partition, "account": args.account, "qos": args.qos,
