@@ -57,7 +57,7 @@ def wait_for(check, what, timeout=120.0, every=0.25):
 
 SLURM_CONF = """\
 ClusterName=local
-SlurmctldHost={host}
+SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -80,7 +80,7 @@ ReturnToService=2
 MpiDefault=none
 KillWait=1
 MinJobAge=600
-NodeName={host} CPUs={cpus} RealMemory=4000 State=UNKNOWN
+{node} NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -128,7 +128,7 @@ class LocalSlurm:
                          os.path.join(munge_dir, "munged.log"))
         with open(self.conf, "w") as f:
             f.write(SLURM_CONF.format(host=socket.gethostname().split(".")[0],
-                                      cpus=os.cpu_count(), folder=self.folder,
+                                      node=self._node_line(), folder=self.folder,
                                       munge_socket=socket_path, ctld_port=_free_port(),
                                       slurmd_port=_free_port()))
         self._run_daemon("slurmctld", os.path.join(self.folder, "slurmctld.pid"),
@@ -139,6 +139,13 @@ class LocalSlurm:
                          os.path.join(self.folder, "slurmd.log"))
         wait_for(self._node_idle, "the node to be idle in sinfo (see "
                  f"{self.folder}/slurmctld.log and slurmd.log)")
+
+    def _node_line(self):
+        """This machine as slurmd sees it (`slurmd -C`: name, CPUs, sockets, cores, threads,
+        memory), so the node's configuration never exceeds what it has."""
+        result = subprocess.run([_daemon("slurmd"), "-C"], capture_output=True, text=True,
+                                timeout=120, check=True)
+        return next(line for line in result.stdout.splitlines() if line.startswith("NodeName="))
 
     def _run_daemon(self, name, pid_file, command, log):
         """Start a daemon that forks into the background; wait for its pid file."""
