@@ -130,6 +130,19 @@ def test_progress_line_and_estimate():
     progress.update(states)
     assert stream.getvalue() == progress.line(states) + "\n"  # not a terminal: plain lines
 
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    live = Progress(runs, stream=Terminal())
+    live.update(states)
+    live.update(states)  # unchanged: not written again
+    states[runs[1].key] = "finished"
+    live.update(states)
+    assert live.stream.getvalue() == (
+        "\r[sweep] 1/4 finished, 1 running, 1 queued, 1 failed"
+        "\r[sweep] 2/4 finished, 0 running, 1 queued, 1 failed")  # one line, rewritten
+
 
 # ----------------------------------------------------------------------------- running
 

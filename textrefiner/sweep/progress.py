@@ -51,6 +51,8 @@ class Progress:
     def update(self, states: dict, slots: int = 1, force: bool = False) -> None:
         text = self.line(states, slots)
         if self.tty:
+            if text == self._last_line and not force:
+                return
             pad = max(len(self._last_line) - len(text), 0)
             self.stream.write("\r" + text + " " * pad)
             self.stream.flush()

@@ -148,6 +148,9 @@ def parse_spec(data, name: str = "<spec>") -> Spec:
         teachers=str(data.get("teachers") or "teacher_model"))
     if spec.shots is not None and (not isinstance(spec.shots, int) or spec.shots < 0):
         raise spec_error(name, f"shots must be a number >= 0, got {spec.shots!r}")
+    if protocol == "xd" and any(m.trainer == "PromptKD" for m in spec.methods):
+        raise spec_error(name, "PromptKD has no xd run here: its cross-dataset recipe distils on "
+                               "each target set (scripts/xd.sh refuses it too)")
     if protocol == "xd" and datasets != ["imagenet"]:
         raise spec_error(name, "the xd protocol trains on imagenet: datasets: [imagenet]")
     if spec.prepare not in ("", "demo"):
