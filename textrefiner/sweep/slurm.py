@@ -9,7 +9,7 @@
 * Each job runs `execute_run(run)` (textrefiner/sweep/worker.py), the code path of
   `textrefiner-train`, inside a submitit `Checkpointable`: on Slurm's warning signal before the
   time limit or a preemption (`--signal USR2@90`, submitit's handler), or after
-  `scontrol requeue`, the job goes back in the queue and the run resumes from the last checkpoint
+  `scontrol requeue` (its SIGTERM stops the run at once), the job goes back in the queue and the run resumes from the last checkpoint
   in its folder (textrefiner-train resumes from --output-dir), ending as it would uninterrupted.
 * A run with several tasks (GPUs per run > 1, or several nodes) runs the torchrun path of
   textrefiner/distributed.py: one task per GPU, ranks and rendezvous from Slurm's environment
