@@ -221,7 +221,8 @@ methods:
     assert "2/4 finished, 0 running, 0 queued, 1 failed, 1 blocked" in first.stderr
     lines = first.stderr.splitlines()
     at = lines.index(f"FAILED {train}")
-    assert lines[at + 1].startswith("  error: textrefiner-train: error: ") and "later.pt" in lines[at + 1]
+    assert lines[at + 1].startswith("  error: textrefiner-train: error: ")
+    assert "later.pt" in lines[at + 1]
     assert lines[at + 2] == f"  log: {out / train / 'sweep.log'}"
     assert lines[at + 3].startswith("  rerun: textrefiner-train --root ")
     assert f"BLOCKED {test}: not run: its training run {train} failed" in lines
@@ -345,4 +346,21 @@ def test_warm_process_reads_clip_weights_and_dataset_indexes_once(tmp_path, monk
     preload_dataset(str(tmp_path / "data"), "SyntheticShapes")
     monkeypatch.setitem(datasets.DATASETS, "SyntheticShapes", None)
     warm = read_dataset(str(tmp_path / "data"), "SyntheticShapes")
-    assert warm == cold and warm[0] is not read_dataset(str(tmp_path / "data"), "SyntheticShapes")[0]
+    again = read_dataset(str(tmp_path / "data"), "SyntheticShapes")
+    assert warm == cold and warm[0] is not again[0]  # new lists each time
+
+
+def test_a_stopped_run_is_resumed_not_held_back_as_failed(tmp_path):
+    from textrefiner.sweep.worker import write_status
+
+    (run, _) = expand(parse_spec({"datasets": ["dtd"], "methods": ["CoOp"], "seeds": [1]}),
+                      tmp_path)
+    os.makedirs(run.output_dir)
+    Path(run.log).write_text("textrefiner-train: error: no images in data/dtd\n")
+    write_status(run, 2)
+    assert initial_states([run])[run.key] == "failed"
+    assert initial_states([run], retry_failed=True)[run.key] == "queued"
+    for code in (130, -2, -15, -9):  # Ctrl-C, SIGINT, SIGTERM, SIGKILL: stopped, not failed
+        write_status(run, 2)
+        write_status(run, code)
+        assert initial_states([run])[run.key] == "queued"

@@ -22,13 +22,10 @@ import contextlib
 import ctypes
 import os
 import signal
-import time
 
 from .plan import Run, initial_states
 from .progress import Progress
-from .worker import execute_run, write_status
-
-POLL_S = 0.05
+from .worker import STOPPED, execute_run, write_status
 
 
 def warm_up(runs: list) -> None:
@@ -54,6 +51,8 @@ def warm_up(runs: list) -> None:
             continue
         paths.add(cfg.MODEL.BACKBONE.PATH or cfg.MODEL.BACKBONE.NAME)
         datasets.add((cfg.DATASET.ROOT, cfg.DATASET.NAME))
+    if torch.cuda.is_initialized():  # a CUDA context does not survive fork
+        raise RuntimeError("the sweep process initialised CUDA before forking its runs")
     if "dassl" in engines:
         import dassl.engine  # noqa: F401
         import textrefiner_trainers  # noqa: F401
@@ -127,9 +126,8 @@ def run_local(runs: list, jobs: int = 1, gpus_per_run: int = 1, retry_failed: bo
             progress.update(states, len(slots))
             if not children:
                 break
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                time.sleep(POLL_S)
+            pid, status = os.waitpid(-1, 0)  # the next run to end (nothing changes meanwhile)
+            if pid not in children:
                 continue
             key, slot = children.pop(pid)
             free.append(slot)
@@ -137,13 +135,15 @@ def run_local(runs: list, jobs: int = 1, gpus_per_run: int = 1, retry_failed: bo
             code = os.waitstatus_to_exitcode(status)
             if code < 0:  # killed by a signal: the child could not write its outcome
                 write_status(by_key[key], code)
+            if code in STOPPED:
+                reasons[key] = (f"stopped (exit {code}); not kept as failed: the next sweep "
+                                "resumes it")
             states[key] = "finished" if code == 0 else "failed"
             progress.ended_run(key, code == 0)
     finally:
         for pid in children:  # interrupted: the children go with the sweep
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-    progress.update(states, len(slots), force=True)
     progress.finish(states, reasons)
     return states
 

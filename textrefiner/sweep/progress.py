@@ -44,7 +44,8 @@ class Progress:
             text += f", {counts['blocked']} blocked"
         if self.seconds and (counts["queued"] or counts["running"]):
             # the runs left, each as long as the finished ones on average, `slots` at a time
-            left = mean(self.seconds.values()) * (counts["queued"] + counts["running"] / 2) / max(slots, 1)
+            runs_left = counts["queued"] + counts["running"] / 2
+            left = mean(self.seconds.values()) * runs_left / max(slots, 1)
             text += f", about {_duration(left)} left"
         return text
 
@@ -85,8 +86,8 @@ class Progress:
         return "\n".join(lines)
 
     def finish(self, states: dict, reasons: dict | None = None) -> None:
-        if self.tty:
-            self.stream.write("\n")
+        if self.tty:  # the summary's first line takes the live line's place
+            self.stream.write("\r" + " " * len(self._last_line) + "\r")
         self.stream.write(self.summary(states, reasons) + "\n")
         self.stream.flush()
 

@@ -158,7 +158,8 @@ def line_plot(rows, key: str, paper: dict, path: Path) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(*results.zoomed_limits(shown))
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the lines
-    ax.set_title(f"{', '.join(DATASET_NAMES.get(d, d) for d in dict.fromkeys(r.dataset for _, r, _ in points))}: accuracy against {short}")
+    datasets = dict.fromkeys(DATASET_NAMES.get(r.dataset, r.dataset) for _, r, _ in points)
+    ax.set_title(f"{', '.join(datasets)}: accuracy against {short}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

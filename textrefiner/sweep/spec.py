@@ -122,7 +122,8 @@ def parse_spec(data, name: str = "<spec>") -> Spec:
         raise spec_error(name, "must be a YAML mapping of keys (protocol, datasets, methods, ...)")
     unknown = sorted(set(data) - SPEC_KEYS)
     if unknown:
-        raise spec_error(name, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(SPEC_KEYS))})")
+        raise spec_error(name, f"unknown key {unknown[0]!r} (known: "
+                               f"{', '.join(sorted(SPEC_KEYS))})")
     protocol = data.get("protocol", "base2new")
     if protocol not in PROTOCOLS:
         raise spec_error(name, f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")

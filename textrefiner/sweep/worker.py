@@ -13,6 +13,10 @@ import traceback
 from .plan import Run, read_status  # noqa: F401 (read_status: part of this module's API)
 
 ERROR_PREFIX = "textrefiner-train: error:"
+# Stopped, not failed: Ctrl-C (textrefiner-train exits 130), SIGINT, SIGTERM, SIGKILL (as a
+# negative return code, or 128 + signal from a shell). No outcome is kept, so the next sweep
+# resumes the run instead of holding it back as failed.
+STOPPED = frozenset({130, 143, 137, -2, -15, -9})
 
 
 def execute_run(run: Run) -> int:
@@ -87,6 +91,10 @@ def error_line(log_path: str) -> str:
 
 
 def write_status(run: Run, code: int) -> None:
+    if code in STOPPED:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(run.status_file)
+        return
     state = "finished" if code == 0 else "failed"
     status = {"state": state, "exit_code": code,
               "error": "" if code == 0 else (error_line(run.log) or f"exit code {code}"),
