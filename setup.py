@@ -31,7 +31,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "open_clip_torch>=2.24"],
+        "test": ["pytest", "open_clip_torch>=2.24", "submitit>=1.5"],
+        # textrefiner-sweep --executor slurm: sweeps as Slurm jobs
+        "slurm": ["submitit>=1.5"],
         # OpenCLIP backbones: MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
         "openclip": ["open_clip_torch>=2.24"],
         # Dassl.pytorch is not on PyPI: install it from its repository to use the Dassl engine.

@@ -104,7 +104,15 @@ def _main(args) -> int:
     spec, runs, out = plan(args)
     if args.dry_run:
         print_plan(runs, initial_states(runs, args.retry_failed))
+        if args.executor == "slurm":
+            from . import slurm
+
+            print(slurm.describe(runs, args))
         return 0
+    if spec.prepare == "demo" and not args.status:
+        from ..demo import prepare_pretrained
+
+        prepare_pretrained(out, log=None)
     if args.executor == "slurm":  # HOOK: textrefiner/sweep/slurm.py (the Slurm executor)
         if importlib.util.find_spec(f"{__package__}.slurm") is None:
             raise UserError("--executor slurm: this installation has no Slurm executor "
@@ -119,10 +127,6 @@ def _main(args) -> int:
     if args.status:
         print_plan(runs, initial_states(runs))
         return 0
-    if spec.prepare == "demo":
-        from ..demo import prepare_pretrained
-
-        prepare_pretrained(out, log=None)
     from .local import run_local
 
     states = run_local(runs, jobs=args.jobs, gpus_per_run=args.gpus_per_run,
