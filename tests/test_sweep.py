@@ -334,8 +334,9 @@ def test_warm_process_reads_clip_weights_and_dataset_indexes_once(tmp_path, monk
     monkeypatch.setattr(datasets, "_PRELOADED", {})
     cold = load_clip(clip_path).state_dict()
     preload_state_dict(clip_path)
-    monkeypatch.setattr(clip_backbone.torch, "load", None)  # any read of the file would fail
-    monkeypatch.setattr(clip_backbone, "_read_jit_state_dict", None)
+    # any read of the file would fail
+    monkeypatch.setattr(clip_backbone, "load_torch_file", None)
+    monkeypatch.setattr(clip_backbone, "is_torchscript", None)
     warm = load_clip(clip_path).state_dict()
     assert cold.keys() == warm.keys() and all(torch.equal(cold[k], warm[k]) for k in cold)
     load_clip(clip_path)  # twice: the preloaded dict is not consumed by clip's build_model
