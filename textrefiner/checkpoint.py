@@ -20,6 +20,7 @@ import torch
 
 from .codebase_checkpoints import is_codebase_read
 from .errors import OutputError, UserError, output_failed
+from .seeding import random_states
 
 
 BEST = "model-best.pth.tar"
@@ -79,13 +80,14 @@ def write_checkpoint(obj: dict, path: str) -> str:
 
 def save_method_checkpoint(model, path: str, epoch: int, optimizer=None, scheduler=None,
                            val_result=None, mark_latest: bool = True, **extra) -> str:
-    """Save `model.checkpoint_state()` with the optimiser and schedule; `epoch` is 0-based."""
+    """Save `model.checkpoint_state()` with the optimiser and schedule, and the global random
+    states (textrefiner.seeding) that a resumed run restores; `epoch` is 0-based."""
     weights = model.checkpoint_state()
     _refuse_non_finite(weights, path)
     state = {"state_dict": weights, "epoch": epoch + 1,
              "optimizer": None if optimizer is None else optimizer.state_dict(),
              "scheduler": None if scheduler is None else scheduler.state_dict(),
-             "val_result": val_result, **extra}
+             "val_result": val_result, "random_states": random_states(), **extra}
     run_state = model.run_state()
     if run_state:
         state["method_state"] = run_state  # e.g. PromptSRC's running GPA sum, needed to resume
