@@ -7,6 +7,9 @@ drop-in lines added (the `TR_` trainers); "ours" runs `textrefiner-train ARGS`; 
 it with Dassl.pytorch made unimportable. A codebase loads CLIP through its `clip._download`, which
 is pointed to the file CLIP (the codebases take a backbone name, and this machine is offline).
 
+With DUMP_LOADED=<file> set, a codebase run saves the state dicts of its trainer's models when it
+first tests (after `--eval-only`'s `load_model`) into that file.
+
 RECORD gets one line per event: in the main process `iter <n> <torch state>` when a loader
 starts an epoch and `batch <file names>` per batch; in whichever process augments an image,
 `item <pid> <file name> <crop box>` (the process is the main one with 0 loader workers).
@@ -96,12 +99,28 @@ def dropin_train_py(text):
     return text
 
 
+def dump_loaded_models(path):
+    """Save what the codebase's trainer holds when it first tests (after `--eval-only`'s
+    `load_model`): {model name: state_dict}."""
+    from dassl.engine.trainer import SimpleTrainer
+    test = SimpleTrainer.test
+
+    def dumping_test(self, *args, **kwargs):
+        if not os.path.exists(path):
+            torch.save({name: model.state_dict() for name, model in self._models.items()}, path)
+        return test(self, *args, **kwargs)
+
+    SimpleTrainer.test = dumping_test
+
+
 def run_codebase():
     sys.path.insert(0, CODEBASE)
     os.chdir(CODEBASE)
     from clip import clip  # the codebase's own clip package
     clip._download = lambda url, root=None: CLIP
     sys.argv = ["train.py"] + ARGS
+    if os.environ.get("DUMP_LOADED"):
+        dump_loaded_models(os.environ["DUMP_LOADED"])
     if MODE == "codebase":
         runpy.run_path("train.py", run_name="__main__")
         return
