@@ -9,9 +9,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-output/demo}
 PY=${PYTHON:-python}
-# The built-in engine, whether or not Dassl.pytorch is installed: the two engines draw their
-# batches differently, and the README's numbers are this engine's.
-export ENGINE=standalone
 # The toy models are too small to gain from threads; one per process does not spin-wait on a busy CPU.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 

@@ -84,7 +84,8 @@ def dropin_train_py(text):
          "apply_refiner_args, tr_config_file\n"),
         ("def setup_cfg(args):\n", "def setup_cfg(args):\n"
          "    args.config_file = tr_config_file(args.config_file)\n"),
-        ("    reset_cfg(cfg, args)\n", "    reset_cfg(cfg, args)\n    apply_refiner_args(cfg, args)\n"),
+        ("    reset_cfg(cfg, args)\n",
+         "    reset_cfg(cfg, args)\n    apply_refiner_args(cfg, args)\n"),
         ("    args = parser.parse_args()\n", "    add_refiner_args(parser)\n"
          "    args = parser.parse_args()\n"),
         ("def setup_cfg(args):\n", "def _extend(cfg):\n    _codebase_extend_cfg(cfg)\n"

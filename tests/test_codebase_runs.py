@@ -159,7 +159,8 @@ def test_a_seed_gives_the_codebase_run(eurosat_root, demo, tmp_path, request, me
         shutil.rmtree(os.path.join(eurosat_root, "eurosat", "split_fewshot"), ignore_errors=True)
         lines = run(mode, tmp_path / f"{out.name}.txt", clip,
                     run_args + ["--output-dir", str(out)] + run_opts, codebase)
-        results[name] = (stream(lines), learned(str(out / folder / f"model.pth.tar-{EPOCHS.get(method, 3)}")))
+        final = out / folder / f"model.pth.tar-{EPOCHS.get(method, 3)}"
+        results[name] = (stream(lines), learned(str(final)))
     (main, workers_seen), theirs = results.pop("codebase")
     assert sum(line.startswith("batch ") for line in main) >= 6 and (
         workers_seen if workers else any(line.startswith("item main") for line in main))

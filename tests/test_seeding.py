@@ -83,7 +83,8 @@ def test_another_seed_is_refused_on_resume():
 def test_resuming_with_another_seed_is_exit_2(demo, tmp_path, capsys, engine):
     def command(seed, epochs):
         return ["--engine", engine, "--root", demo["root"], "--trainer", "CoOp", "--seed", seed,
-                "--dataset-config-file", os.path.join(REPO, "configs/datasets/synthetic_shapes.yaml"),
+                "--dataset-config-file",
+                os.path.join(REPO, "configs/datasets/synthetic_shapes.yaml"),
                 "--config-file", os.path.join(REPO, "configs/trainers/CoOp/demo_cpu.yaml"),
                 "--output-dir", str(tmp_path), "MODEL.BACKBONE.PATH", demo["clip"],
                 "DATASET.NUM_SHOTS", "1", "OPTIM.MAX_EPOCH", epochs, "TEST.NO_TEST", "True",

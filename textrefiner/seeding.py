@@ -50,6 +50,17 @@ def own_generator(seed: int, purpose: str):
         yield
 
 
+@contextlib.contextmanager
+def one_loader_pass():
+    """Run the block (an evaluation) drawing from the global torch generator exactly what one pass
+    over a DataLoader without random transforms draws, its base seed (one int64), whatever the
+    block iterates: this rank's share of the images under torchrun (perhaps none), or features
+    read from the feature store. Each evaluation then moves the stream as Dassl's does."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+    torch.empty((), dtype=torch.int64).random_()
+
+
 # ------------------------------------------------------------------ saved with checkpoints
 def random_states() -> dict:
     """The global generators' states, in types `torch.load(weights_only=True)` reads."""

@@ -26,7 +26,7 @@ from textrefiner.engine.optim import check_loss, explained_step_errors
 from textrefiner.errors import UserError
 from textrefiner.feature_store import labels_of, maybe_stored_evaluation
 from textrefiner.methods import build_method, method_class
-from textrefiner.seeding import check_resumable_seed, restore_from_checkpoint
+from textrefiner.seeding import check_resumable_seed, one_loader_pass, restore_from_checkpoint
 
 # --trainer value -> name in Dassl's TRAINER_REGISTRY (prefixed so that the original codebases'
 # trainers, registered in the same process, never clash with ours)
@@ -195,10 +195,11 @@ class MethodTrainer(TrainerX):
         print(f"Evaluate on the *{split}* set")
         wrapper = loader.dataset  # Dassl's DatasetWrapper: its items and test transform
         items, batch_size = wrapper.data_source, loader.batch_size
-        features = stored.image_features(
-            items, self.cfg.DATASET.NAME, batch_size, lambda subset: build_loader(
-                subset, self.cfg, is_train=False, batch_size=batch_size, shuffle=False,
-                transform=wrapper.transform))
+        with one_loader_pass():  # draws as Dassl's pass over the test loader
+            features = stored.image_features(
+                items, self.cfg.DATASET.NAME, batch_size, lambda subset: build_loader(
+                    subset, self.cfg, is_train=False, batch_size=batch_size, shuffle=False,
+                    transform=wrapper.transform))
         labels = labels_of(items)
         for start, logits in stored.logits(features, batch_size):
             self.evaluator.process(logits.float(),
@@ -216,7 +217,8 @@ class MethodTrainer(TrainerX):
             filename = model_name or f"model.pth.tar-{epoch + 1}"
             path = save_method_checkpoint(self._models[name], osp.join(directory, name, filename),
                                           epoch, self._optims[name], self._scheds[name], val_result,
-                                          best_result=float(self.best_result), seed=self.cfg.SEED)
+                                          best_result=float(self.best_result),
+                                          seed=self.cfg.SEED)
             print(f"Checkpoint saved to {path}")
             if is_best:
                 best = save_method_checkpoint(

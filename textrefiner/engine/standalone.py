@@ -33,7 +33,8 @@ from ..distributed import (barrier, check_share_sizes, convert_batchnorm, gather
 from ..errors import UserError, output_failed
 from ..feature_store import labels_of, maybe_stored_evaluation
 from ..methods import method_class
-from ..seeding import check_resumable_seed, restore_from_checkpoint, set_seed
+from ..seeding import (check_resumable_seed, one_loader_pass, restore_from_checkpoint,
+                       set_seed)
 from .evaluator import Classification
 from .optim import build_optimizer, build_scheduler, check_loss, explained_step_errors
 
@@ -340,8 +341,9 @@ class StandaloneTrainer:
         share = items[rank_share(len(items), self.rank, self.world)]
         evaluator = Classification(self.model.num_eval_classes)
         self.log(f"Evaluate on the *{split}* set")
-        for logits, labels in self._eval_batches(share) if share or not items else ():
-            evaluator.process(logits.float(), labels)
+        with one_loader_pass():  # the same draws on every rank, and as Dassl's evaluation
+            for logits, labels in self._eval_batches(share) if share or not items else ():
+                evaluator.process(logits.float(), labels)
         gather_predictions(evaluator, self.device)
         results = _capture(evaluator.evaluate, self.log)
         for key, value in results.items():
