@@ -4,7 +4,7 @@
 # shipped with the package (textrefiner/demo/clip_tiny.pt, the same weights on every machine).
 # A toy: it shows prompt learning at work in miniature, not the paper's numbers.
 # It is the `demo` sweep (textrefiner/sweep/specs/demo.yaml): zero-shot seed 1, CoOp and CoOp + TR
-# seeds 1 2 3, on the built-in engine (the README's numbers are its), JOBS runs at a time.
+# seeds 1 2 3, on either engine (they give the same run), JOBS runs at a time.
 #
 # usage: bash scripts/demo.sh [OUT_DIR]      (default output/demo)
 set -euo pipefail

@@ -17,9 +17,10 @@ import shutil
 
 import torch
 
-from .codebase_checkpoints import is_codebase_read
+from .codebase_checkpoints import OWN_CHECKPOINT, as_codebase_state, is_codebase_read
 from .errors import OutputError, UserError, output_failed
 from .safe_load import load_torch_file, one_line
+from .seeding import random_states
 
 
 BEST = "model-best.pth.tar"
@@ -27,6 +28,9 @@ BEST = "model-best.pth.tar"
 CODEBASE_FOLDERS = {"prompt_learner": "CoOp and CoCoOp", "MultiModalPromptLearner": "MaPLe",
                     "VLPromptLearner": "PromptSRC and PromptKD"}
 LATEST_MARKER = "checkpoint"  # Dassl's file naming the latest checkpoint, read to resume
+# Key of the files written here: without TextRefiner, CoOp's and CoCoOp's are in their codebase's
+# layout (textrefiner.codebase_checkpoints.as_codebase_state), and still resume here.
+WRITTEN_HERE = "textrefiner"
 
 
 def checkpoint_path(directory: str, name: str, epoch=None) -> str:
@@ -79,13 +83,15 @@ def write_checkpoint(obj: dict, path: str) -> str:
 
 def save_method_checkpoint(model, path: str, epoch: int, optimizer=None, scheduler=None,
                            val_result=None, mark_latest: bool = True, **extra) -> str:
-    """Save `model.checkpoint_state()` with the optimiser and schedule; `epoch` is 0-based."""
+    """Save `model.checkpoint_state()` with the optimiser and schedule, and the global random
+    states (textrefiner.seeding) that a resumed run restores; `epoch` is 0-based."""
     weights = model.checkpoint_state()
     _refuse_non_finite(weights, path)
-    state = {"state_dict": weights, "epoch": epoch + 1,
+    state = {"state_dict": as_codebase_state(model, weights), "epoch": epoch + 1,
              "optimizer": None if optimizer is None else optimizer.state_dict(),
              "scheduler": None if scheduler is None else scheduler.state_dict(),
-             "val_result": val_result, **extra}
+             "val_result": val_result, "random_states": random_states(),
+             WRITTEN_HERE: 1, **extra}
     run_state = model.run_state()
     if run_state:
         state["method_state"] = run_state  # e.g. PromptSRC's running GPA sum, needed to resume
@@ -173,6 +179,8 @@ def load_method_checkpoint(model, path: str, log=print, resume: bool = False) ->
                         "loaded)." + _other_folders(path))
     checkpoint = read_checkpoint(path)
     read = model.load_checkpoint_state(_state_dict(checkpoint, path), source=path)
+    if checkpoint.get(WRITTEN_HERE) and is_codebase_read(read):
+        read = f"{OWN_CHECKPOINT} in the {read[2:].split('-codebase')[0]} codebase's layout"
     if resume and is_codebase_read(read):
         raise UserError(f"{path} is {read}: a run of that codebase cannot be resumed here (its "
                         "optimiser and schedule are the codebase's). Start a new run from its "

@@ -131,6 +131,24 @@ def layout_of(model) -> Optional[CodebaseLayout]:
     return CodebaseLayout(type(model).__name__, registered)
 
 
+def as_codebase_state(model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """`checkpoint_state()` output as the method's codebase saves it, for a model without
+    TextRefiner whose codebase registers a submodule alone (CoOp, CoCoOp): keys relative to it
+    (`ctx`, `meta_net.*`) plus the class-dependent buffers it saves (`token_prefix`,
+    `token_suffix`), so that the codebase's `load_model` and tools read the file as their own.
+    Otherwise (TextRefiner on; MaPLe, PromptSRC and PromptKD, whose names are ours) `state`."""
+    layout = layout_of(model)
+    if model.refiner is not None or layout is None or not layout.registered or layout.renames:
+        return state
+    prefix = layout.registered + "."
+    if not all(k.startswith(prefix) for k in state):
+        return state
+    module = getattr(model, layout.registered)
+    buffers = {name: buffer for name, buffer in module.named_buffers()
+               if name in CLASS_BUFFERS and name != "tokenized_prompts"}
+    return {**{k[len(prefix):]: v for k, v in state.items()}, **buffers}
+
+
 def is_own_layout(state: Dict[str, torch.Tensor], saved_names: Sequence[str]) -> bool:
     """Whether the keys are ours (a textrefiner checkpoint): each a saved name or a refiner key."""
     saved = set(saved_names)

@@ -23,10 +23,10 @@ from textrefiner.config import ConfigError, validate_cfg
 from textrefiner.data import DATASETS, build_loader
 from textrefiner.engine.optim import build_scheduler as standalone_scheduler
 from textrefiner.engine.optim import check_loss, explained_step_errors
-from textrefiner.engine.standalone import epoch_seed, set_seed
 from textrefiner.errors import UserError
 from textrefiner.feature_store import labels_of, maybe_stored_evaluation
 from textrefiner.methods import build_method, method_class
+from textrefiner.seeding import check_resumable_seed, one_loader_pass, restore_from_checkpoint
 
 # --trainer value -> name in Dassl's TRAINER_REGISTRY (prefixed so that the original codebases'
 # trainers, registered in the same process, never clash with ours)
@@ -195,10 +195,11 @@ class MethodTrainer(TrainerX):
         print(f"Evaluate on the *{split}* set")
         wrapper = loader.dataset  # Dassl's DatasetWrapper: its items and test transform
         items, batch_size = wrapper.data_source, loader.batch_size
-        features = stored.image_features(
-            items, self.cfg.DATASET.NAME, batch_size, lambda subset: build_loader(
-                subset, self.cfg, is_train=False, batch_size=batch_size, shuffle=False,
-                transform=wrapper.transform))
+        with one_loader_pass():  # draws as Dassl's pass over the test loader
+            features = stored.image_features(
+                items, self.cfg.DATASET.NAME, batch_size, lambda subset: build_loader(
+                    subset, self.cfg, is_train=False, batch_size=batch_size, shuffle=False,
+                    transform=wrapper.transform))
         labels = labels_of(items)
         for start, logits in stored.logits(features, batch_size):
             self.evaluator.process(logits.float(),
@@ -216,13 +217,14 @@ class MethodTrainer(TrainerX):
             filename = model_name or f"model.pth.tar-{epoch + 1}"
             path = save_method_checkpoint(self._models[name], osp.join(directory, name, filename),
                                           epoch, self._optims[name], self._scheds[name], val_result,
-                                          best_result=float(self.best_result))
+                                          best_result=float(self.best_result),
+                                          seed=self.cfg.SEED)
             print(f"Checkpoint saved to {path}")
             if is_best:
                 best = save_method_checkpoint(
                     self._models[name], checkpoint_path(directory, name), epoch,
                     self._optims[name], self._scheds[name], val_result, mark_latest=False,
-                    best_result=float(self.best_result))
+                    best_result=float(self.best_result), seed=self.cfg.SEED)
                 print(f"Best checkpoint saved to {best}")
 
     def load_model(self, directory, epoch=None):
@@ -257,11 +259,13 @@ class MethodTrainer(TrainerX):
                                 f"is missing: restore it, or delete {marker} to start afresh.")
             checkpoint = load_method_checkpoint(self._models[name], path, resume=True)
             check_resumable_lr(checkpoint, self.cfg.OPTIM.LR, path)
+            check_resumable_seed(checkpoint, self.cfg.SEED, path)
             if self._optims[name] is not None and checkpoint.get("optimizer") is not None:
                 self._optims[name].load_state_dict(checkpoint["optimizer"])
             if self._scheds[name] is not None and checkpoint.get("scheduler") is not None:
                 self._scheds[name].load_state_dict(checkpoint["scheduler"])
             start_epoch = checkpoint["epoch"]
+            restore_from_checkpoint(checkpoint)  # the random states where the saved epoch ended
             # Dassl starts the best validation result afresh; an uninterrupted run remembers it.
             self.best_result = restored_best_result(checkpoint, directory, name)
             print(f"Resumed {name} from {path} (epoch = {start_epoch})")
@@ -269,13 +273,6 @@ class MethodTrainer(TrainerX):
             if carried:
                 print(carried)
         return start_epoch
-
-    def before_epoch(self):
-        """Reseed from (SEED, epoch), as the standalone engine does, so that a resumed run draws
-        the same batches and augmentations as an uninterrupted one."""
-        super().before_epoch()
-        if self.cfg.SEED >= 0:
-            set_seed(epoch_seed(self.cfg.SEED, self.epoch))
 
     def after_train(self):
         """Dassl's, with a clear error when `TEST.FINAL_MODEL best_val` has no best model."""

@@ -4,18 +4,17 @@ Outputs in cfg.OUTPUT_DIR: `log.txt`, TensorBoard events in `tensorboard/`, and
 `<checkpoint name>/model.pth.tar-<epoch>` / `model-best.pth.tar` (Dassl's layout and dict keys).
 Evaluation prints Dassl's result block, so CoOp's result parsers read our logs.
 
-Reproducibility: every epoch reseeds the global RNGs and the loader's shuffling from (SEED, epoch),
-so a run resumed after epoch k draws the same batches and augmentations as an uninterrupted one.
+Reproducibility: random numbers are drawn as CoOp's train.py over Dassl draws them, from the
+global generators seeded once (textrefiner.seeding), so a seed gives the codebase's run; each
+checkpoint holds the generators' states, so a resumed run continues as the uninterrupted one.
 Distributed: under `torchrun`, PyTorch's DDP wraps the training forward; with DISTRIBUTED.EXACT
 N ranks x batch b train as one process x batch N*b (textrefiner.distributed). Only rank 0 writes.
 """
 import datetime
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -34,18 +33,10 @@ from ..distributed import (barrier, check_share_sizes, convert_batchnorm, gather
 from ..errors import UserError, output_failed
 from ..feature_store import labels_of, maybe_stored_evaluation
 from ..methods import method_class
+from ..seeding import (check_resumable_seed, one_loader_pass, restore_from_checkpoint,
+                       set_seed)
 from .evaluator import Classification
 from .optim import build_optimizer, build_scheduler, check_loss, explained_step_errors
-
-def set_seed(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (max(seed, 0) * 10007 + epoch) % 2 ** 31
-
 
 class Logger:
     """Prints to the console and, once `open` is called, also appends to `log.txt`.
@@ -104,7 +95,8 @@ class StandaloneTrainer:
         # Progress bars on rank 0's terminal only (None: tqdm leaves them out when not a tty).
         self._no_bar = None if self.rank == 0 else True
         self.device = _pick_device(cfg, self.rank)
-        set_seed(cfg.SEED)
+        if cfg.SEED >= 0 or self.world > 1:  # torchrun's ranks draw alike even without a seed
+            set_seed(max(cfg.SEED, 0))
         cls = method_class(trainer_name)
         self.splits = build_dataset(cfg, all_classes_for_training=(
             cls.trains_on_all_classes and cfg.TRAINER.MODAL == "base2novel"))
@@ -179,7 +171,8 @@ class StandaloneTrainer:
             path = checkpoint_path(self.cfg.OUTPUT_DIR, self.checkpoint_name, filename_epoch)
             save_method_checkpoint(self.model, path, epoch, self.optim, self.sched, val_result,
                                    mark_latest=filename_epoch is not None,
-                                   best_result=self.best_result, classnames=self.model.classnames)
+                                   best_result=self.best_result, classnames=self.model.classnames,
+                                   seed=self.cfg.SEED)
             self.log(f"Checkpoint saved to {path}")  # as Dassl prints it
         barrier()  # no rank reads a checkpoint before rank 0 has written it
 
@@ -205,13 +198,15 @@ class StandaloneTrainer:
                 raise no_checkpoint_to_resume(directory, self.checkpoint_name)
             return
         checkpoint = self.load_model(directory, max(epochs), resume=True)
-        check_resumable_lr(checkpoint, self.cfg.OPTIM.LR, checkpoint_path(
-            directory, self.checkpoint_name, max(epochs)))
+        path = checkpoint_path(directory, self.checkpoint_name, max(epochs))
+        check_resumable_lr(checkpoint, self.cfg.OPTIM.LR, path)
+        check_resumable_seed(checkpoint, self.cfg.SEED, path)
         if checkpoint.get("optimizer") and self.optim:
             self.optim.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scheduler") and self.sched:
             self.sched.load_state_dict(checkpoint["scheduler"])
         self.start_epoch = checkpoint["epoch"]
+        restore_from_checkpoint(checkpoint)  # the random states where the saved epoch ended
         self.best_result = restored_best_result(checkpoint, directory, self.checkpoint_name)
         self.log(f"Resumed from epoch {self.start_epoch} of {directory}")
         carried = self.rank == 0 and carry_best_checkpoint(directory, self.cfg.OUTPUT_DIR,
@@ -244,12 +239,13 @@ class StandaloneTrainer:
 
     def train_loader(self, epoch: int):
         cfg = self.cfg
-        generator = torch.Generator().manual_seed(epoch_seed(cfg.SEED, epoch))
+        # No generator of its own: the shuffling, the worker seeds and the augmentations draw from
+        # the global torch generator, as Dassl's loader does (the same on every rank under torchrun)
         batch_size = cfg.DATALOADER.TRAIN_X.BATCH_SIZE
         if self.exact:
             check_share_sizes(len(self.splits.train_x), self.world)
             return build_loader(self.splits.train_x, cfg, is_train=True, batch_size=batch_size,
-                                shuffle=True, generator=generator, share=(self.rank, self.world))
+                                shuffle=True, share=(self.rank, self.world))
         sampler = None
         if self.world > 1:
             sampler = torch.utils.data.DistributedSampler(
@@ -257,11 +253,10 @@ class StandaloneTrainer:
             sampler.set_epoch(epoch)
         return build_loader(self.splits.train_x, cfg, is_train=True,
                             batch_size=batch_size, shuffle=sampler is None,
-                            sampler=sampler, generator=generator)
+                            sampler=sampler)
 
     def run_epoch(self, epoch: int):
         cfg = self.cfg
-        set_seed(epoch_seed(cfg.SEED, epoch))
         loader = self.train_loader(epoch)
         self.model.train()
         bar = tqdm(loader, desc=f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}]",
@@ -346,8 +341,9 @@ class StandaloneTrainer:
         share = items[rank_share(len(items), self.rank, self.world)]
         evaluator = Classification(self.model.num_eval_classes)
         self.log(f"Evaluate on the *{split}* set")
-        for logits, labels in self._eval_batches(share) if share or not items else ():
-            evaluator.process(logits.float(), labels)
+        with one_loader_pass():  # the same draws on every rank, and as Dassl's evaluation
+            for logits, labels in self._eval_batches(share) if share or not items else ():
+                evaluator.process(logits.float(), labels)
         gather_predictions(evaluator, self.device)
         results = _capture(evaluator.evaluate, self.log)
         for key, value in results.items():

@@ -24,10 +24,13 @@ from ..codebase_checkpoints import as_own_state, is_codebase_read, what_it_is
 from ..errors import UserError
 from ..losses import regularization_loss, select_semantic_tokens, semantic_loss
 from ..refiner import TextRefiner
+from ..seeding import own_generator
 
 
 def build_refiner(cfg, dim: int, token_dim: int, num_patches: int) -> Optional[TextRefiner]:
-    """TextRefiner from cfg.TRAINER.REFINER, or None when it is off."""
+    """TextRefiner from cfg.TRAINER.REFINER, or None when it is off. Its random initial weights and
+    cache come from a generator of its own seeded from SEED (textrefiner.seeding), so the global
+    random stream, hence the data a run sees, is the same with and without it."""
     rcfg = cfg.TRAINER.REFINER
     if not rcfg.ENABLED:
         return None
@@ -35,8 +38,9 @@ def build_refiner(cfg, dim: int, token_dim: int, num_patches: int) -> Optional[T
         raise UserError(f"TRAINER.REFINER.TOPK is {rcfg.TOPK} but the image encoder has only "
                         f"{num_patches} patches: choose TOPK <= {num_patches}.")
     try:
-        return TextRefiner(dim, token_dim, cache_size=rcfg.CACHE_SIZE, momentum=rcfg.MOMENTUM,
-                           alpha=rcfg.ALPHA, topk=rcfg.TOPK, write_rule=rcfg.WRITE_RULE)
+        with own_generator(cfg.get("SEED", -1), "refiner"):
+            return TextRefiner(dim, token_dim, cache_size=rcfg.CACHE_SIZE, momentum=rcfg.MOMENTUM,
+                               alpha=rcfg.ALPHA, topk=rcfg.TOPK, write_rule=rcfg.WRITE_RULE)
     except ValueError as exc:
         raise UserError(f"Invalid TRAINER.REFINER setting: {exc}.") from None
 

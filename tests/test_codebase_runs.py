@@ -1,0 +1,210 @@
+"""Same seed, same run: a whole training run equals its codebase's, on either engine.
+
+Against the codebases (checkouts in TEXTREFINER_CODEBASES, Dassl.pytorch importable): the
+codebase's own train.py, `textrefiner-train` on the Dassl engine, on the built-in engine without
+Dassl, and the drop-in (the codebase's train.py with the README's lines and the `TR_` trainer),
+3 epochs on an EuroSAT-layout fixture, fp32, CPU, with 0 and 2 loader workers: the same batches,
+the same crops, the same torch random state at every epoch's start, and the learned tensors
+within 1e-5. Without the codebases: CoOp and CoOp + TextRefiner see the same data, on both engines.
+"""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from textrefiner.clip_backbone import save_random_clip
+from textrefiner.data import write_synthetic_dataset
+from textrefiner.data.base import read_split_json, write_split_json
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(REPO, "tests", "codebase_train.py")
+CONFIGS = os.path.join(REPO, "configs")
+HAS_DASSL = importlib.util.find_spec("dassl") is not None
+CODEBASES = [p for p in os.environ.get("TEXTREFINER_CODEBASES", "").split(os.pathsep) if p]
+TOLERANCE = 1e-5
+
+# method -> (a file only its codebase has, trainer config there, opts, checkpoint folder)
+METHODS = {
+    "CoOp": ("trainers/coop.py", "CoOp/vit_b16_ep50_ctxv1.yaml",
+             ("TRAINER.COOP.PREC", "fp32", "DATALOADER.TRAIN_X.BATCH_SIZE", "8"),
+             "prompt_learner"),
+    "CoCoOp": ("trainers/cocoop.py", "CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml",
+               ("TRAINER.COCOOP.PREC", "fp32", "DATALOADER.TRAIN_X.BATCH_SIZE", "4"),
+               "prompt_learner"),
+    # MaPLe's codebase casts its projection to half precision whatever PREC says, so its fp32 runs
+    # fail ("mat1 and mat2 must have the same dtype"): compared in fp16 (slow on a CPU: one
+    # epoch, and to fp16's rounding)
+    "MaPLe": ("trainers/maple.py", "MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml",
+              ("TRAINER.MAPLE.PREC", "fp16", "TRAINER.MAPLE.PROMPT_DEPTH", "2",
+               "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "OPTIM.MAX_EPOCH", "1"),
+              "MultiModalPromptLearner"),
+}
+EPOCHS = {"MaPLe": 1}
+TOLERANCES = {"MaPLe": 1e-3}
+CASES = [(method, workers) for method in METHODS for workers in (0, 2)
+         if not (method == "MaPLe" and workers)]
+# MaPLe's codebase projects 512-wide text prompts to 768-wide vision prompts (ViT-B/16's widths)
+WIDE = {"MaPLe"}
+WIDE_CLIP = dict(embed_dim=512, image_resolution=32, vision_layers=2, vision_width=768,
+                 vision_patch_size=16, transformer_width=512, transformer_layers=2)
+COMMON_OPTS = ("INPUT.SIZE", "(32, 32)", "OPTIM.MAX_EPOCH", "3", "OPTIM.WARMUP_EPOCH", "0",
+               "DATASET.NUM_SHOTS", "4", "TRAIN.PRINT_FREQ", "1", "OPTIM.LR", "0.01")
+
+
+def codebase_of(method):
+    relative = METHODS[method][0]
+    found = [repo for repo in CODEBASES if os.path.isfile(os.path.join(repo, relative))]
+    if not found:
+        pytest.skip(f"no checkout in TEXTREFINER_CODEBASES holds {relative}")
+    if not HAS_DASSL:
+        pytest.skip("the codebases run on Dassl.pytorch, which is not installed")
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def eurosat_root(tmp_path_factory):
+    """Synthetic shapes in EuroSAT's layout (<root>/eurosat/2750, split_zhou_EuroSAT.json), which
+    the CoOp codebase's reader and ours read alike."""
+    root = tmp_path_factory.mktemp("eurosat_fixture")
+    folder = write_synthetic_dataset(str(root / "shapes"), num_classes=6, per_class_train=8,
+                                     per_class_val=4, per_class_test=4, image_size=48, seed=3)
+    images = root / "eurosat" / "2750"
+    images.parent.mkdir()
+    shutil.move(os.path.join(folder, "images"), str(images))
+    splits = read_split_json(os.path.join(folder, "split_zhou_SyntheticShapes.json"), str(images))
+    write_split_json(str(images.parent / "split_zhou_EuroSAT.json"), *splits, str(images))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def wide_clip(tmp_path_factory):
+    """A random CLIP with ViT-B/16's widths and two layers per tower."""
+    return save_random_clip(str(tmp_path_factory.mktemp("clip") / "wide_clip.pt"), **WIDE_CLIP)
+
+
+def run(mode, record, clip, args, codebase="", **env_vars):
+    """Run the runner (tests/codebase_train.py); returns the recorded lines."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_vars)
+    if mode == "ours-nodassl":  # Dassl on PYTHONPATH only: leave it out
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in env.get("PYTHONPATH", "").split(os.pathsep) if "Dassl" not in p)
+    command = [sys.executable, RUNNER, str(record), clip, mode] + (
+        [codebase] if codebase else []) + ["--"] + list(args)
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(record, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def stream(lines):
+    """(main-process events in order, each loader worker's augmentations in order, sorted)."""
+    main = [line for line in lines if not line.startswith("item ") or line.split()[1] == "main"]
+    workers = {}
+    for line in lines:
+        if line.startswith("item ") and line.split()[1] != "main":
+            workers.setdefault(line.split()[1], []).append(line.split(" ", 2)[2])
+    return main, sorted(workers.values())
+
+
+def learned(path):
+    """The learned tensors of a checkpoint by codebase name (`ctx`, `meta_net.*`, or MaPLe's
+    `prompt_learner.*`), CLIP's frozen weights left out."""
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = {k: v for k, v in state.items() if "token_prefix" not in k and "token_suffix" not in k}
+    if any(k.startswith("prompt_learner.") for k in state):
+        return {k: v for k, v in state.items() if k.startswith("prompt_learner.")}
+    return state
+
+
+def learned_keys(state):
+    """The keys of the learned tensors of a checkpoint's state_dict."""
+    return [k for k in state if "token_prefix" not in k and "token_suffix" not in k
+            and (k.startswith("prompt_learner.") or "." not in k or k.startswith("meta_net."))]
+
+
+def assert_same_tensors(ours, theirs, what, tolerance=TOLERANCE):
+    ours = {k.replace("prompt_learner.", "", 1) if k.replace("prompt_learner.", "", 1) in theirs
+            else k: v for k, v in ours.items()}
+    assert sorted(ours) == sorted(theirs), what
+    for key, value in theirs.items():
+        diff = (ours[key].float() - value.float()).abs().max().item()
+        assert diff <= tolerance, f"{what}: {key} differs by {diff}"
+
+
+@pytest.mark.parametrize("method, workers", CASES)
+def test_a_seed_gives_the_codebase_run(eurosat_root, demo, tmp_path, request, method, workers):
+    codebase = codebase_of(method)
+    clip = request.getfixturevalue("wide_clip") if method in WIDE else demo["clip"]
+    _, config, opts, folder = METHODS[method]
+    args = ["--root", eurosat_root, "--seed", "1",
+            "--dataset-config-file", os.path.join(codebase, "configs", "datasets", "eurosat.yaml"),
+            "--config-file", os.path.join(codebase, "configs", "trainers", config)]
+    opts = list(COMMON_OPTS + opts) + ["DATALOADER.NUM_WORKERS", str(workers)]
+    runs = {
+        "codebase": ("codebase", args + ["--trainer", method], opts),
+        "drop-in": ("dropin", args + ["--trainer", "TR_" + method], opts + [
+            "MODEL.BACKBONE.PATH", clip]),
+        "dassl engine": ("ours", ["--engine", "dassl"] + args + ["--trainer", method],
+                         opts + ["MODEL.BACKBONE.PATH", clip]),
+        "built-in engine": ("ours-nodassl", ["--engine", "standalone"] + args + [
+            "--trainer", method], opts + ["MODEL.BACKBONE.PATH", clip]),
+    }
+    results = {}
+    for name, (mode, run_args, run_opts) in runs.items():
+        out = tmp_path / name.replace(" ", "_")
+        shutil.rmtree(os.path.join(eurosat_root, "eurosat", "split_fewshot"), ignore_errors=True)
+        lines = run(mode, tmp_path / f"{out.name}.txt", clip,
+                    run_args + ["--output-dir", str(out)] + run_opts, codebase)
+        final = out / folder / f"model.pth.tar-{EPOCHS.get(method, 3)}"
+        results[name] = (stream(lines), learned(str(final)))
+    (main, workers_seen), theirs = results.pop("codebase")
+    assert sum(line.startswith("batch ") for line in main) >= 6 and (
+        workers_seen if workers else any(line.startswith("item main") for line in main))
+    for name, ((our_main, our_workers), ours) in results.items():
+        assert our_main == main, f"{name}: other batches, crops or random states"
+        assert our_workers == workers_seen, f"{name}: other crops in the loader workers"
+        assert_same_tensors(ours, theirs, name, TOLERANCES.get(method, TOLERANCE))
+
+    # The codebase's own --eval-only reads the file the built-in engine wrote as its own.
+    epochs = EPOCHS.get(method, 3)
+    dump = tmp_path / "loaded.pt"
+    run("codebase", tmp_path / "eval.txt", clip, args + [
+        "--trainer", method, "--output-dir", str(tmp_path / "eval"), "--eval-only",
+        "--model-dir", str(tmp_path / "built-in_engine"), "--load-epoch", str(epochs)] + opts,
+        codebase, DUMP_LOADED=str(dump))
+    loaded = torch.load(str(dump), weights_only=False)[folder]
+    saved = torch.load(str(tmp_path / "built-in_engine" / folder / f"model.pth.tar-{epochs}"),
+                       weights_only=True)["state_dict"]
+    trained = learned_keys(saved)
+    assert trained
+    for key in trained:
+        assert torch.equal(loaded[key], saved[key].to(loaded[key].dtype)), key
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("engine", ["standalone", "dassl"])
+def test_refiner_sees_the_data_of_the_run_without_it(demo, tmp_path, engine, workers):
+    """CoOp and CoOp + TextRefiner, same seed: the same images in the same batches with the same
+    crops, and the same torch random state at every epoch's start (TextRefiner draws its initial
+    weights and cache from a generator of its own)."""
+    if engine == "dassl" and not HAS_DASSL:
+        pytest.skip("Dassl.pytorch is not installed")
+    args = ["--engine", engine, "--root", demo["root"], "--trainer", "CoOp", "--seed", "1",
+            "--dataset-config-file", os.path.join(CONFIGS, "datasets", "synthetic_shapes.yaml"),
+            "--config-file", os.path.join(CONFIGS, "trainers", "CoOp", "demo_cpu.yaml")]
+    opts = ["MODEL.BACKBONE.PATH", demo["clip"], "DATASET.NUM_SHOTS", "4", "OPTIM.MAX_EPOCH", "2",
+            "DATALOADER.NUM_WORKERS", str(workers), "DATASET.SUBSAMPLE_CLASSES", "base"]
+    streams = []
+    for flags in ([], ["--refiner"]):
+        out = tmp_path / ("refiner" if flags else "plain")
+        lines = run("ours", tmp_path / f"{out.name}.txt", demo["clip"],
+                    args + ["--output-dir", str(out)] + flags + opts)
+        streams.append(stream(lines))
+    (main, seen), (main_tr, seen_tr) = streams
+    assert sum(line.startswith("batch ") for line in main) >= 4
+    assert (seen if workers else [line for line in main if line.startswith("item ")])
+    assert main_tr == main and seen_tr == seen
