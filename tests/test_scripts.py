@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HANG_TIMEOUT
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "scripts").glob("*.sh"))
 
@@ -49,7 +51,7 @@ def fake(tmp_path):
 
     def run(script, *args, ok=True, **environ):
         proc = subprocess.run(["bash", f"scripts/{script}", *args], cwd=REPO, env={**env, **environ},
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=HANG_TIMEOUT)
         if ok:
             assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc
