@@ -1,6 +1,7 @@
-"""TEXTREFINER_KILL_AT (textrefiner/faults.py): the value is checked, and a process dies with SIGKILL
-at exactly the named point and nowhere else. Whole runs killed this way: tests/test_resume.py,
-tests/test_distributed.py, tests/test_demo_learns.py, tests/test_feature_store.py."""
+"""TEXTREFINER_KILL_AT (textrefiner/faults.py): the value is checked, and a process dies with
+SIGKILL at exactly the named point and nowhere else. Whole runs killed this way:
+tests/test_resume.py, tests/test_distributed.py, tests/test_demo_learns.py,
+tests/test_feature_store.py."""
 import os
 import signal
 import subprocess

@@ -55,9 +55,14 @@ def planned() -> Optional[Dict[str, int]]:
     if not text:
         return None
     point = parse(text)
-    if "rank" in point and point["rank"] != int(os.environ.get("RANK", "0") or 0):
+    if "rank" in point and point["rank"] != _rank():
         return None
     return point
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (RANK), 0 without it."""
+    return int(os.environ.get("RANK") or 0)
 
 
 def check():
@@ -67,8 +72,8 @@ def check():
 
 def _kill(where: str):
     sys.stdout.flush()
-    print(f"{ENV}={os.environ[ENV]}: killed process {os.getpid()} (rank "
-          f"{os.environ.get('RANK', '0') or 0}) {where}", file=sys.stderr, flush=True)
+    print(f"{ENV}={os.environ[ENV]}: killed process {os.getpid()} (rank {_rank()}) {where}",
+          file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
