@@ -21,9 +21,10 @@ RESNET_CLIP = dict(embed_dim=32, image_resolution=96, vision_layers=(1, 2, 1, 1)
                    transformer_width=64, transformer_layers=2, seed=2)
 
 # The one wall-clock limit on the subprocesses tests start; it only stops a hung test, never
-# decides a result. The longest of them (the every-method torchrun launch in
-# tests/test_distributed.py) takes about 3 minutes on an idle 2-core machine: 30 minutes lets a
-# machine three times slower, busy with other work besides, pass.
+# decides a result. The longest test that starts them (two evaluations at once in
+# tests/test_feature_store.py) took 27 s on a 2-core machine with two busy loops beside the suite,
+# and whole files ran 2.5 times slower at a load average of 10: 30 minutes lets a machine ten
+# times slower than that pass.
 HANG_TIMEOUT = 1800
 
 CLASSNAMES = ["red circle", "blue square", "green_triangle", "yellow star", "striped disc"]

@@ -265,7 +265,7 @@ def alive(pid):
 
 
 def test_busy_tests_runs_pytest_twice_beside_busy_loops_and_stops_them():
-    env = dict(os.environ, PYTHON=sys.executable)
+    env = dict(os.environ, PYTHON=sys.executable, BUSY="2", KERNELS="1")  # the defaults
     selection = ["tests/test_faults.py", "-k", "values_read"]
     proc = subprocess.run(["bash", "scripts/busy_tests.sh", *selection], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=HANG_TIMEOUT)
