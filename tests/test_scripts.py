@@ -78,6 +78,29 @@ def test_syntax(script):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 
 
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_busy_tests_runs_pytest_twice_beside_busy_loops_and_stops_them():
+    env = dict(os.environ, PYTHON=sys.executable, BUSY="2", KERNELS="1")  # the defaults
+    selection = ["tests/test_faults.py", "-k", "values_read"]
+    proc = subprocess.run(["bash", "scripts/busy_tests.sh", *selection], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("3 passed") == 2 and "ATEN_CPU_CAPABILITY=default" in proc.stdout
+    pids = proc.stdout.split("(pids ", 1)[1].split(")", 1)[0].split()
+    assert len(pids) == 2 and not any(alive(int(pid)) for pid in pids)
+    failing = subprocess.run(["bash", "scripts/busy_tests.sh", *selection, "-k", "no_such_test"],
+                             cwd=REPO, env=dict(env, BUSY="1", KERNELS="0"),
+                             capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert failing.returncode != 0 and "again under" not in failing.stdout
+
+
 def test_base2new_commands_and_summary(fake, tmp_path):
     out = tmp_path / "out"
     proc = fake("base2new.sh", "CoOp", "dtd", "--refiner", "--seeds", "1 2", "--root", "/data", "--out", str(out),
@@ -254,26 +277,3 @@ def test_engine_variable_reaches_every_run(fake, tmp_path, script, args):
 
 def test_demo_runs_on_the_builtin_engine():
     assert "export ENGINE=standalone" in (REPO / "scripts" / "demo.sh").read_text()
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def test_busy_tests_runs_pytest_twice_beside_busy_loops_and_stops_them():
-    env = dict(os.environ, PYTHON=sys.executable, BUSY="2", KERNELS="1")  # the defaults
-    selection = ["tests/test_faults.py", "-k", "values_read"]
-    proc = subprocess.run(["bash", "scripts/busy_tests.sh", *selection], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("3 passed") == 2 and "ATEN_CPU_CAPABILITY=default" in proc.stdout
-    pids = proc.stdout.split("(pids ", 1)[1].split(")", 1)[0].split()
-    assert len(pids) == 2 and not any(alive(int(pid)) for pid in pids)
-    failing = subprocess.run(["bash", "scripts/busy_tests.sh", *selection, "-k", "no_such_test"],
-                             cwd=REPO, env=dict(env, BUSY="1", KERNELS="0"),
-                             capture_output=True, text=True, timeout=HANG_TIMEOUT)
-    assert failing.returncode != 0 and "again under" not in failing.stdout
