@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import HANG_TIMEOUT
 from textrefiner import _compat
 from textrefiner.clip_backbone import (TextEncoder, attach_ivlp_prompts, clip_cache_dir,
                                        clip_dims, embed_tokens, encode_image, encode_text,
@@ -479,7 +480,7 @@ def fresh_interpreters(tmp_path_factory):
 
     def result(name):
         if name not in results:
-            out, err = runs[name].communicate(timeout=180)
+            out, err = runs[name].communicate(timeout=HANG_TIMEOUT)
             results[name] = (out, err, runs[name].returncode)
         return results[name]
 

@@ -461,12 +461,17 @@ def test_synthetic_dataset_is_deterministic_and_readable(tmp_path):
     assert batch["img"].shape == (4, 3, 32, 32)
 
 
-def test_synthetic_default_size_is_fast_and_distinct(tmp_path):
-    import time
+def test_synthetic_default_size_is_small_and_distinct(tmp_path):
+    """Small enough to write in a few seconds: 10 classes x 30 images of 64 px (asserted by
+    size, not by the clock, which a busy machine stretches)."""
+    from PIL import Image
 
-    start = time.time()
-    write_synthetic_dataset(tmp_path)
-    assert time.time() - start < 5
+    folder = write_synthetic_dataset(tmp_path)
+    images = sorted(os.path.join(root, f) for root, _, files in os.walk(folder)
+                    for f in files if f.endswith(".png"))
+    assert len(images) == 10 * (16 + 4 + 10)
+    with Image.open(images[0]) as image:
+        assert image.size == (64, 64)
     names = synthetic_classnames(30)
     assert len(set(names)) == 30
     with pytest.raises(ValueError):

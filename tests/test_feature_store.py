@@ -6,14 +6,14 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from conftest import HANG_TIMEOUT
 from textrefiner.engine.standalone import StandaloneTrainer
 from textrefiner.feature_store import (MAGIC, TMP_PREFIX, FeatureStore, batch_entry_keys,
-                                       encode_file, image_key, model_key, store_refusal)
+                                       image_key, model_key, store_refusal)
 from textrefiner.methods import method_class
 from textrefiner.train import build_parser, main, setup_cfg
 
@@ -280,8 +280,8 @@ print("done", flush=True)
 """
 
 
-def writer(tmp_path, name, count, rows=8):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+def writer(tmp_path, name, count, rows=8, **environ):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **environ)
     return subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "store"), name,
                              str(count), str(rows)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -298,7 +298,7 @@ def check_store(tmp_path):
 def test_two_processes_writing_at_once_lose_and_corrupt_nothing(tmp_path):
     procs = [writer(tmp_path, name, 60) for name in ("a", "b", "c")]
     for proc in procs:
-        out, err = proc.communicate(timeout=240)
+        out, err = proc.communicate(timeout=HANG_TIMEOUT)
         assert proc.returncode == 0 and "done" in out, err
     found, lines = check_store(tmp_path)
     assert len(found) == 40 and lines == []
@@ -306,22 +306,20 @@ def test_two_processes_writing_at_once_lose_and_corrupt_nothing(tmp_path):
 
 
 def test_killed_writer_leaves_a_readable_store_and_its_temporary_file_is_removed(tmp_path):
-    proc = writer(tmp_path, "a", 100000, rows=2000)  # ~0.5 MB files: killed mid-write
-    deadline = time.time() + 120
-    while len(list((tmp_path / "store").rglob("*.feat"))) < 3:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stdout.close()
-    proc.stderr.close()
+    """The writer kills itself (TEXTREFINER_KILL_AT) with its third file written to a temporary
+    file, not yet renamed: the store holds its first two files, and the next reader removes the
+    dead writer's temporary file."""
+    proc = writer(tmp_path, "a", 10, TEXTREFINER_KILL_AT="store_write=3")
+    _, err = proc.communicate(timeout=HANG_TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL, err
+    assert "TEXTREFINER_KILL_AT=store_write=3: killed process" in err, err
     group = next((tmp_path / "store").rglob("g"))
-    # a temporary file as a writer killed mid-write leaves it (the kill may or may not have hit
-    # one): this machine's name, the dead writer's pid
-    left = group / f"{TMP_PREFIX}{__import__('socket').gethostname()}-{proc.pid}-x"
-    left.write_bytes(encode_file(["k1"], torch.zeros(1, 64))[:50])
+    left = [p.name for p in group.iterdir() if p.name.startswith(TMP_PREFIX)]
+    assert len(left) == 1 and left[0].startswith(
+        f"{TMP_PREFIX}{__import__('socket').gethostname()}-{proc.pid}-"), left
+    assert len(list(group.glob("*.feat"))) == 2
     found, lines = check_store(tmp_path)
-    assert found and lines == []
+    assert sorted(found) == sorted(f"k{i}" for i in range(11)) and lines == []  # files 0 and 1
     assert not any(p.name.startswith(TMP_PREFIX) for p in group.iterdir())
 
 
@@ -340,7 +338,7 @@ def test_two_evaluations_at_once_share_the_store(demo, tmp_path):
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for name in ("a", "b")]
     for proc in procs:
-        _, err = proc.communicate(timeout=240)
+        _, err = proc.communicate(timeout=HANG_TIMEOUT)
         assert proc.returncode == 0, err[-2000:]
     logs = [(tmp_path / name / "log.txt").read_text() for name in ("a", "b")]
     plain, _ = eval_logits(run_args(demo, tmp_path / "c", "CoOp", None, True))

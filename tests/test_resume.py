@@ -2,19 +2,19 @@
 resumed into another folder (`--output-dir B --resume A`) and into its own folder, ends with the
 same final checkpoints (weights, cache, optimiser), the same best model and the same test accuracy
 as an uninterrupted run, on both engines, with TEST.FINAL_MODEL last_step and best_val, with and
-without --refiner. The kill points are log lines: right after epoch 1's checkpoint is saved
-("between epochs") and after the second step of epoch 2 ("inside an epoch")."""
+without --refiner. The run kills itself at a chosen point (TEXTREFINER_KILL_AT,
+textrefiner/faults.py), so the killed state is the same on any machine: right after epoch 1's
+checkpoints are saved ("between epochs") and right after the optimiser step of epoch 2's second
+batch ("inside an epoch")."""
 import hashlib
 import importlib.util
 import os
-import signal
 import subprocess
-import sys
-import threading
 
 import pytest
 import torch
 
+from conftest import run_killed
 from textrefiner.checkpoint import read_checkpoint
 from textrefiner.results import read_accuracy
 from textrefiner.train import main
@@ -25,7 +25,7 @@ DASSL = pytest.param("dassl", marks=pytest.mark.skipif(not HAS_DASSL,
                                                        reason="Dassl.pytorch is not installed"))
 EPOCHS = 3
 FOLDER = "prompt_learner"
-KILL_LINES = {"between": "model.pth.tar-1", "inside": f"epoch [2/{EPOCHS}] batch [2/"}
+KILL_AT = {"between": "epoch=1", "inside": "epoch=2,batch=2"}  # TEXTREFINER_KILL_AT
 # Each engine sees every (TEST.FINAL_MODEL, --refiner) pair and both kill points; the two engines
 # together cover all eight combinations.
 CASES = {
@@ -47,30 +47,6 @@ def command(demo, out, engine, final_model, refiner, extra=()):
     if engine == "dassl":  # Dassl saves every TRAIN.CHECKPOINT_FREQ epochs (and the last one)
         opts += ["TRAIN.CHECKPOINT_FREQ", "1"]
     return args + opts
-
-
-def kill_on_line(args, line, timeout=300):
-    """Run the CLI in a subprocess and SIGKILL it as soon as it prints `line`."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "textrefiner.train"] + args, cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(timeout, proc.kill)
-    watchdog.start()
-    printed = []
-    try:
-        for text in proc.stdout:
-            printed.append(text)
-            if line in text:
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=60)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL, "".join(printed[-40:])
 
 
 def final_tests(out):
@@ -129,9 +105,16 @@ def digests(folder):
 def test_killed_run_resumes_like_an_uninterrupted_one(demo, tmp_path, engine, final_model,
                                                       refiner, kill_at):
     killed, other, straight = tmp_path / "A", tmp_path / "B", tmp_path / "straight"
-    kill_on_line(command(demo, killed, engine, final_model, refiner), KILL_LINES[kill_at])
+    output = run_killed(command(demo, killed, engine, final_model, refiner), KILL_AT[kill_at],
+                        REPO)
     saved = set(os.listdir(killed / FOLDER))
-    assert "model.pth.tar-1" in saved and f"model.pth.tar-{EPOCHS}" not in saved, saved
+    assert {"model.pth.tar-1", "checkpoint"} <= saved <= {"model.pth.tar-1", "checkpoint",
+                                                           "model-best.pth.tar"}, saved
+    if kill_at == "inside":  # epoch 2's first batch ran and printed; its second one did not print
+        assert f"epoch [2/{EPOCHS}] batch [1/" in output
+        assert f"epoch [2/{EPOCHS}] batch [2/" not in output
+    else:
+        assert "epoch [2/" not in output
     assert ("model-best.pth.tar" in saved) == (final_model == "best_val")
     before = digests(killed / FOLDER)
     assert not finished(killed), "scripts/common.sh must rerun (resume) a killed run"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HANG_TIMEOUT
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "scripts").glob("*.sh"))
 
@@ -49,7 +51,7 @@ def fake(tmp_path):
 
     def run(script, *args, ok=True, **environ):
         proc = subprocess.run(["bash", f"scripts/{script}", *args], cwd=REPO, env={**env, **environ},
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=HANG_TIMEOUT)
         if ok:
             assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc
@@ -74,6 +76,29 @@ def overrides(args):
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_syntax(script):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_busy_tests_runs_pytest_twice_beside_busy_loops_and_stops_them():
+    env = dict(os.environ, PYTHON=sys.executable, BUSY="2", KERNELS="1")  # the defaults
+    selection = ["tests/test_faults.py", "-k", "values_read"]
+    proc = subprocess.run(["bash", "scripts/busy_tests.sh", *selection], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("3 passed") == 2 and "ATEN_CPU_CAPABILITY=default" in proc.stdout
+    pids = proc.stdout.split("(pids ", 1)[1].split(")", 1)[0].split()
+    assert len(pids) == 2 and not any(alive(int(pid)) for pid in pids)
+    failing = subprocess.run(["bash", "scripts/busy_tests.sh", *selection, "-k", "no_such_test"],
+                             cwd=REPO, env=dict(env, BUSY="1", KERNELS="0"),
+                             capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert failing.returncode != 0 and "again under" not in failing.stdout
 
 
 def test_base2new_commands_and_summary(fake, tmp_path):

@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from . import faults
 from .errors import UserError, output_failed
 
 FORMAT_VERSION = 1
@@ -247,13 +248,15 @@ class FeatureStore:
         path = os.path.join(folder, uuid.uuid4().hex + SUFFIX)
         try:
             os.makedirs(folder, exist_ok=True)
-            self._atomic_write(folder, encode_file(keys, features), path)
+            # TEXTREFINER_KILL_AT=store_write=N stops the N-th features file before its rename
+            self._atomic_write(folder, encode_file(keys, features), path,
+                               before_rename=faults.before_store_rename)
         except OSError as exc:
             raise output_failed(path, exc) from None
         return path
 
     @staticmethod
-    def _atomic_write(folder: str, data: bytes, path: str):
+    def _atomic_write(folder: str, data: bytes, path: str, before_rename=None):
         temporary = os.path.join(folder, f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
                                          f"{uuid.uuid4().hex}")
         try:
@@ -261,6 +264,8 @@ class FeatureStore:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+            if before_rename is not None:
+                before_rename(temporary)
             os.replace(temporary, path)
         finally:
             if os.path.exists(temporary):

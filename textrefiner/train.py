@@ -15,6 +15,7 @@ import os
 import re
 import sys
 
+from . import faults
 from .config import add_refiner_args, apply_refiner_args, load_cfg
 from .errors import OutputError, UserError, describe_os_error, output_failed
 from .methods import METHODS, method_class
@@ -168,6 +169,7 @@ def run(argv=None):
 
 
 def run_args(args):
+    faults.check()  # a malformed TEXTREFINER_KILL_AT fails before anything runs
     cfg = setup_cfg(args)
     if cfg.RESUME and not os.path.isdir(cfg.RESUME):
         raise UserError(f"--resume {cfg.RESUME} is not a folder: give the --output-dir of the run "

@@ -13,6 +13,7 @@ from dassl.data import DataManager
 from dassl.engine import TrainerX
 from dassl.optim import build_lr_scheduler, build_optimizer
 
+from textrefiner import faults
 from textrefiner.checkpoint import (LATEST_MARKER, carry_best_checkpoint, check_resumable_lr,
                                     checkpoint_path, load_init_weights, load_method_checkpoint,
                                     missing_best_error, no_checkpoint_to_resume,
@@ -144,6 +145,7 @@ class MethodTrainer(TrainerX):
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optim)
                 self.scaler.update()
+        faults.after_step(self.epoch + 1, self.batch_idx + 1)  # TEXTREFINER_KILL_AT, for tests
         summary = {"loss": loss.item()}
         summary.update({name: float(value) for name, value in parts.items()})
         if (self.batch_idx + 1) == self.num_batches:  # per-epoch schedule, as CoOp
@@ -155,6 +157,7 @@ class MethodTrainer(TrainerX):
             print(f"cache: skipped {self.model.skipped_cache_tokens} non-finite local tokens so far")
         self.model.on_epoch_end(self.epoch, self.max_epoch)  # e.g. PromptSRC's GPA, before saving
         super().after_epoch()
+        faults.after_epoch(self.epoch + 1)  # TEXTREFINER_KILL_AT, for tests
 
     def model_inference(self, images):
         with amp_autocast(self.precision, self.device):

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .. import faults
 from ..checkpoint import (carry_best_checkpoint, check_resumable_lr, checkpoint_path,
                           load_init_weights, load_method_checkpoint, missing_best_error,
                           no_checkpoint_to_resume, restored_best_result,
@@ -225,6 +226,7 @@ class StandaloneTrainer:
         for epoch in range(self.start_epoch, max_epoch):
             self.run_epoch(epoch)
             self.after_epoch(epoch)
+            faults.after_epoch(epoch + 1)  # TEXTREFINER_KILL_AT, for tests
         self.log(f"Finished training in {datetime.timedelta(seconds=int(time.time() - started))}")
         if not cfg.TEST.NO_TEST:
             if cfg.TEST.FINAL_MODEL == "best_val" and self.checkpoint_name:
@@ -265,6 +267,7 @@ class StandaloneTrainer:
         lr = self.optim.param_groups[0]["lr"]
         for batch_idx, batch in enumerate(bar):
             parts = self.train_step(batch)
+            faults.after_step(epoch + 1, batch_idx + 1)  # TEXTREFINER_KILL_AT, for tests
             count += 1
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value
