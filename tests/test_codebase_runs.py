@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from conftest import HANG_TIMEOUT
 from textrefiner.clip_backbone import save_random_clip
 from textrefiner.data import write_synthetic_dataset
 from textrefiner.data.base import read_split_json, write_split_json
@@ -94,7 +95,7 @@ def run(mode, record, clip, args, codebase="", **env_vars):
             p for p in env.get("PYTHONPATH", "").split(os.pathsep) if "Dassl" not in p)
     command = [sys.executable, RUNNER, str(record), clip, mode] + (
         [codebase] if codebase else []) + ["--"] + list(args)
-    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=HANG_TIMEOUT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     with open(record, encoding="utf-8") as f:
         return f.read().splitlines()

@@ -1,7 +1,7 @@
-"""TEXTREFINER_KILL_AT (textrefiner/faults.py): the value is checked, and a process dies with
-SIGKILL at exactly the named point and nowhere else. Whole runs killed this way:
-tests/test_resume.py, tests/test_distributed.py, tests/test_demo_learns.py,
-tests/test_feature_store.py."""
+"""TEXTREFINER_KILL_AT and TEXTREFINER_PAUSE_AT (textrefiner/faults.py): the value is checked, and
+a process dies with SIGKILL (or waits for a signal) at exactly the named point and nowhere else.
+Whole runs killed this way: tests/test_resume.py, tests/test_distributed.py,
+tests/test_demo_learns.py, tests/test_feature_store.py; held for Slurm: tests/test_slurm.py."""
 import os
 import signal
 import subprocess
@@ -80,3 +80,26 @@ def test_the_process_dies_exactly_at_the_point(kill_at, last):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert printed[-1] == last
     assert proc.stderr.startswith(f"TEXTREFINER_KILL_AT={kill_at}: killed process "), proc.stderr
+
+
+@pytest.mark.parametrize("pause_at, last", [("epoch=2,batch=2", "step 2.1"), ("epoch=2", "step 2.3")])
+def test_the_process_waits_at_the_point_until_a_signal_ends_it(pause_at, last):
+    """TEXTREFINER_PAUSE_AT: the process holds there (a handler that returns does not free it);
+    what is printed before the hold is all there is, however long the test takes to signal."""
+    env = dict(os.environ, TEXTREFINER_PAUSE_AT=pause_at, RANK="0")
+    code = "import signal; signal.signal(signal.SIGUSR1, lambda *_: None)\n" + CALLS
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    waits = proc.stderr.readline()  # blocks until the process stands at the point
+    assert waits.startswith(f"TEXTREFINER_PAUSE_AT={pause_at}: process {proc.pid} "), waits
+    proc.send_signal(signal.SIGUSR1)  # handled and returned: still held
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=HANG_TIMEOUT)
+    assert proc.returncode == -signal.SIGTERM
+    assert out.split("\n")[:-1][-1] == last
+
+
+def test_malformed_pause_value_is_refused(monkeypatch):
+    monkeypatch.setenv(faults.PAUSE_ENV, "batch=1")
+    with pytest.raises(UserError, match="TEXTREFINER_PAUSE_AT='batch=1'"):
+        faults.check()

@@ -297,25 +297,36 @@ def test_a_failing_run_is_reported_with_its_log_and_its_test_run_dropped(cluster
 
 @pytest.mark.parametrize("how", ["signal", "requeue"])
 def test_a_job_interrupted_in_the_middle_of_training_ends_bit_identical(cluster, demo, tmp_path,
-                                                                        how, epochs=16):
-    """Once the epoch 1 checkpoint exists, the job gets Slurm's warning signal (USR2, as
+                                                                        monkeypatch, how,
+                                                                        epochs=4):
+    """The job holds after epoch 1 and its checkpoint (TEXTREFINER_PAUSE_AT, which the job's
+    environment inherits from the submission), then gets Slurm's warning signal (USR2, as
     `--signal` sends it before the time limit or a preemption: submitit requeues the job) or is
     requeued by `scontrol requeue` (SIGTERM, then SIGKILL after KillWait). It comes back, resumes
-    from its last checkpoint, and ends with the weights and optimiser state of a run never
-    interrupted."""
+    from its last checkpoint (after the hold's point, so it does not hold again), and ends with
+    the weights and optimiser state of a run never interrupted, on a fast machine as on a slow
+    one."""
     spec = write_spec(tmp_path / "spec.yaml", demo, epochs=epochs)
     out = tmp_path / "slurm"
     train = plan(spec, out)[2]
+    monkeypatch.setenv("TEXTREFINER_PAUSE_AT", "epoch=1")
     slurm.submit([train], cpu_args(spec, out))
+    monkeypatch.delenv("TEXTREFINER_PAUSE_AT")
     job = slurm.read_jobs(str(out))[train.key]
-    first = os.path.join(train.output_dir, "prompt_learner", "model.pth.tar-1")
-    wait_for(lambda: os.path.exists(first), "the epoch 1 checkpoint", timeout=300, every=0.02)
+
+    def holds():
+        return os.path.isfile(train.log) and "TEXTREFINER_PAUSE_AT=epoch=1: process" in open(
+            train.log).read()
+    wait_for(holds, "the job to hold after epoch 1 (its sweep.log)", timeout=TIMEOUT)
+    saved = os.listdir(os.path.join(train.output_dir, "prompt_learner"))
+    assert "model.pth.tar-1" in saved and "model.pth.tar-2" not in saved, saved
     command = (["scancel", "--signal", "USR2", job] if how == "signal"
                else ["scontrol", "requeue", job])
     subprocess.run(command, env=cluster, check=True)
     # Slurm holds a requeued job back for a while (its begin time): let it start now
     wait_for(lambda: re.search(r"JobState=PENDING Reason=BeginTime.*Restarts=1",
-                               job_info(job, cluster), re.S), "the job's requeue")
+                               job_info(job, cluster), re.S), "the job's requeue",
+             timeout=TIMEOUT)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster,
                    check=True)
     states = slurm.follow([train], str(out), poll=1, timeout=TIMEOUT)
