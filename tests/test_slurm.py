@@ -310,8 +310,11 @@ def test_a_job_interrupted_in_the_middle_of_training_ends_bit_identical(cluster,
     out = tmp_path / "slurm"
     train = plan(spec, out)[2]
     monkeypatch.setenv("TEXTREFINER_PAUSE_AT", "epoch=1")
+    # the job sums with one thread, as this process (conftest) does for the run compared below
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     slurm.submit([train], cpu_args(spec, out))
     monkeypatch.delenv("TEXTREFINER_PAUSE_AT")
+    assert torch.get_num_threads() == 1
     job = slurm.read_jobs(str(out))[train.key]
 
     def holds():

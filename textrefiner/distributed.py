@@ -19,6 +19,7 @@ floating-point summation order:
 Evaluation splits the test set into contiguous shares without padding and gathers the predictions
 in order (`gather_predictions`), so every image is scored exactly once.
 """
+import atexit
 import inspect
 import os
 
@@ -41,7 +42,17 @@ def init_from_environment(use_cuda: bool):
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda and torch.cuda.is_available() else "gloo")
+        # at exit, not after the run: a process may train several runs in one group
+        atexit.register(_leave_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _leave_process_group():
+    """Leave the process group before the interpreter exits: a gloo group left to the exit's
+    destructors can abort a rank ("terminate called without an active exception") once its
+    peers are gone. No barrier: a rank that failed must not make the others wait."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap_ddp(module: nn.Module, device: torch.device, sync_buffers: bool) -> nn.Module:
