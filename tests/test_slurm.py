@@ -326,10 +326,14 @@ def test_a_job_interrupted_in_the_middle_of_training_ends_bit_identical(cluster,
     command = (["scancel", "--signal", "USR2", job] if how == "signal"
                else ["scontrol", "requeue", job])
     subprocess.run(command, env=cluster, check=True)
-    # Slurm holds a requeued job back for a while (its begin time): let it start now
+    # Slurm holds a requeued job back for a while (its begin time): let it start now, once the
+    # interrupted incarnation's processes are gone (started beside them, the new one was
+    # terminated with them now and then)
     wait_for(lambda: re.search(r"JobState=PENDING Reason=BeginTime.*Restarts=1",
                                job_info(job, cluster), re.S), "the job's requeue",
              timeout=TIMEOUT)
+    wait_for(lambda: subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."]).returncode == 1,
+             "the interrupted job's steps to end", timeout=TIMEOUT)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster,
                    check=True)
     states = slurm.follow([train], str(out), poll=1, timeout=TIMEOUT)

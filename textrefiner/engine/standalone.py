@@ -424,6 +424,7 @@ def run_standalone(cfg, trainer_name: str, eval_only=False, model_dir="", load_e
             trainer.test()
         elif not no_train:
             trainer.train()
+        barrier()  # under torchrun no rank leaves while another still works with the group
     finally:
         trainer.close()
     return trainer
