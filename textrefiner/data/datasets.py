@@ -234,8 +234,12 @@ def read_dataset(root, name, log=print):
 
 def preload_dataset(root, name) -> None:
     """Read dataset `name`'s splits once, for every later `read_dataset` of this process and of
-    the processes it forks."""
-    _PRELOADED[(os.path.abspath(root), name)] = read_dataset(root, name)
+    the processes it forks. A folder of one's own images is only split here (its split file
+    written once, before the runs start): each run still lists it, to see that it is unchanged
+    and to say in its log where the split is."""
+    splits = read_dataset(root, name, log=lambda line: None)
+    if name != FOLDER_DATASET:
+        _PRELOADED[(os.path.abspath(root), name)] = splits
 
 
 def build_dataset(cfg, all_classes_for_training=False, log=print):
