@@ -384,3 +384,20 @@ def test_a_folder_gives_the_same_run_on_both_engines_and_in_the_drop_in(demo, tm
         assert our_main == main, f"{name}: other batches, crops or random states"
         assert_same_tensors(ours, theirs, name)
         assert our_accuracy == accuracy, name
+
+
+@pytest.mark.parametrize("engine", ["standalone", "dassl"])
+def test_textrefiner_train_reports_a_bad_folder_in_one_line(demo, tmp_path, capsys, engine):
+    if engine == "dassl" and not HAS_DASSL:
+        pytest.skip("Dassl.pytorch is not installed")
+    from textrefiner.train import main
+
+    folder = write_images(tmp_path / "photos", {"cat": 6})
+    code = main(["--engine", engine, "--root", folder, "--trainer", "CoOp",
+                 "--dataset-config-file", FOLDER_CFG, "--config-file",
+                 os.path.join(REPO, "configs", "trainers", "CoOp", "demo_cpu.yaml"),
+                 "--output-dir", str(tmp_path / "out"), "MODEL.BACKBONE.PATH", demo["clip"]])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"textrefiner-train: error: {folder} has one class folder (cat): a classifier "
+                   "needs at least two classes; add a folder per class."]
