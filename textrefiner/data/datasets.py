@@ -18,8 +18,8 @@ from textrefiner.data.base import (
     subsample_classes,
     write_split_json,
 )
-from textrefiner.data.folder import (FOLDER_DATASET, check_shots, read_image_folder,
-                                     resolve_folder, split_home)
+from textrefiner.data.folder import (FOLDER_DATASET, check_shots, fewshot_home,
+                                     read_image_folder, resolve_folder)
 from textrefiner.errors import UserError
 
 
@@ -260,7 +260,7 @@ def build_dataset(cfg, all_classes_for_training=False, log=print):
     folder, cache_dir = dataset_dir(root, name), None
     if name == FOLDER_DATASET:
         check_shots(folder, train, cfg.DATASET.NUM_SHOTS)
-        cache_dir = split_home(folder)
+        cache_dir = fewshot_home(folder)
     train, val = fewshot_splits(folder, train, val, cfg.DATASET.NUM_SHOTS, cfg.SEED, cache_dir)
     subsample = cfg.DATASET.get("SUBSAMPLE_CLASSES", "all")
     if all_classes_for_training:

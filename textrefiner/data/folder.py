@@ -73,6 +73,13 @@ def split_home(folder):
     return folder
 
 
+def fewshot_home(folder):
+    """Where the few-shot draws are cached: beside the split, unless that folder has become
+    read-only since (then the cache folder)."""
+    home = split_home(folder)
+    return home if os.access(home, os.W_OK) else cache_home(folder)
+
+
 # ------------------------------------------------------------------------------ listing
 
 
@@ -333,8 +340,9 @@ def read_image_folder(folder, log=print):
     folder = os.path.abspath(folder)
     listing = list_folder(folder)
     if listing.skipped:
-        log(f"{folder}: skipped {len(listing.skipped)} file(s) that are not images (by their "
-            f"extension), e.g. {listing.skipped[0]}")
+        log(f"{folder}: skipped {len(listing.skipped)} file(s) that are not images by their "
+            f"extension, e.g. {listing.skipped[0]} (an image needs one of "
+            f"{' '.join(sorted(IMAGE_EXTENSIONS))}, any case)")
     path = os.path.join(split_home(folder), SPLIT_FILE)
     if os.path.isfile(path):
         train, val, test = read_split_json(path, folder)
