@@ -290,6 +290,14 @@ def test_split_folders_beside_class_folders(tmp_path):
     one_line_error(r"beside other folders \(horse\)", read_image_folder, str(tmp_path / "d"))
 
 
+@pytest.mark.parametrize("alone, missing", [(("train",), "test/ or val/"),
+                                             (("val", "test"), "train/")])
+def test_incomplete_split_folders(tmp_path, alone, missing):
+    for split in alone:
+        write_images(tmp_path / "d" / split, {"cat": 4, "dog": 4})
+    one_line_error(f"without {missing} beside it", read_image_folder, str(tmp_path / "d"))
+
+
 def test_images_added_after_the_split_was_written(tmp_path):
     folder = write_images(tmp_path / "d", {"cat": 4, "dog": 4})
     read_image_folder(folder, log=lambda line: None)

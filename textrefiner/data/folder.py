@@ -123,8 +123,12 @@ def split_layout(folder):
     """The split folders present when `folder` holds train/ and test/ or val/, else None."""
     names = [e.name for e in visible_entries(folder) if e.is_dir() and e.name != FEWSHOT_FOLDER]
     present = [s for s in SPLIT_FOLDERS if s in names]
-    if "train" not in present or len(present) < 2:
+    if not present:
         return None
+    if "train" not in present or len(present) < 2:
+        raise UserError(f"{folder} holds {'/ and '.join(present)}/ without "
+                        f"{'test/ or val/' if 'train' in present else 'train/'} beside it: add "
+                        "the missing split folder, or rename the folder if it is a class.")
     others = sorted(set(names) - set(SPLIT_FOLDERS))
     if others:
         raise UserError(f"{folder} holds {'/, '.join(present)}/ beside other folders "
