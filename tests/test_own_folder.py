@@ -409,3 +409,20 @@ def test_textrefiner_train_reports_a_bad_folder_in_one_line(demo, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"textrefiner-train: error: {folder} has one class folder (cat): a classifier "
                    "needs at least two classes; add a folder per class."]
+
+
+def test_textrefiner_data_checks_a_folder_and_lists_its_classes(tmp_path, capsys):
+    from textrefiner.data.prepare import main
+
+    folder = write_images(tmp_path / "pets", {"cat": 10, "sea_lion": 4})
+    assert main(["ImageFolder", "--root", folder]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3:] == ["    0      5     2     3  cat (cat)",
+                        "    1      2     1     1  sea lion (sea_lion)",
+                        "2 classes; train 7, val 3, test 4 images"]
+    assert os.path.isfile(os.path.join(folder, SPLIT_FILE))
+    write_images(tmp_path / "one", {"cat": 4})
+    assert main(["ImageFolder", "--root", str(tmp_path / "one")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'one'} has one class folder (cat): a classifier needs at least two "
+        "classes; add a folder per class."]

@@ -374,3 +374,20 @@ def check_shots(folder, train, num_shots):
                 f"Class {classname!r} ({os.path.dirname(first[classname])}) has {count} training "
                 f"image(s), fewer than DATASET.NUM_SHOTS {num_shots}: add images (a folder "
                 "without train/ trains on half of each class), or lower DATASET.NUM_SHOTS.")
+
+
+def summarize_folder(folder, log=print):
+    """Check and split `folder` (as a run would), then log one line per class: its label, name,
+    folder and train / val / test counts (`textrefiner-data ImageFolder --root FOLDER`)."""
+    train, val, test = read_image_folder(folder, log)
+    counts = {}
+    for split, items in enumerate((train, val, test)):
+        for item in items:
+            row = counts.setdefault(item.label, [item.classname, item.impath, 0, 0, 0])
+            row[2 + split] += 1
+    log(f"{'label':>5}  {'train':>5} {'val':>5} {'test':>5}  class (folder)")
+    for label, (classname, impath, *numbers) in sorted(counts.items()):
+        folder_name = os.path.basename(os.path.dirname(impath))
+        log(f"{label:>5}  {numbers[0]:>5} {numbers[1]:>5} {numbers[2]:>5}  {classname} "
+            f"({folder_name})")
+    log(f"{len(counts)} classes; train {len(train)}, val {len(val)}, test {len(test)} images")
