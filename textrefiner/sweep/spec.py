@@ -436,11 +436,11 @@ def validate(spec: Spec, runs: list, configs: Path | None = None) -> None:
     configs = configs or configs_dir()
     known = sorted(p.stem for p in (configs / "datasets").glob("*.yaml"))
     for dataset in [*spec.datasets, *spec.targets]:
-        if dataset not in known and not (is_folder_entry(dataset) and dataset in spec.datasets
-                                         and spec.protocol == "base2new"):
+        folders_allowed = spec.protocol == "base2new" and dataset in spec.datasets
+        if dataset not in known and not (folders_allowed and is_folder_entry(dataset)):
+            hint = "; or a folder of your own images, e.g. ~/photos/pets" if folders_allowed else ""
             raise spec_error(spec.name, f"unknown dataset {dataset!r} (not under "
-                                        f"{configs / 'datasets'}; known: {', '.join(known)}; "
-                                        "or a folder of your own images, e.g. ~/photos/pets)")
+                                        f"{configs / 'datasets'}; known: {', '.join(known)}{hint})")
     for method in spec.methods:
         cfg_file = configs / "trainers" / method.trainer / f"{config_name(spec, method)}.yaml"
         if not cfg_file.is_file():
