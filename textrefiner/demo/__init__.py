@@ -73,8 +73,9 @@ def prepare_pretrained(folder: str, weights: str = SHIPPED_FILE, log=print) -> d
     return {"root": data, "clip": clip_file}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m textrefiner.demo",
+                                     description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="write the demo dataset and CLIP under a folder")
     prep.add_argument("folder")
@@ -86,7 +87,11 @@ def main(argv=None) -> int:
         "pretrain", help="pretrain a tiny CLIP into FILE (the weights depend on the CPU kernels)")
     pre.add_argument("file")
     pre.add_argument("--seed", type=int, default=PRETRAIN_SEED)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "pretrain":
         print(f"clip: {save_pretrained_clip(args.file, args.seed)}")
         return 0
@@ -99,4 +104,4 @@ def main(argv=None) -> int:
 
 
 __all__ = ["TINY_CLIP", "prepare", "prepare_random", "prepare_pretrained", "save_pretrained_clip",
-           "pretrain_tiny_clip", "main"]
+           "pretrain_tiny_clip", "build_parser", "main"]
