@@ -17,4 +17,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 "$PY" -m textrefiner.sweep.cli demo --out "$OUT" --jobs "${JOBS:-2}"
 echo
 echo "== Base-to-novel on the synthetic demo (tiny pretrained CLIP; 6 base + 6 novel classes, chance 16.7%) =="
-"$PY" -m textrefiner.results "$OUT"
+"$PY" -m textrefiner.results "$OUT" | sed -n '/^|/p'  # the table alone
+echo
+echo "Report: $OUT/report/results.md, results.csv and the picture results.png"
+echo "What it shows: CoOp's learned prompt beats zero-shot CLIP on base classes; CoOp+TR keeps" \
+  "that and gains on novel ones, so its HM is the highest (a toy: one test image = 0.56 points)."

@@ -2,7 +2,7 @@
 
     python tests/codebase_train.py RECORD CLIP MODE [CODEBASE] -- ARGS...
 
-MODE: "codebase" runs CODEBASE's own train.py with ARGS; "dropin" runs it with the README's
+MODE: "codebase" runs CODEBASE's own train.py with ARGS; "dropin" runs it with the docs' six
 drop-in lines added (the `TR_` trainers); "ours" runs `textrefiner-train ARGS`; "ours-nodassl" runs
 it with Dassl.pytorch made unimportable. A codebase loads CLIP through its `clip._download`, which
 is pointed to the file CLIP (the codebases take a backbone name, and this machine is offline).
@@ -77,7 +77,7 @@ def record_augmentations():
 
 
 def dropin_train_py(text):
-    """The codebase's train.py with the README's drop-in lines."""
+    """The codebase's train.py with the drop-in lines of docs/codebase-repos.md."""
     replacements = [
         ("import argparse\n", "import argparse\nimport textrefiner_trainers\n"
          "from textrefiner.config import extend_cfg as tr_extend_cfg, add_refiner_args, "

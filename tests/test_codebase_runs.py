@@ -2,7 +2,7 @@
 
 Against the codebases (checkouts in TEXTREFINER_CODEBASES, Dassl.pytorch importable): the
 codebase's own train.py, `textrefiner-train` on the Dassl engine, on the built-in engine without
-Dassl, and the drop-in (the codebase's train.py with the README's lines and the `TR_` trainer),
+Dassl, and the drop-in (the codebase's train.py with docs/codebase-repos.md's lines, `TR_` trainer),
 3 epochs on an EuroSAT-layout fixture, fp32, CPU, with 0 and 2 loader workers: the same batches,
 the same crops, the same torch random state at every epoch's start, and the learned tensors
 within 1e-5. Without the codebases: CoOp and CoOp + TextRefiner see the same data, on both engines.

@@ -1,5 +1,5 @@
 """Drop-in use inside CoOp-style repositories: files shared with the codebases, the --refiner
-flag with their own trainers, their config paths, and the README's custom-trainer snippet."""
+flag with their own trainers, their config paths, and the docs' drop-in lines."""
 import argparse
 import importlib.util
 import os
@@ -149,11 +149,15 @@ def test_tr_config_path_of_a_codebase_script_resolves(tmp_path, monkeypatch):
         assert tr_config_file(unchanged) == unchanged
 
 
-def test_drop_in_patch_has_the_lines_the_readme_counts():
+def test_drop_in_patch_has_the_lines_the_docs_count():
+    with open(os.path.join(REPO, "docs", "codebase-repos.md"), encoding="utf-8") as f:
+        page = f.read()
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    section = readme[readme.index("### Inside an existing CoOp or MaPLe repository"):]
+    section = page[page.index("## Six lines in `train.py`"):]
     block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     lines = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
     words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven"}
     assert f"{words[len(lines)]} lines" in section.split("```python")[0]
+    readme_way_in = readme[readme.index("### Inside a CoOp or MaPLe repository"):]
+    assert f"{words[len(lines)]} lines in its" in readme_way_in.replace("\n", " ")

@@ -132,8 +132,28 @@ def test_methods_in_table_order_with_refined_rows_beside_them(tmp_path, capsys):
     md = capsys.readouterr().out
     table_order = ["ZeroshotCLIP", "CoOp", "CoOp+TR", "CoCoOp", "CoCoOp+TR", "MaPLe+TR", "Mine"]
     b2n_part, xd_part = md.split("## Cross-dataset")
-    for part in (b2n_part.split("### DTD")[1], b2n_part.split("### DTD")[0], xd_part):
+    assert "Average" not in b2n_part  # one dataset
+    for part in (b2n_part.split("### DTD")[1], xd_part):
         rows = [line.split(" | ")[0][2:] for line in part.splitlines() if line.startswith("| ")]
         assert [r for r in rows if r != "Method"] == table_order
     i = methods.index("CoCoOp+TR")
     assert f"| CoCoOp+TR | {70 + i:.2f} | {60 + i:.2f} |" in b2n_part
+
+
+def test_one_dataset_has_no_average(tmp_path, capsys):
+    """An "Average" over one dataset would be that dataset again: one table, under its name."""
+    for seed in (1, 2):
+        write_log(tmp_path, "train_base", "dtd", "CoOp", seed, 60 + seed)
+        write_log(tmp_path, "test_new", "dtd", "CoOp", seed, 40 + seed)
+    assert results.main([str(tmp_path)]) == 0
+    md = capsys.readouterr().out
+    assert "Average" not in md and md.count("| Method |") == 1
+    assert "### DTD" in md and "| CoOp | 61.50 | 41.50 | 49.56 | 2 |" in md
+
+
+def test_grid_points_in_the_order_of_their_values():
+    """A sweep's "<cfg>@KEY=VALUE" folders sort by the values as numbers, variants as text."""
+    cfgs = [f"{CFG}@CACHE_SIZE={v}" for v in (10, 100, 25, 5, 50)] + [f"{CFG}@no_sem", CFG]
+    ordered = sorted(cfgs, key=lambda c: results._method_order(("CoOp+TR", c, 16)))
+    assert ordered == [CFG] + [f"{CFG}@CACHE_SIZE={v}" for v in (5, 10, 25, 50, 100)] + \
+        [f"{CFG}@no_sem"]

@@ -335,6 +335,40 @@ def test_report_of_a_one_setting_grid_is_a_line_plot(tmp_path, monkeypatch):
         written[0]).read_text()
 
 
+def test_report_of_a_grid_follows_the_grid_values_as_numbers(tmp_path, monkeypatch):
+    """Rows and points in the order 5, 10, 25, 50 (not "10" < "25" < "5" as text), and the log
+    axis labelled with those values only (no minor-tick labels such as 6x10^0 between them)."""
+    import matplotlib.figure
+
+    spec = parse_spec({"datasets": ["synthetic_shapes"], "methods": ["CoOp+TR"], "seeds": [1],
+                       "grid": {"TRAINER.REFINER.CACHE_SIZE": [10, 50, 5, 25]}})
+    for run in expand(spec, tmp_path):
+        size = int(run.key.split("CACHE_SIZE=")[1].split("/")[0])
+        fake_accuracy(run.output_dir, 70 + size / 10 + (1 if "test_new" in run.key else 0))
+    axes = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        fig.canvas.draw()  # the tick labels are made when drawn
+        axes.extend(fig.axes)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    written = write_report(tmp_path, spec)
+    md = Path(written[0]).read_text()
+    rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| CoOp+TR@")]
+    assert rows == ["| CoOp+TR@CACHE_SIZE=5", "| CoOp+TR@CACHE_SIZE=10", "| CoOp+TR@CACHE_SIZE=25",
+                    "| CoOp+TR@CACHE_SIZE=50"]
+    assert "Average" not in md
+    (ax,) = axes
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["5", "10", "25", "50"]
+    assert [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()] == []
+    base_line = ax.lines[0]
+    assert list(base_line.get_xdata()) == [5, 10, 25, 50]
+    assert list(base_line.get_ydata()) == pytest.approx([70.5, 71, 72.5, 75])
+
+
 def test_gpu_slots_split_the_visible_gpus(monkeypatch):
     from textrefiner.sweep.local import gpu_slots
 

@@ -124,7 +124,8 @@ def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
 
     `precision` follows CoOp's PREC: "fp16" keeps CLIP's half-precision weights, "fp32" and "amp"
     convert them to float32. `config_key` names the setting a user should change when the weights
-    cannot be found (it appears in the error message).
+    cannot be found (it appears in the error message). Returns the model in eval mode on
+    `device`, its weights float16 for "fp16" and float32 otherwise (`model.dtype` says which).
     """
     if precision not in PRECISIONS:
         raise UserError(f"Unknown precision {precision!r}: use one of {PRECISIONS}.")
@@ -241,6 +242,7 @@ class ImageOutput:
     features:      [B, d] global feature (CLS after ln_post and proj), not normalised.
     tokens:        [B, 1+N, d] the last block's CLS + patch tokens after ln_post and proj.
     cls_attention: [B, N] the last block's attention from CLS to each patch, mean over heads.
+    All three in the image encoder's dtype (CLIP's: float16 or float32).
 
     For a ResNet (`encode_resnet_image`): the global token is the attention pool's output, the N
     local tokens its spatial tokens' dense reading, and the attention is the pool's query's.
@@ -298,6 +300,9 @@ def encode_image(visual: nn.Module, images: torch.Tensor,
         tokens (after the positional embedding, before ln_pre); `prompts[i]` for i >= 1 replaces the
         last n_ctx tokens before block i runs. `len(prompts)` is the prompt depth.
     A ResNet goes to `encode_resnet_image` (it takes no prompts).
+    images: [B, 3, H, W], any float dtype (cast to the encoder's). Returns an `ImageOutput`:
+    features [B, d], and with return_tokens tokens [B, 1+N, d] and cls_attention [B, N], in the
+    encoder's dtype.
     """
     if is_resnet(visual):
         if prompts:
@@ -413,7 +418,8 @@ def embed_tokens(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 def encode_text(clip_model: nn.Module, embeddings: torch.Tensor, eot_indices: torch.Tensor,
                 deep_prompts: Optional[Sequence[torch.Tensor]] = None, *,
                 checkpointing: bool = False, chunk_size: int = 0) -> torch.Tensor:
-    """Run CLIP's text transformer on word embeddings [C, 77, width]; returns [C, d].
+    """Run CLIP's text transformer on word embeddings [C, 77, width]; returns [C, d] in the
+    model's dtype (float16 or float32; the embeddings are cast to it), not normalised.
 
     clip_model: a CLIP model or a `TextEncoder`.
     eot_indices: [C] position of each sequence's end token (`tokens.argmax(-1)`).
@@ -506,7 +512,8 @@ class TextEncoder(nn.Module):
 
 
 def encode_text_tokens(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Plain CLIP text encoding of token ids [C, L] (same as `clip_model.encode_text`)."""
+    """Plain CLIP text encoding of integer token ids [C, 77] (`clip.tokenize`'s) -> [C, d] in the
+    model's dtype, not normalised (same as `clip_model.encode_text`)."""
     return encode_text(clip_model, embed_tokens(clip_model, tokens), tokens.argmax(dim=-1))
 
 

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 def regularization_loss(refined: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """L_reg = mean |normalize(Ehat) - E| (Eq. 11, L1 with mean reduction); E and Ehat are
-    [C, d], or [B, C, d] per image (then the mean is over images too)."""
+    [C, d], or [B, C, d] per image (then the mean is over images too). Returns a scalar [] in
+    Ehat's dtype (E is cast to it)."""
     return F.l1_loss(F.normalize(refined, dim=-1), text_features.to(refined.dtype))
 
 
@@ -13,8 +14,9 @@ def select_semantic_tokens(aligned_tokens: torch.Tensor, cls_attention: torch.Te
                            k: int = 5) -> torch.Tensor:
     """The k + 2 vectors of the semantic loss, per image: [CLS, top-k patches, mean] -> [B, k+2, d].
 
-    aligned_tokens: [B, 1+N, d] (CLS first); cls_attention: [B, N] CLS-to-patch attention.
-    The top-k patches come in decreasing attention order; the mean is over all 1+N tokens.
+    aligned_tokens: [B, 1+N, d] (CLS first); cls_attention: [B, N] CLS-to-patch attention (any
+    dtype). The top-k patches come in decreasing attention order; the mean is over all 1+N
+    tokens. The result has aligned_tokens' dtype.
     """
     n_patches = cls_attention.shape[1]
     if k > n_patches:
@@ -41,8 +43,9 @@ def semantic_loss(semantic_tokens: torch.Tensor, text_features: torch.Tensor,
                   labels: torch.Tensor, logit_scale) -> torch.Tensor:
     """L_sem, CE form: CE(logit_scale * S E^T, y repeated per vector), against the un-refined E.
 
-    semantic_tokens: [B, K, d] (not re-normalised); text_features: [C, d], or [B, C, d] per image;
-    logit_scale: the exp'd scale.
+    semantic_tokens: [B, K, d] (not re-normalised); text_features: [C, d], or [B, C, d] per image
+    (cast to the tokens' dtype); labels: [B] int64 class indices; logit_scale: the exp'd scale (a
+    float or a 0-d tensor). Returns a scalar [] in the tokens' dtype.
     """
     logits = _semantic_logits(semantic_tokens, text_features, logit_scale)
     return F.cross_entropy(logits, labels.repeat_interleave(semantic_tokens.shape[1]))
@@ -50,7 +53,11 @@ def semantic_loss(semantic_tokens: torch.Tensor, text_features: torch.Tensor,
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             temperature: float = 1.0) -> torch.Tensor:
-    """KL(log_softmax(z_s / T) || softmax(z_t / T)) * T^2 / numel(z_s), sum reduction (PromptKD)."""
+    """KL(log_softmax(z_s / T) || softmax(z_t / T)) * T^2 / numel(z_s), sum reduction (PromptKD).
+
+    student_logits, teacher_logits: [B, C] (the teacher's cast to the student's dtype). Returns a
+    scalar [] in the student's dtype.
+    """
     t = temperature
     kl = F.kl_div(F.log_softmax(student_logits / t, dim=1),
                   F.softmax(teacher_logits.to(student_logits.dtype) / t, dim=1), reduction="sum")
@@ -60,7 +67,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def semantic_kd_loss(semantic_tokens: torch.Tensor, text_features: torch.Tensor,
                      teacher_logits: torch.Tensor, logit_scale,
                      temperature: float = 1.0) -> torch.Tensor:
-    """L_sem, KD form: `kd_loss` between the K vectors' logits and the teacher's, repeated K times."""
+    """L_sem, KD form: `kd_loss` between the K vectors' logits and the teacher's, repeated K times.
+
+    semantic_tokens: [B, K, d]; text_features: [C, d] or [B, C, d] (cast to the tokens' dtype);
+    teacher_logits: [B, C]. Returns a scalar [] in the tokens' dtype.
+    """
     logits = _semantic_logits(semantic_tokens, text_features, logit_scale)
     repeated = teacher_logits.repeat_interleave(semantic_tokens.shape[1], dim=0)
     return kd_loss(logits, repeated, temperature)

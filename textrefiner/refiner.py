@@ -18,6 +18,7 @@ class LocalCache(nn.Module):
     The cache is a registered buffer (`entries`), so it follows `.to()` and is saved and restored
     with the model's state dict. It changes only through `write`, never through gradients.
 
+    entries: [M, d] unit rows, float32 when built (`.to(dtype)` converts them like any buffer).
     write_rule: how much each token adds to the entry it is assigned to.
         "released": w_i = P[i, j] / max_k P[k, j] with P = softmax over tokens (the authors' code,
                     which produced the published numbers);
@@ -40,7 +41,8 @@ class LocalCache(nn.Module):
 
     def read(self, text_features: torch.Tensor) -> torch.Tensor:
         """Ebar = softmax(cos(E, A), over entries) A  -> [C, d]  (Eq. 5-6); E may carry leading
-        dims ([B, C, d] per image, as in CoCoOp), each row reads the cache on its own."""
+        dims ([B, C, d] per image, as in CoCoOp), each row reads the cache on its own. Ebar has
+        E's shape and dtype (the entries are read in E's dtype)."""
         entries = self.entries.to(text_features.dtype)
         if torch.is_grad_enabled() and entries is self.entries:
             # The backward pass needs A as read, and this step's write changes it in place.
@@ -50,7 +52,8 @@ class LocalCache(nn.Module):
 
     @torch.no_grad()
     def write(self, tokens: torch.Tensor) -> int:
-        """Fold tokens [B, T, d] or [T, d] into the cache; returns how many were assigned.
+        """Fold tokens [B, T, d] or [T, d] (any float dtype) into the cache; returns how many
+        were assigned (an int). Computed in float32, stored in the entries' dtype.
 
         Each token goes to its most similar entry; every entry that received tokens becomes
         g * A_j + (1 - g) * sum_i w_i X_i, then all rows are re-normalised. Tokens with a
@@ -88,7 +91,11 @@ class LocalCache(nn.Module):
 
 
 class FeatureAggregator(nn.Module):
-    """Ehat = alpha * Linear([E, Ebar]) + E  (Eq. 7); the linear has no bias."""
+    """Ehat = alpha * Linear([E, Ebar]) + E  (Eq. 7); the linear has no bias.
+
+    forward(E, Ebar): E [..., C, d] in the module's dtype, Ebar of the same shape (cast to E's
+    dtype) -> Ehat [..., C, d] in E's dtype.
+    """
 
     def __init__(self, dim: int, alpha: float = 0.2):
         super().__init__()
@@ -106,7 +113,8 @@ class FeatureAggregator(nn.Module):
 
 
 class FeatureAligner(nn.Module):
-    """Per-token MLP Linear -> BatchNorm -> ReLU -> Linear (Eq. 8) for inputs [..., in_dim].
+    """Per-token MLP Linear -> BatchNorm -> ReLU -> Linear (Eq. 8): tokens [..., in_dim] in the
+    module's dtype -> [..., out_dim] in that dtype.
 
     BatchNorm statistics are taken over every token of the batch.
     """
@@ -134,7 +142,9 @@ class TextRefiner(nn.Module):
         ... losses on refined / aligned ...
         refiner.update(aligned)                      # write into the cache, no gradient
 
-    At inference only `refine(E)` is needed, once per evaluation.
+    At inference only `refine(E)` is needed, once per evaluation. dim: the joint embedding size
+    d (`clip_model.text_projection.shape[1]`); token_dim: the local tokens' size (default d).
+    Built in float32; move it to CLIP's dtype with `.to(clip_model.dtype)`.
     """
 
     def __init__(self, dim: int, token_dim: int = None, cache_size: int = 25,
@@ -149,12 +159,17 @@ class TextRefiner(nn.Module):
         self.aggregator = FeatureAggregator(dim, alpha)
 
     def refine(self, text_features: torch.Tensor) -> torch.Tensor:
+        """Ehat = aggregation(E, cache read): E [C, d] or [B, C, d] -> the same shape, in E's
+        dtype (the refiner's dtype). Reads the cache, never writes it."""
         return self.aggregator(text_features, self.cache.read(text_features))
 
     def align(self, local_tokens: torch.Tensor) -> torch.Tensor:
+        """V' = alignment MLP(V): local tokens [B, 1+N, token_dim] -> [B, 1+N, d], in the
+        refiner's dtype."""
         return self.aligner(local_tokens)
 
     def update(self, aligned_tokens: torch.Tensor) -> int:
-        """Write into the cache; under torchrun every rank writes the tokens of all ranks in rank
-        (= global batch) order, so the caches stay identical and equal to one process's."""
+        """Write aligned tokens [B, 1+N, d] (any float dtype, detached) into the cache; returns
+        the number written (an int). Under torchrun every rank writes the tokens of all ranks in
+        rank (= global batch) order, so the caches stay identical and equal to one process's."""
         return self.cache.write(gather_rows(aligned_tokens.detach()))

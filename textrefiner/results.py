@@ -46,6 +46,7 @@ AVERAGE = "Average"
 # Table 1's order of methods; each "<method>+TR" row follows its method, unknown names come last.
 METHOD_ORDER = ("ZeroshotCLIP", "CoOp", "CoCoOp", "MaPLe", "PromptSRC", "PromptKD")
 TR_SUFFIX = "+TR"  # scripts/common.sh set_method
+GRID_MARK = "@"  # a sweep's config folder "<cfg>@<variant or grid point>" (textrefiner/sweep/spec.py)
 
 
 @dataclass(frozen=True)
@@ -152,11 +153,26 @@ def _dataset_order(name: str) -> tuple[int, str]:
 
 
 def _method_order(key: tuple) -> tuple:
-    """Sort key of a (method label, cfg, shots) tuple: Table 1's order, "+TR" after its method."""
-    method = key[0]
+    """Sort key of a (method label, cfg, shots) tuple: Table 1's order, "+TR" after its method,
+    a sweep's grid points in the order of their values."""
+    method, cfg, *rest = key
     base = method[:-len(TR_SUFFIX)] if method.endswith(TR_SUFFIX) else method
     rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
-    return (rank, base, method != base) + tuple(key[1:])
+    return (rank, base, method != base, _config_order(cfg)) + tuple(rest)
+
+
+def _config_order(cfg: str) -> tuple:
+    """Sort key of a config folder: a sweep's "<cfg>@<variant or KEY=VALUE,...>" suffix
+    (textrefiner/sweep/spec.py) compares its values as numbers (CACHE_SIZE=5 before =10)."""
+    name, _, point = cfg.partition(GRID_MARK)
+    parts = []
+    for part in point.split(",") if point else ():
+        setting, _, value = part.partition("=")
+        try:
+            parts.append((setting, 0, float(value), ""))
+        except ValueError:
+            parts.append((setting, 1, 0.0, value))
+    return (name, tuple(parts))
 
 
 def _mean_by_seed(runs: list[Run]) -> tuple[float | None, int]:
@@ -177,7 +193,8 @@ def _seed_hms(base_runs: list[Run], novel_runs: list[Run]) -> list:
 
 
 def base2new_rows(runs: list[Run]) -> list[Base2NewRow]:
-    """One row per (dataset, method, cfg, shots), base and novel averaged over seeds, then Average rows."""
+    """One row per (dataset, method, cfg, shots), base and novel averaged over seeds, after the
+    Average rows (only when there are several datasets: an average of one is that dataset again)."""
     groups: dict[tuple, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         if run.stage in ("train_base", "test_new"):
@@ -194,6 +211,8 @@ def base2new_rows(runs: list[Run]) -> list[Base2NewRow]:
             _std([r.accuracy for r in stages["test_new"]]),
             _std(_seed_hms(stages["train_base"], stages["test_new"]))))
     rows.sort(key=lambda r: (_dataset_order(r.dataset), _method_order((r.method, r.cfg, r.shots))))
+    if len({r.dataset for r in rows}) == 1:
+        return rows
     return average_rows(rows) + rows
 
 
@@ -311,15 +330,13 @@ def plot(b2n: list[Base2NewRow], xd: list[CrossRow], path: Path, paper: dict | N
     """Grouped bars: one panel each for base, novel, HM (and cross-dataset), one bar colour per
     method; each bar with its value, the seeds' spread as an error bar and, where `paper` has it
     ({(panel title, dataset, method, cfg, shots): value}), the published value as a marker. The
-    axis spans the values, not 0-100; a one-dataset sweep has no Average bars."""
+    axis spans the values, not 0-100."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = []
-    if len({r.dataset for r in b2n if r.dataset != AVERAGE}) == 1:
-        b2n = [r for r in b2n if r.dataset != AVERAGE]  # the one dataset's bars again
     if b2n:
         for title, getter in (("Base", lambda r: (r.base, r.base_std)),
                               ("Novel", lambda r: (r.novel, r.novel_std)),

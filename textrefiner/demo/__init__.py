@@ -75,8 +75,9 @@ def prepare_pretrained(folder: str, weights: str = SHIPPED_FILE, log=print) -> d
     return {"root": data, "clip": clip_file}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m textrefiner.demo",
+                                     description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="write the demo dataset and CLIP under a folder")
     prep.add_argument("folder")
@@ -97,6 +98,11 @@ def main(argv=None) -> int:
     img.add_argument("--per-class", type=int, default=20, help="images per class (default 20)")
     img.add_argument("--image-size", type=int, default=32, help="pixels (default 32)")
     img.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "images":
         try:
@@ -118,4 +124,4 @@ def main(argv=None) -> int:
 
 
 __all__ = ["TINY_CLIP", "prepare", "prepare_random", "prepare_pretrained", "save_pretrained_clip",
-           "pretrain_tiny_clip", "main"]
+           "pretrain_tiny_clip", "build_parser", "main"]

@@ -11,6 +11,7 @@ from .promptkd import PromptKD
 from .promptsrc import PromptSRC
 from .zeroshot import ZeroshotCLIP
 
+#: {trainer name: method class}, e.g. METHODS["CoOp"] is `CoOp`; the names `--trainer` takes.
 METHODS = {cls.__name__: cls for cls in (CoOp, CoCoOp, MaPLe, PromptKD, PromptSRC, ZeroshotCLIP)}
 
 
@@ -22,6 +23,9 @@ def method_class(name: str):
 
 
 def build_method(name: str, cfg, classnames, clip_model) -> PromptMethod:
+    """The method `name` (a key of METHODS) for `classnames` ([C] strings) on `clip_model` (from
+    `load_clip`, in float16 or float32), configured by cfg (textrefiner.config); its prompts and
+    refiner are created in CLIP's dtype."""
     return method_class(name)(cfg, classnames, clip_model)
 
 

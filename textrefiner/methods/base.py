@@ -30,7 +30,9 @@ from ..seeding import own_generator
 def build_refiner(cfg, dim: int, token_dim: int, num_patches: int) -> Optional[TextRefiner]:
     """TextRefiner from cfg.TRAINER.REFINER, or None when it is off. Its random initial weights and
     cache come from a generator of its own seeded from SEED (textrefiner.seeding), so the global
-    random stream, hence the data a run sees, is the same with and without it."""
+    random stream, hence the data a run sees, is the same with and without it. dim: the size d
+    of E [C, d]; token_dim: that of the local tokens [B, 1+N, token_dim]; built in float32 (the
+    methods move it to CLIP's dtype)."""
     rcfg = cfg.TRAINER.REFINER
     if not rcfg.ENABLED:
         return None
@@ -52,6 +54,11 @@ class PromptMethod(nn.Module):
     (name prefixes of what the optimiser updates and checkpoints hold, besides "refiner.") and
     implement
     `text_features()` and, if their image side differs from plain CLIP, `encode_images()`.
+
+    Shapes: images [B, 3, H, W] -> `forward` logits [B, C]; E and Ehat [C, d] ([B, C, d] for
+    CoCoOp); labels [B] int64. Prompts, refiner and outputs are in CLIP's dtype (float16 for a
+    CLIP loaded in fp16, else float32); the state the refiner and checkpoints carry is
+    `checkpoint_state()`.
     """
 
     config_section = "COOP"

@@ -58,6 +58,9 @@ class CoCoOpPromptLearner(PromptLearner):
 
 
 class CoCoOp(PromptMethod):
+    """CoCoOp (Zhou et al., CVPR 2022): CoOp's shared context shifted per image by `meta_net`
+    from the image's normalised feature, so E is per image, [B, C, d] in CLIP's dtype, and so is
+    Ehat with TextRefiner (refined per image). cfg.TRAINER.COCOOP."""
     checkpoint_name = "prompt_learner"  # the Dassl model name its codebase saves under
     config_section = "COCOOP"
     trainable_prefixes = ("prompt_learner.",)

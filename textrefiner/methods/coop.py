@@ -5,6 +5,9 @@ from .prompts import PromptLearner, context_length
 
 
 class CoOp(PromptMethod):
+    """CoOp (Zhou et al., IJCV 2022): learned context vectors `ctx` [n_ctx, width] (or
+    [C, n_ctx, width] class-specific, `CSC`) around each class name, CLIP frozen; E [C, d] from
+    the text encoder, in CLIP's dtype (float16 for PREC fp16, else float32). cfg.TRAINER.COOP."""
     checkpoint_name = "prompt_learner"  # the Dassl model name its codebase saves under
     config_section = "COOP"
     trainable_prefixes = ("prompt_learner.",)

@@ -43,6 +43,9 @@ class MaPLePromptLearner(PromptLearner):
 
 
 class MaPLe(PromptMethod):
+    """MaPLe (Khattak et al., CVPR 2023): text prompts [n_ctx, width] in the first `PROMPT_DEPTH`
+    layers, projected to vision prompts [n_ctx, vision width] for the image encoder's layers; E
+    [C, d] in CLIP's dtype. cfg.TRAINER.MAPLE."""
     checkpoint_name = "MultiModalPromptLearner"  # the Dassl model name its codebase saves under
     config_section = "MAPLE"
     trainable_prefixes = ("prompt_learner.",)

@@ -88,7 +88,13 @@ def load_teacher(cfg, classnames, precision: str) -> IVLPTeacher:
 
 class PromptKD(PromptMethod):
     """Student image encoder (IVLP vision prompts + projector `VPT_image_trans`) against the
-    teacher's text features, refined by TextRefiner when it is on."""
+    teacher's text features, refined by TextRefiner when it is on.
+
+    The student's features [B, d_student] are projected to the teacher's size, [B, d_teacher]
+    (768 for a ViT-L/14 teacher, read from its weights); E [C, d_teacher] comes from the frozen
+    PromptSRC teacher. The refiner aligns student tokens [B, 1+N, d_student] into the teacher's
+    space. Everything trained is in the student CLIP's dtype. cfg.TRAINER.PROMPTKD.
+    """
     checkpoint_name = "VLPromptLearner"  # the Dassl model name its codebase saves under
     # Its codebase saves the whole student; its projector is a Conv2d(1x1)-BN-ReLU-Conv2d(1x1)
     # `conv1` Sequential where ours has the equivalent linears fc1, norm, fc2.

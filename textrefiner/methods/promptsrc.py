@@ -96,6 +96,10 @@ def self_consistency_kl(logits: torch.Tensor, zero_shot_logits: torch.Tensor) ->
 
 
 class PromptSRC(IVLPLayout, PromptMethod):
+    """PromptSRC (Khattak et al., ICCV 2023): independent text and vision deep prompts (IVLP,
+    each [n_ctx, width] per prompted layer), trained with L1 self-regularisation towards frozen
+    CLIP's features (F [C, d], computed once in float32; v_zs [B, d]) and Gaussian prompt
+    aggregation; E [C, d] in CLIP's dtype. cfg.TRAINER.PROMPTSRC."""
     checkpoint_name = "VLPromptLearner"  # the Dassl model name its codebase saves under
     config_section = "PROMPTSRC"
     trainable_prefixes = ("prompt_learner.", "image_encoder.VPT")

@@ -9,6 +9,8 @@ from .templates import template_for
 
 
 class ZeroshotCLIP(PromptMethod):
+    """Zero-shot CLIP with CoOp's hand-written prompt per dataset: E [C, d] in CLIP's dtype,
+    nothing trained (TextRefiner refused). Reads its precision from cfg.TRAINER.COOP.PREC."""
     config_section = "COOP"  # CoOp's zero-shot baseline reads its precision there
 
     def __init__(self, cfg, classnames, clip_model):

@@ -19,7 +19,7 @@ from .. import results
 from ..results import AVERAGE, DATASET_NAMES
 from .spec import Spec
 
-VARIANT_MARK = "@"  # config folder "<cfg>@<variant or grid point>" (textrefiner/sweep/spec.py)
+VARIANT_MARK = results.GRID_MARK  # config folder "<cfg>@<variant or grid point>"
 
 
 @lru_cache(maxsize=None)
@@ -120,6 +120,7 @@ def line_plot(rows, key: str, paper: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     short = key.rsplit(".", 1)[-1]
     points = []
@@ -152,8 +153,9 @@ def line_plot(rows, key: str, paper: dict, path: Path) -> None:
     if len({x for x, _, _ in points}) > 1 and min(x for x, _, _ in points) > 0 and \
             max(x for x, _, _ in points) / min(x for x, _, _ in points) >= 10:
         ax.set_xscale("log")
-    ax.set_xticks(sorted({x for x, _, _ in points}))
-    ax.set_xticklabels([f"{x:g}" for x in sorted({x for x, _, _ in points})])
+    ticks = sorted({x for x, _, _ in points})
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())  # the grid's values only: no "6x10^0" between them
     ax.set_xlabel(key)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(*results.zoomed_limits(shown))
@@ -170,8 +172,6 @@ def write_report(out_dir, spec: Spec) -> list:
     out_dir = Path(out_dir)
     runs = results.scan_runs(out_dir, "base2new") + results.scan_runs(out_dir, "xd")
     b2n, xd = results.base2new_rows(runs), results.cross_rows(runs)
-    if len({r.dataset for r in b2n if r.dataset != AVERAGE}) == 1:
-        b2n = [r for r in b2n if r.dataset != AVERAGE]  # one dataset: no "Average" of it alone
     if not b2n and not xd:
         return []
     paper = paper_cells(spec)
