@@ -44,6 +44,7 @@ setup(
             "textrefiner-data=textrefiner.data.prepare:main",
             "textrefiner-results=textrefiner.results:main",
             "textrefiner-sweep=textrefiner.sweep.cli:main",
+            "textrefiner-llamp-cache=textrefiner.llamp_cache:main",
         ],
     },
 )

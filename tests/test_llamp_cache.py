@@ -1,0 +1,222 @@
+"""textrefiner-llamp-cache: LLaMP's per-dataset files from a tiny random LLaMA, loaded through
+`from_pretrained` as a real LLM is, and a small random CLIP."""
+import os
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from textrefiner import llamp_cache  # noqa: E402
+from textrefiner.clip_backbone import encode_text_tokens, load_clip, tokenize  # noqa: E402
+from textrefiner.data.synthetic import write_synthetic_dataset  # noqa: E402
+from textrefiner.errors import UserError  # noqa: E402
+from textrefiner.methods.templates import template_for  # noqa: E402
+
+DATASET = "SyntheticShapes"
+NUM_CLASSES = 5  # 3 base, 2 new
+MAX_NEW_TOKENS = 6
+
+
+def fake_noun_chunks(text):
+    """The spaCy stand-in: pairs of words."""
+    words = text.split()
+    return [" ".join(words[i:i + 2]) for i in range(0, len(words), 2)]
+
+
+def save_tiny_llama(folder):
+    """A 2-layer LLaMA (grouped keys and values: 4 heads, 2 kv heads) with a small byte-level BPE
+    tokenizer that adds <s> like LLaMA's, and a chat template; both saved with save_pretrained."""
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [t.format("circle") for t in llamp_cache.llm_templates(DATASET)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)  # no chat template: LLaMA-2's is used
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def install_fake_spacy(monkeypatch):
+    """A `spacy` module whose en_core_web_sm yields `fake_noun_chunks`."""
+    def load(name):
+        if name != llamp_cache.DEFAULT_SPACY_MODEL:
+            raise OSError(f"[E050] Can't find model '{name}'")
+        return lambda text: types.SimpleNamespace(
+            noun_chunks=[types.SimpleNamespace(text=t) for t in fake_noun_chunks(text)])
+    monkeypatch.setitem(sys.modules, "spacy", types.SimpleNamespace(load=load))
+
+
+@pytest.fixture
+def fake_spacy(monkeypatch):
+    install_fake_spacy(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    write_synthetic_dataset(root, num_classes=NUM_CLASSES, per_class_train=1, per_class_val=1,
+                            per_class_test=1, image_size=8)
+    return root
+
+
+@pytest.fixture(scope="module")
+def written(data_root, llama_path, clip_path):
+    """The two files the command writes, read back."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        install_fake_spacy(monkeypatch)
+        assert llamp_cache.main(["--root", data_root, "--dataset", DATASET, "--llm", llama_path,
+                             "--clip", clip_path, "--device", "cpu", "--batch-size", "2",
+                                 "--max-new-tokens", str(MAX_NEW_TOKENS), "--overwrite"]) == 0
+    kv_path, emb_path = llamp_cache.cache_paths(data_root, DATASET)
+    return torch.load(kv_path), torch.load(emb_path)
+
+
+def test_class_names_are_the_training_halves(data_root):
+    from textrefiner.data.datasets import build_dataset
+    from textrefiner.config import load_cfg
+    names = llamp_cache.split_classnames(data_root, DATASET)
+    for split in ("base", "new"):
+        cfg = load_cfg(opts=["DATASET.ROOT", data_root, "DATASET.NAME", DATASET,
+                             "DATASET.NUM_SHOTS", "1", "DATASET.SUBSAMPLE_CLASSES", split])
+        assert names[split] == build_dataset(cfg).classnames
+    assert len(names["base"]) == 3 and len(names["new"]) == 2
+
+
+def test_file_layout_is_llamps(written, data_root):
+    key_values, embeddings = written
+    names = llamp_cache.split_classnames(data_root, DATASET)
+    assert set(key_values) == {"base", "new"} == set(embeddings)
+    for split in ("base", "new"):
+        entries = key_values[split]
+        assert len(entries) == len(llamp_cache.llm_templates(DATASET)) == 11
+        for entry in entries:
+            pkv, mask = entry["past_key_values"], entry["attn_mask"]
+            # [layers kept, (key, value), classes, kv heads, tokens, head dim]
+            assert pkv.shape == (1, 2, len(names[split]), 2, mask.shape[1], 16)
+            assert pkv.dtype == torch.float32 and mask.dtype == torch.int64
+            assert torch.isfinite(pkv).all()
+            assert len(entry["text_predictions"]) == len(names[split])
+        # LLaMP's decoder call: x["past_key_values"][-1:][0] unpacks to (key, value)
+        key, value = entries[0]["past_key_values"][-1:][0]
+        assert key.shape[2] == entries[0]["attn_mask"].shape[1]
+        avg, every = embeddings[split]["avg"], embeddings[split]["all"]
+        assert every.shape == (1, len(names[split]), 32)  # one copy for a dataset LLaMP lacks
+        assert torch.equal(avg, every.mean(0))
+
+
+def test_keys_and_values_are_the_llms_on_the_unpadded_text(written, data_root, llama_path):
+    """Each class's stored keys and values at its real tokens equal the last layer's on its
+    prompt + noun phrases alone (no padding): padding, positions, layer and order are LLaMP's."""
+    key_values, _ = written
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        llama_path, dtype=torch.float32, attn_implementation="eager").eval()
+    tokenizer = llamp_cache.prepare_tokenizer(
+        transformers.AutoTokenizer.from_pretrained(llama_path))
+    names = llamp_cache.split_classnames(data_root, DATASET)["new"]
+    template = llamp_cache.llm_templates(DATASET)[3]
+    entry = key_values["new"][3]
+    for index, name in enumerate(names):
+        prompt = llamp_cache.llm_prompts(tokenizer, template, [name])[0]
+        assert prompt.startswith("<s>[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\n"
+                                 "In one sentece, ") and prompt.endswith(" appears as")
+        prompt_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            generated = model.generate(prompt_ids, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+                                       pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(generated[0, prompt_ids.shape[1]:], skip_special_tokens=True)
+        assert entry["text_predictions"][index] == answer
+        phrases = ", ".join(fake_noun_chunks(answer))
+        phrase_ids = tokenizer(phrases, return_tensors="pt")["input_ids"]
+        full = torch.cat([prompt_ids, phrase_ids], dim=1)
+        with torch.inference_mode():
+            cache = llamp_cache._output_cache(model(full, use_cache=True))
+        key, value = llamp_cache.legacy_key_values(cache)[-1]
+        stored = entry["past_key_values"][0, :, index][:, :, entry["attn_mask"][index].bool()]
+        assert stored.shape[-2] == full.shape[1]
+        torch.testing.assert_close(stored[0], key[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stored[1], value[0], atol=1e-5, rtol=1e-5)
+
+
+def test_clip_embeddings_average_the_noun_phrase_texts(written, data_root, clip_path):
+    key_values, embeddings = written
+    clip_model = load_clip(clip_path, "fp32")
+    names = llamp_cache.split_classnames(data_root, DATASET)["base"]
+    answers = key_values["base"][0]["text_predictions"]
+    for index, (name, answer) in enumerate(zip(names, answers)):
+        texts = [template_for(DATASET).format(name.replace("_", " ")) + "with " + phrase
+                 for phrase in fake_noun_chunks(answer)]
+        with torch.no_grad():
+            expected = F.normalize(encode_text_tokens(clip_model, tokenize(texts)), dim=-1).mean(0)
+        torch.testing.assert_close(embeddings["base"]["avg"][index], expected, atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_llamp_datasets_keep_its_copies_of_the_embeddings():
+    assert llamp_cache.CLIP_EMBEDDING_COPIES["ImageNet"] == 51 + 60
+    assert set(llamp_cache.CLIP_EMBEDDING_COPIES) == set(llamp_cache.LLM_TEMPLATES)
+    assert all(len(t) == 11 for t in llamp_cache.LLM_TEMPLATES.values())
+
+
+def test_cache_objects_and_tuples_give_the_same_layout(llama_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32)
+    with torch.inference_mode():
+        cache = llamp_cache._output_cache(model(torch.tensor([[1, 5, 6, 7]]), use_cache=True))
+    as_tuple = llamp_cache.legacy_key_values(cache)
+    assert len(as_tuple) == 2
+    stacked = llamp_cache.kept_key_values(as_tuple, layers_kept=2)
+    assert torch.equal(stacked, llamp_cache.kept_key_values(cache, layers_kept=2))
+    assert torch.equal(stacked[1, 0], as_tuple[1][0]) and torch.equal(stacked[0, 1], as_tuple[0][1])
+    assert torch.equal(llamp_cache.kept_key_values(cache)[0], stacked[1])  # the last layer
+
+
+def test_existing_files_are_skipped_without_loading_anything(written, data_root, capsys):
+    kv_path, _ = llamp_cache.cache_paths(data_root, DATASET)
+    before = os.stat(kv_path).st_mtime_ns
+    code = llamp_cache.main(["--root", data_root, "--dataset", DATASET, "--llm", "/nowhere"])
+    assert code == 0 and os.stat(kv_path).st_mtime_ns == before
+    assert "skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("llm", ["/no/such/llama", "meta-llama/Llama-2-7b-chat-hf"])
+def test_unreachable_llm_is_one_clear_line(llm, data_root, fake_spacy, monkeypatch, tmp_path,
+                                           capsys):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError) as err:
+        llamp_cache.load_llm(llm, "cpu")
+    message = str(err.value)
+    assert "\n" not in message and repr(llm) in message and "--llm" in message
+
+
+def test_missing_spacy_model_is_one_clear_line(fake_spacy):
+    with pytest.raises(UserError, match="python -m spacy download en_core_web_lg"):
+        llamp_cache.spacy_noun_phrases("en_core_web_lg")
+
+
+def test_an_answer_without_noun_phrases_is_an_error(clip_path):
+    with pytest.raises(UserError, match="'blue square'.*no noun phrase"):
+        llamp_cache.class_text_embeddings(load_clip(clip_path, "fp32"), DATASET,
+                                          ["red circle", "blue square"], ["a b", " "],
+                                          fake_noun_chunks)
