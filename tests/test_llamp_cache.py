@@ -220,3 +220,19 @@ def test_an_answer_without_noun_phrases_is_an_error(clip_path):
         llamp_cache.class_text_embeddings(load_clip(clip_path, "fp32"), DATASET,
                                           ["red circle", "blue square"], ["a b", " "],
                                           fake_noun_chunks)
+
+
+def test_the_method_reads_the_files_written_here(written, data_root):
+    """textrefiner.methods.llamp reads LLaMP's files as LLaMP does: the written entries come back
+    stacked per template, and the "avg" embeddings."""
+    from textrefiner.methods.llamp import read_clip_embeddings, read_past_key_values
+    key_values, embeddings = written
+    folder = os.path.dirname(llamp_cache.cache_paths(data_root, DATASET)[0])
+    kv, mask = read_past_key_values(folder, "base", 11, 1)
+    for t in (0, 10):  # templates of fewer tokens are padded on the left
+        entry = key_values["base"][t]
+        tokens = entry["attn_mask"].shape[1]
+        assert torch.equal(kv[t][..., -tokens:, :], entry["past_key_values"])
+        assert torch.equal(mask[t][:, -tokens:], entry["attn_mask"])
+        assert not mask[t][:, :-tokens].any()
+    assert torch.equal(read_clip_embeddings(folder, "new"), embeddings["new"]["avg"])

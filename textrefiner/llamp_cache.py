@@ -32,10 +32,9 @@ from textrefiner.clip_backbone import encode_text_tokens, load_clip
 from textrefiner.data.base import classnames_of, subsample_classes
 from textrefiner.data.datasets import DATASETS, dataset_dir, read_dataset
 from textrefiner.errors import UserError
+from textrefiner.methods.llamp import CLIP_EMBEDDINGS_FILE, PAST_KEY_VALUES_FILE
 from textrefiner.methods.templates import template_for
 
-PAST_KEY_VALUE_FILE = "release_past_key_value.pt"
-CLIP_TEXT_EMBEDDINGS_FILE = "release_clip_text_embeddings.pt"
 SPLITS = ("base", "new")
 DEFAULT_LLM = "meta-llama/Llama-2-7b-chat-hf"
 DEFAULT_SPACY_MODEL = "en_core_web_sm"
@@ -226,8 +225,7 @@ def llm_templates(dataset_name: str) -> tuple:
 def cache_paths(root: str, dataset_name: str) -> tuple[str, str]:
     """Where LLaMP reads a dataset's two files: the dataset's folder under DATASET.ROOT."""
     folder = dataset_dir(root, dataset_name)
-    return (os.path.join(folder, PAST_KEY_VALUE_FILE),
-            os.path.join(folder, CLIP_TEXT_EMBEDDINGS_FILE))
+    return os.path.join(folder, PAST_KEY_VALUES_FILE), os.path.join(folder, CLIP_EMBEDDINGS_FILE)
 
 
 def cache_exists(root: str, dataset_name: str) -> bool:
