@@ -1,5 +1,6 @@
 """textrefiner-llamp-cache: LLaMP's per-dataset files from a tiny random LLaMA, loaded through
 `from_pretrained` as a real LLM is, and a small random CLIP."""
+import json
 import os
 import sys
 import types
@@ -236,3 +237,102 @@ def test_the_method_reads_the_files_written_here(written, data_root):
         assert torch.equal(mask[t][:, -tokens:], entry["attn_mask"])
         assert not mask[t][:, :-tokens].any()
     assert torch.equal(read_clip_embeddings(folder, "new"), embeddings["new"]["avg"])
+
+
+# ----------------------------------------------------------------------------- the sweep's plan
+
+@pytest.fixture
+def llamp_configs(tmp_path):
+    """configs/ with the checkout's datasets and a LLaMP trainer config "test_cfg"."""
+    import shutil
+    from textrefiner.sweep.spec import configs_dir
+    configs = tmp_path / "configs"
+    shutil.copytree(configs_dir() / "datasets", configs / "datasets")
+    (configs / "trainers" / "LLaMP").mkdir(parents=True)
+    (configs / "trainers" / "LLaMP" / "test_cfg.yaml").write_text(
+        'OPTIM:\n  MAX_EPOCH: 2\nMODEL:\n  BACKBONE:\n    NAME: "ViT-B/16"\n')
+    return configs
+
+
+def llamp_spec(**extra):
+    from textrefiner.sweep.spec import parse_spec
+    return parse_spec({"datasets": ["dtd", "eurosat"], "seeds": [1, 2], "config": "test_cfg",
+                       "methods": ["LLaMP", {"method": "CoOp", "config": "vit_b16_ep10_ctxv1"},
+                                   "LLaMP+TR"], **extra})
+
+
+def test_the_plan_runs_each_datasets_llm_step_once_before_its_llamp_runs(tmp_path,
+                                                                          llamp_configs):
+    from textrefiner.sweep.spec import expand
+    runs = expand(llamp_spec(), tmp_path / "out", root="/data", configs=llamp_configs)
+    steps = [r for r in runs if r.kind == "llm"]
+    assert [r.key for r in steps] == ["llamp_cache/DescribableTextures", "llamp_cache/EuroSAT"]
+    assert steps[0].command() == ("textrefiner-llamp-cache --root /data --dataset "
+                                  "DescribableTextures --clip ViT-B/16")
+    assert steps[0].outputs == llamp_cache.cache_paths("/data", "DescribableTextures")
+    position = {r.key: i for i, r in enumerate(runs)}
+    for run in runs:
+        if run.trainer == "LLaMP" and run.kind == "train":
+            step = "llamp_cache/" + ("EuroSAT" if "/eurosat/" in run.key else
+                                     "DescribableTextures")
+            assert run.after == step and position[step] < position[run.key]
+        elif run.trainer == "CoOp":
+            assert run.kind == "llm" or run.after is None or run.kind == "test"
+    assert len(runs) == 2 + 3 * 2 * 2 * 2  # 2 steps; 3 methods x 2 datasets x 2 seeds x 2
+
+
+def test_the_llm_step_uses_the_runs_llm_and_clip_and_none_with_files_dir(tmp_path,
+                                                                        llamp_configs):
+    from textrefiner.sweep.spec import expand
+    spec = llamp_spec(overrides={"TRAINER.LLAMP.LLM": "{out}/llama",
+                                 "MODEL.BACKBONE.PATH": "/w/clip.pt"})
+    (step, *_) = expand(spec, tmp_path / "out", root="/data", configs=llamp_configs)
+    assert step.argv[-4:] == ("--llm", str(tmp_path / "out" / "llama"), "--clip", "/w/clip.pt")
+    own_files = llamp_spec(overrides={"TRAINER.LLAMP.FILES_DIR": "/mine"})
+    runs = expand(own_files, tmp_path / "out", root="/data", configs=llamp_configs)
+    assert not [r for r in runs if r.kind == "llm"]
+
+
+def test_an_llm_step_is_skipped_once_its_files_exist(tmp_path, llamp_configs, monkeypatch,
+                                                     capsys):
+    from textrefiner.sweep import cli
+    from textrefiner.sweep.plan import initial_states
+    from textrefiner.sweep.spec import expand
+    root = tmp_path / "data"
+    spec = llamp_spec(root=str(root))
+    runs = expand(spec, tmp_path / "out", configs=llamp_configs)
+    assert initial_states(runs)["llamp_cache/EuroSAT"] == "queued"
+    for path in llamp_cache.cache_paths(str(root), "EuroSAT"):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+    assert initial_states(runs)["llamp_cache/EuroSAT"] == "skipped"
+    assert initial_states(runs)["llamp_cache/DescribableTextures"] == "queued"
+    spec_file = tmp_path / "spec.yaml"
+    import yaml
+    spec_file.write_text(yaml.safe_dump({
+        "datasets": ["dtd", "eurosat"], "seeds": [1], "config": "test_cfg", "root": str(root),
+        "methods": ["LLaMP"]}))
+    monkeypatch.chdir(llamp_configs.parent)  # the sweep reads ./configs
+    assert cli.main([str(spec_file), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "to do: llamp_cache/DescribableTextures"
+    assert "to do: llamp_cache/EuroSAT" not in out
+    assert out[-1] == "6 runs in all: 1 finished, 5 to do"
+
+
+def test_the_sweep_worker_runs_an_llm_step(tmp_path, data_root, llama_path, clip_path,
+                                           fake_spacy):
+    from textrefiner.sweep.plan import LLAMP_CACHE_PROGRAM, Run, run_finished
+    from textrefiner.sweep.worker import execute_run
+    root = str(tmp_path / "data")
+    write_synthetic_dataset(root, num_classes=2, per_class_train=1, per_class_val=1,
+                            per_class_test=1, image_size=8)
+    out = tmp_path / "out" / "llamp_cache" / DATASET
+    step = Run(f"llamp_cache/{DATASET}", str(out),
+               ("--root", root, "--dataset", DATASET, "--llm", llama_path, "--clip", clip_path,
+                "--device", "cpu", "--max-new-tokens", "2"), None, "LLaMP", "llm",
+               program=LLAMP_CACHE_PROGRAM, outputs=llamp_cache.cache_paths(root, DATASET))
+    assert not run_finished(step)
+    assert execute_run(step) == 0 and run_finished(step)
+    assert (out / "sweep.log").read_text().startswith("$ textrefiner-llamp-cache --root ")
+    assert json.loads((out / "sweep_status.json").read_text())["state"] == "finished"
