@@ -11,8 +11,10 @@ CLIP's text encoder, for 11 templates; PromptKD: the teacher's text features, re
 TextRefiner), then run their prompted image encoder per batch. Measured as benchmarks/cocoop.py:
 alternating rounds, order reversed every other round, medians; CPU time of the process on a CPU
 device, synchronised wall time on CUDA. CoCoOp's cost grows with the class count C, the others'
-hardly does, so CoCoOp is also measured at half the classes ("cocoop_half") and its per-image time
-extrapolated to --paper-classes (ImageNet's 1000, Figure 3's dataset) as a + b C.
+hardly does, so CoCoOp is also measured at half the classes ("_half") and its per-image time
+extrapolated to --paper-classes (ImageNet's 1000, Figure 3's dataset) as a + b C. "cocoop" runs
+this package's text encoder (each prompt trimmed to its longest's tokens), "cocoop_full" all 77
+positions, as CoCoOp's released code does (benchmarks/run.py's full-length encoder).
 """
 import argparse
 import json
@@ -24,6 +26,7 @@ import tempfile
 import time
 
 from cocoop import SHAPES, seconds  # benchmarks/cocoop.py (this folder is on sys.path)
+from run import text_encoder  # benchmarks/run.py: the codebases' full-length text encoder
 
 import torch  # noqa: E402
 
@@ -37,7 +40,8 @@ from textrefiner.methods.llamp import CLIP_EMBEDDINGS_FILE, PAST_KEY_VALUES_FILE
 from textrefiner.methods.promptkd import IVLPTeacher  # noqa: E402
 
 PAPER_FPS = {"cocoop": 20.45, "llamp": 1473.46, "promptkd_tr": 12793.26}  # one A800, ImageNet
-VARIANTS = ("image_encoder", "cocoop", "cocoop_half", "llamp", "promptkd_tr")
+VARIANTS = ("image_encoder", "cocoop", "cocoop_half", "cocoop_full", "cocoop_full_half", "llamp",
+            "promptkd_tr")
 # LLaMA-2-7B's decoder layer (LLaMP's LLM); "quick": a small one. Only the last layer is built.
 LLM_SIZES = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                         num_key_value_heads=32, num_hidden_layers=32),
@@ -147,6 +151,13 @@ def build_models(args, classes, device, folder):
     return models
 
 
+def call(models, name, images):
+    """A variant's forward; "_full": CoCoOp with the codebases' full-length text encoder."""
+    full = name.startswith("cocoop_full")
+    with text_encoder("full" if full else "trimmed"):
+        return models[name.replace("_full", "")](images)
+
+
 @torch.no_grad()
 def measure(args, classes, variants):
     """{variant: [seconds per batch, one per round]}, and LLaMP's once-per-evaluation classifier
@@ -160,11 +171,11 @@ def measure(args, classes, variants):
         llamp_classifier = seconds(models["llamp"].class_embeddings, device)
         models["promptkd_tr"].class_embeddings()
         for name in variants:
-            models[name](images)  # warm-up
+            call(models, name, images)  # warm-up
         times = {name: [] for name in variants}
         for r in range(args.repeats):
             for name in (variants if r % 2 == 0 else variants[::-1]):
-                times[name].append(seconds(lambda: models[name](images), device))
+                times[name].append(seconds(lambda: call(models, name, images), device))
             print(f"  {classes} classes, round {r + 1}: "
                   + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in variants), flush=True)
     return times, llamp_classifier
@@ -173,17 +184,19 @@ def measure(args, classes, variants):
 def summarise(args, times, classifier_s):
     batch = args.batch_size
     per_image = {n: statistics.median(t) / batch for n, t in times.items()}
-    # CoCoOp per image = a + b C, from its two class counts
-    half = per_image.pop("cocoop_half")
-    c = args.classes
-    slope = (per_image["cocoop"] - half) / (c - c // 2)
-    cocoop_paper = per_image["cocoop"] + slope * (args.paper_classes - c)
-    fps = {f"fps_{n}@{c}": 1 / s for n, s in per_image.items()}
-    fps[f"fps_cocoop@{args.paper_classes}_extrapolated"] = 1 / cocoop_paper
-    ours = {"cocoop": 1 / cocoop_paper, "llamp": fps[f"fps_llamp@{c}"],
-            "promptkd_tr": fps[f"fps_promptkd_tr@{c}"]}
+    c, paper_c = args.classes, args.paper_classes
+    fps, slopes = {}, {}
+    for name in ("cocoop", "cocoop_full"):  # per image = a + b C, from its two class counts
+        half = per_image.pop(f"{name}_half")
+        slopes[name] = (per_image[name] - half) / (c - c // 2)
+        at_paper = per_image[name] + slopes[name] * (paper_c - c)
+        fps[f"fps_{name}@{paper_c}_extrapolated"] = 1 / at_paper
+    fps.update({f"fps_{n}@{c}": 1 / s for n, s in per_image.items()})
+    ours = {"cocoop": fps[f"fps_cocoop_full@{paper_c}_extrapolated"],
+            "llamp": fps[f"fps_llamp@{c}"], "promptkd_tr": fps[f"fps_promptkd_tr@{c}"]}
     return {**fps,
-            "cocoop_ms_per_class_per_image": 1000 * slope,
+            "cocoop_ms_per_class_per_image": 1000 * slopes["cocoop"],
+            "cocoop_full_ms_per_class_per_image": 1000 * slopes["cocoop_full"],
             "llamp_classifier_s_once": classifier_s,
             "llamp_classifier_ms_per_class": 1000 * classifier_s / c,
             "ratio_ours": {n: v / ours["cocoop"] for n, v in ours.items()},
@@ -208,7 +221,8 @@ def main(argv=None):
     for key, value in results.items():
         if not isinstance(value, dict):
             print(f"  {key:<40}{value:12.4f}")
-    print("  CoCoOp : LLaMP : PromptKD + TR (images per second, CoCoOp = 1)")
+    print(f"  CoCoOp (full-length, {args.paper_classes} classes) : LLaMP : PromptKD + TR "
+          "(images per second, CoCoOp = 1)")
     for who in ("ours", "paper"):
         r = results[f"ratio_{who}"]
         print(f"    {who:<6}1 : {r['llamp']:.1f} : {r['promptkd_tr']:.1f}")

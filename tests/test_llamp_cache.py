@@ -179,6 +179,44 @@ def test_llamp_datasets_keep_its_copies_of_the_embeddings():
     assert all(len(t) == 11 for t in llamp_cache.LLM_TEMPLATES.values())
 
 
+@pytest.mark.skipif(not os.environ.get("TEXTREFINER_LLAMP_PYTHON"),
+                    reason="TEXTREFINER_LLAMP_PYTHON is not set: an interpreter with LLaMP's "
+                           "pinned transformers 4.35")
+def test_llamps_own_stack_gives_the_same_keys_and_values_and_reads_the_file(tmp_path,
+                                                                            llama_path):
+    """In transformers 4.35, LLaMP's own forward pass on the same ids gives the stored keys and
+    values at every real token (bit for bit), and its decoder call runs on the written file."""
+    import shutil
+    import subprocess
+    from conftest import HANG_TIMEOUT
+    model, tokenizer = llamp_cache.load_llm(llama_path, "cpu")
+    llamp_cache.prepare_tokenizer(tokenizer)
+    prompts = llamp_cache.llm_prompts(tokenizer, llamp_cache.llm_templates("OxfordPets")[0],
+                                      ["red circle", "blue_square", "a long striped disc name"])
+    entry = llamp_cache.describe_classes(model, tokenizer, prompts, fake_noun_chunks,
+                                         batch_size=2, max_new_tokens=5)
+    options = dict(return_tensors="pt", padding=True, truncation=True, max_length=128)
+    asked = tokenizer(prompts, **options)
+    phrases = tokenizer([", ".join(fake_noun_chunks(a)) for a in entry["text_predictions"]],
+                        **options)
+    ids = torch.cat([asked["input_ids"], phrases["input_ids"]], dim=1)
+    assert torch.equal(torch.cat([asked["attention_mask"], phrases["attention_mask"]], dim=1),
+                       entry["attn_mask"])
+    torch.save({"ids": ids, "mask": entry["attn_mask"], "pkv": entry["past_key_values"]},
+               tmp_path / "step.pt")
+    torch.save({"base": [entry], "new": [entry]}, tmp_path / "release_past_key_value.pt")
+    shutil.copytree(llama_path, tmp_path / "llama")
+    done = subprocess.run(
+        [os.environ["TEXTREFINER_LLAMP_PYTHON"],
+         os.path.join(os.path.dirname(__file__), "llamp_cache_pinned.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=HANG_TIMEOUT,
+        env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"max_abs_diff": 0.0, "shape_equal": True, "finite": True,
+                      "decoder_output": [3, 4, 64]}
+
+
 def test_cache_objects_and_tuples_give_the_same_layout(llama_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32)
     with torch.inference_mode():
