@@ -258,3 +258,78 @@ def test_losses_are_llamps_equations(tiny):
     torch.testing.assert_close(parts["loss_l1"], l1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(parts["loss_dist"], kl, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss.detach(), ce + l1 + kl, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ both engines, the command
+DATASET_CFG = "configs/datasets/synthetic_shapes.yaml"
+DEMO_CFG = "configs/trainers/CoOp/demo_cpu.yaml"
+CACHE_KEY = "refiner.cache.entries"
+
+
+@pytest.fixture(scope="module")
+def demo_files(tiny, tmp_path_factory):
+    """LLaMP's files for the demo dataset's 5 base and 5 new classes (embedding size 32)."""
+    return write_llamp_files(str(tmp_path_factory.mktemp("demo_files")), 5, 5, 32, seed=1)
+
+
+def llamp_command(demo, tiny, files, out, engine, classes="base", refiner=False, extra=()):
+    opts = []
+    for key, value in TINY.items():
+        opts += [f"TRAINER.LLAMP.{key}", str(value)]
+    return (["--engine", engine, "--root", demo["root"], "--trainer", "LLaMP", "--seed", "1",
+             "--dataset-config-file", DATASET_CFG, "--config-file", DEMO_CFG,
+             "--output-dir", str(out)] + (["--refiner", "--topk", "2"] if refiner else [])
+            + list(extra)
+            + ["MODEL.BACKBONE.PATH", demo["clip"], "DATASET.NUM_SHOTS", "2",
+               "DATASET.SUBSAMPLE_CLASSES", classes, "OPTIM.MAX_EPOCH", "1",
+               "OPTIM.NAME", "adamw", "OPTIM.LR", "0.0002", "DATALOADER.TRAIN_X.BATCH_SIZE", "4",
+               "TRAINER.LLAMP.LLM", tiny["llm"], "TRAINER.LLAMP.FILES_DIR", files] + opts)
+
+
+def engines():
+    import importlib.util
+    return ["standalone"] + (["dassl"] if importlib.util.find_spec("dassl") else [])
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
+@pytest.mark.parametrize("engine", engines())
+def test_train_base_then_evaluate_new(demo, tiny, demo_files, tmp_path, engine, refiner):
+    from textrefiner.train import main, run
+    out = tmp_path / "base"
+    assert main(llamp_command(demo, tiny, demo_files, out, engine, refiner=refiner)) == 0
+    log = (out / "log.txt").read_text(encoding="utf-8")
+    assert "* accuracy:" in log
+    saved = torch.load(out / "LLaMP" / "model.pth.tar-1", map_location="cpu",
+                       weights_only=False)["state_dict"]
+    assert (CACHE_KEY in saved) == refiner
+    assert "vision_lora.1.q_proj.lora_B.weight" in saved and "logit_scale" in saved
+    assert not any(".k_proj." in key or ".mlp." in key for key in saved)  # frozen: from the LLM
+    trainer = run(llamp_command(demo, tiny, demo_files, tmp_path / "new", engine, "new", refiner,
+                                ("--eval-only", "--model-dir", str(out), "--load-epoch", "1")))
+    assert "* accuracy:" in (tmp_path / "new" / "log.txt").read_text(encoding="utf-8")
+    reloaded = trainer.model.checkpoint_state()
+    for key, value in saved.items():
+        assert torch.equal(reloaded[key].cpu(), value), key
+
+
+def test_command_without_transformers_is_one_line(demo, tiny, demo_files, tmp_path, capsys,
+                                                  monkeypatch):
+    from textrefiner.train import main
+    monkeypatch.setitem(sys.modules, "peft", None)
+    assert main(llamp_command(demo, tiny, demo_files, tmp_path, "standalone")) == 2
+    err = capsys.readouterr().err.strip()
+    assert INSTALL_HINT in err and len(err.splitlines()) == 1, err
+
+
+def test_published_configs_load():
+    import glob
+    paths = sorted(glob.glob(os.path.join(HERE, "..", "configs", "trainers", "LLaMP", "*.yaml")))
+    assert len(paths) == 11
+    for path in paths:
+        cfg = load_cfg(path)
+        assert cfg.OPTIM.MAX_EPOCH == (10 if "imagenet" in path else 20)
+        assert (cfg.OPTIM.NAME, cfg.OPTIM.LR, cfg.DATALOADER.TRAIN_X.BATCH_SIZE) == ("adamw",
+                                                                                    2e-4, 4)
+        lcfg = cfg.TRAINER.LLAMP
+        assert (lcfg.NUM_LLM_PROMPTS, lcfg.LLM_PROMPT_DEPTH, lcfg.LAMBDA_DIST, lcfg.LORA_LR,
+                lcfg.V_LORA_START, lcfg.V_LORA_END) == (16, 9, 2.5, 2e-5, 6, 12)
