@@ -263,17 +263,17 @@ def _batch_first(transformer: nn.Module) -> bool:
 
 
 def _run_block(block: nn.Module, x: torch.Tensor, attn_mask=None, need_weights: bool = False,
-               lora: Optional["QVLoRA"] = None):
+               lora: Optional["QVLoRA"] = None, explicit: bool = False):
     """One residual block on x in its layout ([L, B, w], or [B, L, w] for batch-first blocks), as
     `block(x)` computes it (OpenCLIP's blocks may carry layer scales `ls_1`, `ls_2`), with `lora`'s
     low-rank updates of the query and value projections when given; returns (x, attention weights
-    [B, L, L] or None)."""
+    [B, L, L] or None). With a LoRA, or `explicit`, the attention is computed step by step as
+    `transformers`' CLIP computes it (`explicit_attention`), not by torch's fused kernel."""
     h = block.ln_1(x)
-    if lora is None:
+    if lora is None and not explicit:
         attended, weights = block.attn(h, h, h, need_weights=need_weights, attn_mask=attn_mask)
     else:
-        attended, weights = _lora_attention(block.attn, h, lora, attn_mask, need_weights,
-                                            bool(getattr(block.attn, "batch_first", False)))
+        attended, weights = explicit_attention(block.attn, h, attn_mask, need_weights, lora)
     x = x + _layer_scale(block, "ls_1", attended)
     return x + _layer_scale(block, "ls_2", block.mlp(block.ln_2(x))), weights
 
@@ -305,20 +305,26 @@ class QVLoRA(nn.Module):
         self.v_proj = LoRALinear(width, rank, alpha, dropout, dtype)
 
 
-def _lora_attention(attn: nn.MultiheadAttention, h: torch.Tensor, lora: QVLoRA, attn_mask,
-                    need_weights: bool, batch_first: bool):
-    """`attn(h, h, h)` with q += lora.q_proj(h) and v += lora.v_proj(h), computed as
-    `transformers`' CLIP attention does (scaled queries, softmax over keys)."""
+def explicit_attention(attn: nn.MultiheadAttention, h: torch.Tensor, attn_mask=None,
+                       need_weights: bool = False, lora: Optional[QVLoRA] = None):
+    """`attn(h, h, h)` computed as `transformers`' CLIPAttention does (separate q, k, v
+    projections, scaled queries, softmax over keys), with q += lora.q_proj(h) and
+    v += lora.v_proj(h) when `lora` is given. `attn_mask`: additive, [B * heads, L, L] or [L, L].
+    Returns (output, attention weights [B, L, L] averaged over heads, or None)."""
+    batch_first = bool(getattr(attn, "batch_first", False))
     x = h if batch_first else h.transpose(0, 1)                      # [B, L, w]
     batch, length, width = x.shape
     heads = attn.num_heads
-    q, k, v = nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q = q + lora.q_proj(x)
-    v = v + lora.v_proj(x)
+    weight, bias = attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)
+    q, k, v = (nn.functional.linear(x, w, b) for w, b in zip(weight, bias))
+    if lora is not None:
+        q = q + lora.q_proj(x)
+        v = v + lora.v_proj(x)
     q, k, v = (t.reshape(batch, length, heads, width // heads).transpose(1, 2) for t in (q, k, v))
     scores = (q * (width // heads) ** -0.5) @ k.transpose(-2, -1)    # [B, heads, L, L]
     if attn_mask is not None:
-        scores = scores + attn_mask.reshape(batch, -1, length, length)
+        scores = scores + attn_mask.reshape(-1, heads, length, length) if attn_mask.dim() == 3 \
+            else scores + attn_mask
     weights = scores.softmax(dim=-1)
     out = attn.out_proj((weights @ v).transpose(1, 2).reshape(batch, length, width))
     out = out if batch_first else out.transpose(0, 1)

@@ -14,7 +14,9 @@ embeddings of the class names (`release_clip_text_embeddings.pt`) are kept per d
   end token's output through `text_projection` is the class's text feature E_ct [d];
 * the image encoder carries visual prompts `visual_prompts` (appended after the patches, layers
   < VISUAL_PROMPT_DEPTH) and LoRA on the query and value projections of blocks
-  V_LORA_START..V_LORA_END-1 (`vision_lora`): feature v [d]; the frozen CLIP gives v0.
+  V_LORA_START..V_LORA_END-1 (`vision_lora`): feature v [d]. The reference v0 is the image
+  encoder without the prompts but with the LoRA, without gradients: LLaMP's code computes it
+  with CLIP's vision model, into which peft has put the LoRA in place.
 
 Training draws one template t per step. With s = exp(logit_scale) (LLaMP's own, clamped to
 [0, 4.605]), z = norm(v) norm(E_t)^T, z0 = norm(v0) norm(G)^T (G the cached CLIP embeddings):
@@ -462,7 +464,7 @@ class LLaMP(PromptMethod):
                 else:
                     x = torch.cat([x[:, :1], ctx, x[:, 1 + n:]], dim=1)
             mask = self.text_mask.to(x.dtype)
-            x = _run_block(block, x if first else x.transpose(0, 1), mask)[0]
+            x = _run_block(block, x if first else x.transpose(0, 1), mask, explicit=True)[0]
             x = x if first else x.transpose(0, 1)
         last = self.text_encoder.ln_final(x[:, -1])
         return project_text(self.text_encoder.text_projection, last)
@@ -482,10 +484,12 @@ class LLaMP(PromptMethod):
         return self.class_embeddings().shape[-2]
 
     # ---------------------------------------------------------------- image side
+    def _lora_blocks(self) -> Dict[int, QVLoRA]:
+        return {int(i): lora for i, lora in self.vision_lora.items()}
+
     def encode_images(self, images, return_tokens=False):
         return encode_image(self.image_encoder, images, list(self.visual_prompts),
-                            return_tokens=return_tokens,
-                            lora={int(i): lora for i, lora in self.vision_lora.items()})
+                            return_tokens=return_tokens, lora=self._lora_blocks())
 
     def _clamp_logit_scale(self):
         with torch.no_grad():
@@ -505,8 +509,8 @@ class LLaMP(PromptMethod):
         template = int(torch.randint(self.num_templates, (1,)).item())
         text = self.template_text_features(template)                  # E_t
         out = self.encode_images(images, return_tokens=self.refiner is not None)
-        with torch.no_grad():
-            frozen = encode_image(self.image_encoder, images).features  # v0
+        with torch.no_grad():  # v0; LLaMP's LoRA sits in CLIP's vision model, so v0 carries it
+            frozen = encode_image(self.image_encoder, images, lora=self._lora_blocks()).features
         scale = self.logit_scale.exp().float()
         features = F.normalize(out.features, dim=-1)
         normalized = F.normalize(text, dim=-1)
@@ -546,9 +550,10 @@ class LLaMP(PromptMethod):
         return super().load_checkpoint_state(state, source, fresh_refiner)
 
 
+# peft puts the LoRA into CLIP's vision model in place: its state dict names each weight twice
 _LLAMP_LORA = re.compile(
-    r"lora_model\.default\.model\.encoder\.layers\.(\d+)\.self_attn\.([qv]_proj)\.(lora_[AB])"
-    r"\.default\.weight")
+    r"(?:lora_model\.default\.model|clip_model\.vision_model)\.encoder\.layers\.(\d+)"
+    r"\.self_attn\.([qv]_proj)\.(lora_[AB])\.default\.weight")
 
 
 def from_llamp_state(state: dict, keep) -> dict:
