@@ -374,3 +374,16 @@ def test_the_sweep_worker_runs_an_llm_step(tmp_path, data_root, llama_path, clip
     assert execute_run(step) == 0 and run_finished(step)
     assert (out / "sweep.log").read_text().startswith("$ textrefiner-llamp-cache --root ")
     assert json.loads((out / "sweep_status.json").read_text())["state"] == "finished"
+
+
+def test_llamp_runs_take_its_recipe_of_each_dataset(tmp_path):
+    """LLaMP's published recipe is per dataset (configs/trainers/LLaMP/<its name>_llama_7b)."""
+    from textrefiner.sweep.spec import expand, parse_spec
+    spec = parse_spec({"datasets": ["oxford_pets", "imagenet"], "methods": ["LLaMP"],
+                       "seeds": [1]})
+    runs = {r.key: r for r in expand(spec, tmp_path / "out", root="/data")}
+    pets = runs["base2new/test_new/oxford_pets/shots_16/LLaMP/pets_llama_7b/seed1"].argv
+    imagenet = runs["base2new/test_new/imagenet/shots_16/LLaMP/imagenet_llama_7b/seed1"].argv
+    assert pets[pets.index("--load-epoch") + 1] == "20"
+    assert imagenet[imagenet.index("--load-epoch") + 1] == "10"
+    assert list(runs)[0] == "llamp_cache/OxfordPets"

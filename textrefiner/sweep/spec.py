@@ -53,7 +53,7 @@ XD_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "f
 TRAINER_DEFAULTS = {
     "CoOp": ("vit_b16_ep10_ctxv1", 16),
     "CoCoOp": ("vit_b16_c4_ep10_batch1_ctxv1", 16),
-    "LLaMP": ("llama_7b", 16),  # its scripts/launch/launch.sh: --coop_num_shots 16
+    "LLaMP": ("{dataset}_llama_7b", 16),  # per dataset (LLAMP_CONFIG_NAMES); 16 shots
     "MaPLe": ("vit_b16_c2_ep5_batch4_2ctx", 16),
     "PromptKD": ("vit_b16_c2_ep20_batch8_4+4ctx", 0),
     "PromptSRC": ("vit_b16_c2_ep20_batch4_4+4ctx", 16),
@@ -61,6 +61,9 @@ TRAINER_DEFAULTS = {
 }
 XD_CONFIG_SUFFIX = {"MaPLe": "_cross_datasets", "PromptSRC": "_cross_datasets"}  # xd.sh
 LLAMP = "LLaMP"  # its runs read the LLM step's files (textrefiner/llamp_cache.py)
+# LLaMP's recipe is per dataset, named as its configs/llava/zero-shot/<name>_llama_7b.yml
+LLAMP_CONFIG_NAMES = {"caltech101": "caltech", "food101": "food", "oxford_flowers": "flowers",
+                      "oxford_pets": "pets", "stanford_cars": "stanfordcars"}
 PROMPTKD_FINE_GRAINED = ("fgvc_aircraft", "oxford_flowers", "dtd")  # KD_WEIGHT 200, else 1000
 SPEC_KEYS = {"protocol", "datasets", "targets", "methods", "seeds", "config", "shots", "engine",
              "root", "overrides", "grid", "paper", "prepare", "teachers", "description"}
@@ -274,10 +277,11 @@ def point_label(pairs) -> str:
     return ",".join(f"{key.rsplit('.', 1)[-1]}={value_text(value)}" for key, value in pairs)
 
 
-def config_name(spec: Spec, method: Method) -> str:
+def config_name(spec: Spec, method: Method, dataset: str = "") -> str:
     name = method.config or spec.config.get(method.trainer) or spec.config.get("*")
     if not name:
-        name = TRAINER_DEFAULTS[method.trainer][0]
+        name = TRAINER_DEFAULTS[method.trainer][0].format(
+            dataset=LLAMP_CONFIG_NAMES.get(dataset, dataset))
         if spec.protocol == "xd":
             name += XD_CONFIG_SUFFIX.get(method.trainer, "")
     return name
@@ -324,7 +328,7 @@ def _after_llm_steps(spec, method, point, dataset, method_runs, steps, out_dir, 
     extra = dict([*spec.overrides, *method.overrides, *point])
     if extra.get("TRAINER.LLAMP.FILES_DIR"):
         return [], method_runs
-    cfg_file = configs / "trainers" / method.trainer / f"{config_name(spec, method)}.yaml"
+    cfg_file = configs / "trainers" / method.trainer / f"{config_name(spec, method, dataset)}.yaml"
     names = [dataset_name(configs, d) for d in [dataset, *spec.targets]]
     new, last = [], None
     for name in names:
@@ -368,7 +372,7 @@ def _template(value, out_dir, root):
 
 def _method_runs(spec, method, point, dataset, seed, out_dir, root, gpus, feature_store,
                  configs):
-    cfg = config_name(spec, method)
+    cfg = config_name(spec, method, dataset)
     cfg_file = configs / "trainers" / method.trainer / f"{cfg}.yaml"
     shots = shots_of(spec, method)
     extra = []
@@ -478,8 +482,9 @@ def validate(spec: Spec, runs: list, configs: Path | None = None) -> None:
         if dataset not in known:
             raise spec_error(spec.name, f"unknown dataset {dataset!r} (not under "
                                         f"{configs / 'datasets'}; known: {', '.join(known)})")
-    for method in spec.methods:
-        cfg_file = configs / "trainers" / method.trainer / f"{config_name(spec, method)}.yaml"
+    for method, dataset in itertools.product(spec.methods, spec.datasets):
+        cfg_file = configs / "trainers" / method.trainer / \
+            f"{config_name(spec, method, dataset)}.yaml"
         if not cfg_file.is_file():
             have = sorted(p.stem for p in cfg_file.parent.glob("*.yaml"))
             raise spec_error(spec.name, f"{method.name}: no config file {cfg_file} (available: "
