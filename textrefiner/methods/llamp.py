@@ -511,7 +511,7 @@ class LLaMP(PromptMethod):
         out = self.encode_images(images, return_tokens=self.refiner is not None)
         with torch.no_grad():  # v0; LLaMP's LoRA sits in CLIP's vision model, so v0 carries it
             frozen = encode_image(self.image_encoder, images, lora=self._lora_blocks()).features
-        scale = self.logit_scale.exp().float()
+        scale = self.logit_scale.exp().float().reshape(())  # 0-dim: promotes no fp16 tensor
         features = F.normalize(out.features, dim=-1)
         normalized = F.normalize(text, dim=-1)
         classifier = self.refined(normalized)
