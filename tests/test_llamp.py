@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("transformers")
-pytest.importorskip("peft")
 
 from conftest import HANG_TIMEOUT  # noqa: E402
 from llamp_files import (LLM_SIZES, hf_clip_configs, openai_to_hf_clip,  # noqa: E402
@@ -315,7 +314,7 @@ def test_train_base_then_evaluate_new(demo, tiny, demo_files, tmp_path, engine, 
 def test_command_without_transformers_is_one_line(demo, tiny, demo_files, tmp_path, capsys,
                                                   monkeypatch):
     from textrefiner.train import main
-    monkeypatch.setitem(sys.modules, "peft", None)
+    monkeypatch.setitem(sys.modules, "transformers", None)
     assert main(llamp_command(demo, tiny, demo_files, tmp_path, "standalone")) == 2
     err = capsys.readouterr().err.strip()
     assert INSTALL_HINT in err and len(err.splitlines()) == 1, err

@@ -57,13 +57,15 @@ CLIP_EMBEDDINGS_FILE = "release_clip_text_embeddings.pt"
 PROMPT_WORDS = "a photo of a"
 MAX_LOGIT_SCALE = 4.605  # LLaMP clamps log(s) to [0, 4.605]
 TEXT_L1_WEIGHT, IMAGE_L1_WEIGHT = 25.0, 10.0
-INSTALL_HINT = 'LLaMP needs transformers and peft: pip install -e ".[llamp]"'
+INSTALL_HINT = 'LLaMP needs transformers: pip install -e ".[llamp]"'
 
 
 def require_llamp_packages():
-    """One clear line when the optional packages are missing."""
+    """One clear line when the optional packages are missing. (LLaMP's code also uses peft, for
+    LoRA on transformers' CLIP; here the LoRA is on the stock CLIP's packed attention, which
+    peft does not split into query and value: `clip_backbone.QVLoRA`.)"""
     try:
-        import peft  # noqa: F401
+        import safetensors  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:
         raise UserError(f"{INSTALL_HINT} ({exc}).") from None
