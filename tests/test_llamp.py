@@ -386,3 +386,12 @@ def test_half_precisions_train_and_evaluate(tiny, precision):
         scores = model(images)
     assert torch.isfinite(scores).all()
     torch.testing.assert_close(scores.sum(-1), torch.ones(2), atol=1e-3, rtol=0)
+
+
+def test_files_that_do_not_fit_are_one_clear_line(tiny, tmp_path):
+    cfg = make_cfg(tiny)
+    with pytest.raises(UserError, match="for 3 classes, this run has 2"):
+        build_method("LLaMP", cfg, NEW, build_random_clip(**CLIP_SIZES))
+    cfg.TRAINER.LLAMP.FILES_DIR = str(tmp_path)
+    with pytest.raises(UserError, match="release_past_key_value.pt does not exist"):
+        build_method("LLaMP", cfg, BASE, build_random_clip(**CLIP_SIZES))

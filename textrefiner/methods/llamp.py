@@ -387,10 +387,12 @@ class LLaMP(PromptMethod):
         config, layers, norm = load_llm_tail(lcfg.LLM, lcfg.NUM_DECODER_LAYERS, dtype)
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
         hidden, width = config.hidden_size, self.dims["text_width"]
-        if self.past_key_values.shape[-1] * config.num_attention_heads != hidden and \
-                getattr(config, "head_dim", None) != self.past_key_values.shape[-1]:
-            raise UserError("LLaMP: the cached keys and values do not fit TRAINER.LLAMP.LLM's "
-                            "head size: write the files with the same LLM.")
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        cached = tuple(self.past_key_values.shape[-3::2])                # (kv heads, head dim)
+        if cached != (config.num_key_value_heads, head_dim):
+            raise UserError(f"LLaMP: the cached keys and values have (heads, head size) {cached}, "
+                            f"TRAINER.LLAMP.LLM has {(config.num_key_value_heads, head_dim)}: "
+                            "write the files with the same LLM.")
         self.class_token = nn.ParameterList([_kaiming(self.num_special, hidden)]).to(dtype)
         self.class_decoder = layers
         self.class_norm = norm
