@@ -36,8 +36,8 @@ setup(
         "slurm": ["submitit>=1.5"],
         # OpenCLIP backbones: MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
         "openclip": ["open_clip_torch>=2.24"],
-        # LLaMP (--trainer LLaMP): the LLM's decoder layers; tested with transformers 5.25, peft 0.21
-        "llamp": ["transformers>=5.0", "peft>=0.21", "safetensors"],
+        # LLaMP (--trainer LLaMP): the LLM's decoder layers (its LoRA needs no peft here)
+        "llamp": ["transformers>=5.25", "safetensors"],
         # Dassl.pytorch is not on PyPI: install it from its repository to use the Dassl engine.
     },
     entry_points={

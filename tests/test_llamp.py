@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("transformers")
-pytest.importorskip("peft")
 
 from conftest import HANG_TIMEOUT  # noqa: E402
 from llamp_files import (LLM_SIZES, hf_clip_configs, openai_to_hf_clip,  # noqa: E402
@@ -315,7 +314,7 @@ def test_train_base_then_evaluate_new(demo, tiny, demo_files, tmp_path, engine, 
 def test_command_without_transformers_is_one_line(demo, tiny, demo_files, tmp_path, capsys,
                                                   monkeypatch):
     from textrefiner.train import main
-    monkeypatch.setitem(sys.modules, "peft", None)
+    monkeypatch.setitem(sys.modules, "transformers", None)
     assert main(llamp_command(demo, tiny, demo_files, tmp_path, "standalone")) == 2
     err = capsys.readouterr().err.strip()
     assert INSTALL_HINT in err and len(err.splitlines()) == 1, err
@@ -333,3 +332,66 @@ def test_published_configs_load():
         lcfg = cfg.TRAINER.LLAMP
         assert (lcfg.NUM_LLM_PROMPTS, lcfg.LLM_PROMPT_DEPTH, lcfg.LAMBDA_DIST, lcfg.LORA_LR,
                 lcfg.V_LORA_START, lcfg.V_LORA_END) == (16, 9, 2.5, 2e-5, 6, 12)
+
+
+def test_llamp_checkpoint_file_loads_as_init_weights(demo, tiny, demo_files, tmp_path):
+    """A file as LLaMP's code saves it ({"net": its whole state dict, "epoch": e}: frozen CLIP,
+    cached files, peft's LoRA names twice) starts a run and scores: --eval-only with
+    MODEL.INIT_WEIGHTS."""
+    from textrefiner.train import run
+    trainer = run(llamp_command(demo, tiny, demo_files, tmp_path / "a", "standalone",
+                                extra=("--eval-only",)))
+    ours = trainer.model.checkpoint_state()
+    net = {"clip_model.logit_scale": torch.tensor(4.6), "base_embeddings": torch.zeros(5, 32),
+           "class_embed_weight": torch.zeros(1)}
+    generator = torch.Generator().manual_seed(0)
+    for key, value in ours.items():
+        value = torch.randn(value.shape, generator=generator, dtype=value.dtype)
+        if key.startswith("vision_lora."):
+            _, layer, proj, ab, _ = key.split(".")
+            for prefix in ("lora_model.default.model", "clip_model.vision_model"):
+                net[f"{prefix}.encoder.layers.{layer}.self_attn.{proj}.{ab}.default.weight"] = value
+        else:
+            net[key] = value
+        ours[key] = value
+    path = tmp_path / "ckpt_last_1.t7"
+    torch.save({"net": net, "epoch": 19}, path)
+    loaded = run(llamp_command(demo, tiny, demo_files, tmp_path / "b", "standalone",
+                               extra=("--eval-only",)) + ["MODEL.INIT_WEIGHTS", str(path)])
+    log = (tmp_path / "b" / "log.txt").read_text(encoding="utf-8")
+    assert "Initial weights" in log and "* accuracy:" in log
+    for key, value in loaded.model.checkpoint_state().items():
+        assert torch.equal(value.cpu(), ours[key]), key
+
+
+@pytest.mark.parametrize("precision", ["fp16", "amp"])
+def test_half_precisions_train_and_evaluate(tiny, precision):
+    """fp16 weights (the stock CLIP's own half-precision conversion) and amp (bfloat16 autocast on
+    the CPU): finite losses, gradients and scores, with TextRefiner."""
+    from textrefiner._compat import import_clip
+    from textrefiner.clip_backbone import amp_autocast
+    clip = build_random_clip(**CLIP_SIZES)
+    if precision == "fp16":
+        import_clip().model.convert_weights(clip)
+    model = build(tiny, clip, refiner=True, PREC=precision)
+    model.train()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with amp_autocast(precision, torch.device("cpu")):
+        loss, _ = model.forward_train(images, torch.tensor([0, 2]))
+    loss.backward()
+    grads = [p.grad for p in model.trainable_parameters().values() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad(), amp_autocast(precision, torch.device("cpu")):
+        scores = model(images)
+    assert torch.isfinite(scores).all()
+    torch.testing.assert_close(scores.sum(-1), torch.ones(2), atol=1e-3, rtol=0)
+
+
+def test_files_that_do_not_fit_are_one_clear_line(tiny, tmp_path):
+    cfg = make_cfg(tiny)
+    with pytest.raises(UserError, match="for 3 classes, this run has 2"):
+        build_method("LLaMP", cfg, NEW, build_random_clip(**CLIP_SIZES))
+    cfg.TRAINER.LLAMP.FILES_DIR = str(tmp_path)
+    with pytest.raises(UserError, match="release_past_key_value.pt does not exist"):
+        build_method("LLaMP", cfg, BASE, build_random_clip(**CLIP_SIZES))

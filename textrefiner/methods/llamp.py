@@ -57,13 +57,15 @@ CLIP_EMBEDDINGS_FILE = "release_clip_text_embeddings.pt"
 PROMPT_WORDS = "a photo of a"
 MAX_LOGIT_SCALE = 4.605  # LLaMP clamps log(s) to [0, 4.605]
 TEXT_L1_WEIGHT, IMAGE_L1_WEIGHT = 25.0, 10.0
-INSTALL_HINT = 'LLaMP needs transformers and peft: pip install -e ".[llamp]"'
+INSTALL_HINT = 'LLaMP needs transformers: pip install -e ".[llamp]"'
 
 
 def require_llamp_packages():
-    """One clear line when the optional packages are missing."""
+    """One clear line when the optional packages are missing. (LLaMP's code also uses peft, for
+    LoRA on transformers' CLIP; here the LoRA is on the stock CLIP's packed attention, which
+    peft does not split into query and value: `clip_backbone.QVLoRA`.)"""
     try:
-        import peft  # noqa: F401
+        import safetensors  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:
         raise UserError(f"{INSTALL_HINT} ({exc}).") from None
@@ -385,10 +387,12 @@ class LLaMP(PromptMethod):
         config, layers, norm = load_llm_tail(lcfg.LLM, lcfg.NUM_DECODER_LAYERS, dtype)
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
         hidden, width = config.hidden_size, self.dims["text_width"]
-        if self.past_key_values.shape[-1] * config.num_attention_heads != hidden and \
-                getattr(config, "head_dim", None) != self.past_key_values.shape[-1]:
-            raise UserError("LLaMP: the cached keys and values do not fit TRAINER.LLAMP.LLM's "
-                            "head size: write the files with the same LLM.")
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        cached = tuple(self.past_key_values.shape[-3::2])                # (kv heads, head dim)
+        if cached != (config.num_key_value_heads, head_dim):
+            raise UserError(f"LLaMP: the cached keys and values have (heads, head size) {cached}, "
+                            f"TRAINER.LLAMP.LLM has {(config.num_key_value_heads, head_dim)}: "
+                            "write the files with the same LLM.")
         self.class_token = nn.ParameterList([_kaiming(self.num_special, hidden)]).to(dtype)
         self.class_decoder = layers
         self.class_norm = norm
@@ -511,7 +515,7 @@ class LLaMP(PromptMethod):
         out = self.encode_images(images, return_tokens=self.refiner is not None)
         with torch.no_grad():  # v0; LLaMP's LoRA sits in CLIP's vision model, so v0 carries it
             frozen = encode_image(self.image_encoder, images, lora=self._lora_blocks()).features
-        scale = self.logit_scale.exp().float()
+        scale = self.logit_scale.exp().float().reshape(())  # 0-dim: promotes no fp16 tensor
         features = F.normalize(out.features, dim=-1)
         normalized = F.normalize(text, dim=-1)
         classifier = self.refined(normalized)
