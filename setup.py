@@ -36,6 +36,8 @@ setup(
         "slurm": ["submitit>=1.5"],
         # OpenCLIP backbones: MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
         "openclip": ["open_clip_torch>=2.24"],
+        # LLaMP (--trainer LLaMP): the LLM's decoder layers (its LoRA needs no peft here)
+        "llamp": ["transformers>=5.25", "safetensors"],
         # Dassl.pytorch is not on PyPI: install it from its repository to use the Dassl engine.
     },
     entry_points={
@@ -44,6 +46,7 @@ setup(
             "textrefiner-data=textrefiner.data.prepare:main",
             "textrefiner-results=textrefiner.results:main",
             "textrefiner-sweep=textrefiner.sweep.cli:main",
+            "textrefiner-llamp-cache=textrefiner.llamp_cache:main",
         ],
     },
 )

@@ -75,9 +75,9 @@ def test_dry_run_counts_runs_finished_and_to_do(tmp_path, capsys):
     for name in ("paper-table1", "paper-table2", "paper-table3", "paper-fig4", "paper-fig5",
                  "demo"):
         counts[name] = len(expand(load_spec(name), tmp_path / name))
-    # table1: 11 datasets x (zero-shot 1 seed x 2 evaluations + 7 trained methods x 3 x 2);
-    # table2: zero-shot on 5 test sets + 6 methods x 3 seeds x (train + 4 targets)
-    assert counts == {"paper-table1": 484, "paper-table2": 95, "paper-table3": 30,
+    # table1: 11 datasets x (zero-shot 1 seed x 2 evaluations + 8 trained methods x 3 x 2 +
+    # LLaMP's LLM step); table2: zero-shot on 5 test sets + 6 methods x 3 seeds x (train + 4)
+    assert counts == {"paper-table1": 561, "paper-table2": 95, "paper-table3": 30,
                       "paper-fig4": 30, "paper-fig5": 30, "demo": 14}
 
 

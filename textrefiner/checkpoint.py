@@ -203,8 +203,9 @@ def load_init_weights(model, path: str, log=print):
 
 
 def _state_dict(checkpoint: dict, path: str) -> dict:
-    """The weights of a Dassl checkpoint dict, or the dict itself when it holds weights only."""
-    state = checkpoint.get("state_dict", checkpoint)
+    """The weights of a Dassl checkpoint dict (LLaMP's: {"net": ..., "epoch": ...}), or the dict
+    itself when it holds weights only."""
+    state = checkpoint.get("state_dict", checkpoint.get("net", checkpoint))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no state_dict of tensors: it is not a model "
                         "checkpoint (Dassl's dict with 'state_dict', or a state_dict).")

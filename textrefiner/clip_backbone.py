@@ -264,14 +264,73 @@ def _batch_first(transformer: nn.Module) -> bool:
     return bool(getattr(transformer, "batch_first", False))
 
 
-def _run_block(block: nn.Module, x: torch.Tensor, attn_mask=None, need_weights: bool = False):
+def _run_block(block: nn.Module, x: torch.Tensor, attn_mask=None, need_weights: bool = False,
+               lora: Optional["QVLoRA"] = None, explicit: bool = False):
     """One residual block on x in its layout ([L, B, w], or [B, L, w] for batch-first blocks), as
-    `block(x)` computes it (OpenCLIP's blocks may carry layer scales `ls_1`, `ls_2`); returns
-    (x, attention weights [B, L, L] or None)."""
+    `block(x)` computes it (OpenCLIP's blocks may carry layer scales `ls_1`, `ls_2`), with `lora`'s
+    low-rank updates of the query and value projections when given; returns (x, attention weights
+    [B, L, L] or None). With a LoRA, or `explicit`, the attention is computed step by step as
+    `transformers`' CLIP computes it (`explicit_attention`), not by torch's fused kernel."""
     h = block.ln_1(x)
-    attended, weights = block.attn(h, h, h, need_weights=need_weights, attn_mask=attn_mask)
+    if lora is None and not explicit:
+        attended, weights = block.attn(h, h, h, need_weights=need_weights, attn_mask=attn_mask)
+    else:
+        attended, weights = explicit_attention(block.attn, h, attn_mask, need_weights, lora)
     x = x + _layer_scale(block, "ls_1", attended)
     return x + _layer_scale(block, "ls_2", block.mlp(block.ln_2(x))), weights
+
+
+class LoRALinear(nn.Module):
+    """peft's LoRA update of one linear map: scale * lora_B(lora_A(dropout(x))), scale = alpha /
+    rank; lora_A starts Kaiming-uniform (a = sqrt(5)), lora_B at zero."""
+
+    def __init__(self, width: int, rank: int, alpha: float, dropout: float, dtype=None):
+        super().__init__()
+        self.lora_A = nn.Linear(width, rank, bias=False, dtype=dtype)
+        self.lora_B = nn.Linear(rank, width, bias=False, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+
+
+class QVLoRA(nn.Module):
+    """LoRA on the query and value projections of one stock attention block (what peft does to
+    `transformers`' q_proj and v_proj; the stock block packs them into `in_proj_weight`)."""
+
+    def __init__(self, width: int, rank: int, alpha: float, dropout: float, dtype=None):
+        super().__init__()
+        self.q_proj = LoRALinear(width, rank, alpha, dropout, dtype)
+        self.v_proj = LoRALinear(width, rank, alpha, dropout, dtype)
+
+
+def explicit_attention(attn: nn.MultiheadAttention, h: torch.Tensor, attn_mask=None,
+                       need_weights: bool = False, lora: Optional[QVLoRA] = None):
+    """`attn(h, h, h)` computed as `transformers`' CLIPAttention does (separate q, k, v
+    projections, scaled queries, softmax over keys), with q += lora.q_proj(h) and
+    v += lora.v_proj(h) when `lora` is given. `attn_mask`: additive, [B * heads, L, L] or [L, L].
+    Returns (output, attention weights [B, L, L] averaged over heads, or None)."""
+    batch_first = bool(getattr(attn, "batch_first", False))
+    x = h if batch_first else h.transpose(0, 1)                      # [B, L, w]
+    batch, length, width = x.shape
+    heads = attn.num_heads
+    weight, bias = attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)
+    q, k, v = (nn.functional.linear(x, w, b) for w, b in zip(weight, bias))
+    if lora is not None:
+        q = q + lora.q_proj(x)
+        v = v + lora.v_proj(x)
+    q, k, v = (t.reshape(batch, length, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    scores = (q * (width // heads) ** -0.5) @ k.transpose(-2, -1)    # [B, heads, L, L]
+    if attn_mask is not None:
+        scores = scores + attn_mask.reshape(-1, heads, length, length) if attn_mask.dim() == 3 \
+            else scores + attn_mask
+    weights = scores.softmax(dim=-1)
+    out = attn.out_proj((weights @ v).transpose(1, 2).reshape(batch, length, width))
+    out = out if batch_first else out.transpose(0, 1)
+    return out, weights.mean(dim=1) if need_weights else None
 
 
 def _layer_scale(block: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -285,27 +344,29 @@ def _causal_mask(length: int, x: torch.Tensor) -> torch.Tensor:
     return mask.to(x.dtype)
 
 
-def _block_with_cls_attention(block: nn.Module, x: torch.Tensor, n_patches: int):
+def _block_with_cls_attention(block: nn.Module, x: torch.Tensor, n_patches: int, lora=None):
     """Run one residual block and also return CLS-to-patch attention [B, N]."""
-    x, weights = _run_block(block, x, need_weights=True)
+    x, weights = _run_block(block, x, need_weights=True, lora=lora)
     return x, weights[:, 0, 1:1 + n_patches]
 
 
 def encode_image(visual: nn.Module, images: torch.Tensor,
                  prompts: Optional[Sequence[torch.Tensor]] = None,
-                 return_tokens: bool = False) -> ImageOutput:
+                 return_tokens: bool = False, lora: Optional[dict] = None) -> ImageOutput:
     """Run CLIP's image encoder, optionally with deep vision prompts (ViT) and local tokens.
 
     prompts: per-layer prompt tokens, each [n_ctx, width]. `prompts[0]` is appended after the patch
         tokens (after the positional embedding, before ln_pre); `prompts[i]` for i >= 1 replaces the
         last n_ctx tokens before block i runs. `len(prompts)` is the prompt depth.
+    lora: {block index: QVLoRA} low-rank updates of those blocks' query and value projections.
     A ResNet goes to `encode_resnet_image` (it takes no prompts).
     images: [B, 3, H, W], any float dtype (cast to the encoder's). Returns an `ImageOutput`:
     features [B, d], and with return_tokens tokens [B, 1+N, d] and cls_attention [B, N], in the
     encoder's dtype.
     """
+    lora = lora or {}
     if is_resnet(visual):
-        if prompts:
+        if prompts or lora:
             require_vit(visual, "Deep vision prompting")
         return encode_resnet_image(visual, images, return_tokens)
     dtype = visual.conv1.weight.dtype
@@ -335,9 +396,9 @@ def encode_image(visual: nn.Module, images: torch.Tensor,
                 x.narrow(seq, 0, n_ctx).shape)
             x = torch.cat([kept, deep], dim=seq)
         if return_tokens and i == len(blocks) - 1:
-            x, cls_attention = _block_with_cls_attention(block, x, n_patches)
+            x, cls_attention = _block_with_cls_attention(block, x, n_patches, lora.get(i))
         else:
-            x = _run_block(block, x)[0]
+            x = _run_block(block, x, lora=lora.get(i))[0]
     if not first:
         x = x.permute(1, 0, 2)                              # [B, L, width]
 

@@ -190,6 +190,31 @@ _EXTENSIONS = {
             "TEACHER_PATH": "",  # local teacher CLIP file; empty = download by TEACHER_NAME
             "TEACHER_CKPT": "",  # teacher prompt checkpoint (model-best.pth.tar)
         },
+        # LLaMP's base-to-new recipe (its scripts/launch/launch.sh); textrefiner.methods.llamp
+        "LLAMP": {
+            "PREC": "fp32",
+            "LLM": "meta-llama/Llama-2-7b-chat-hf",  # local folder or hub name
+            "FILES_DIR": "",  # folder of the two cached files; empty = the dataset's folder
+            "NUM_DECODER_LAYERS": 1,
+            "NUM_LLM_PROMPTS": 16,
+            "LLM_PROMPT_DEPTH": 9,
+            "TEXT_PROMPT_DEPTH": 9,
+            "N_CTX_TEXT": 4,
+            "N_CTX_VISION": 4,
+            "VISUAL_PROMPT_DEPTH": 6,
+            "NUM_TEXT_TEMPLATE": 11,
+            "LORA_RANK": 8,
+            "LORA_ALPHA": 16.0,
+            "LORA_DROPOUT": 0.1,
+            "LORA_LR": 2e-5,
+            "V_LORA_START": 6,
+            "V_LORA_END": 12,
+            "FREEZE_DECODER_KV": True,
+            "FREEZE_DECODER_FFN": True,
+            "LAMBDA_DIST": 2.5,
+            "LABEL_SMOOTHING": 0.0,
+            "PROMPT_DROPOUT": 0.0,
+        },
         # Memory of the text encoder for many classes (exact either way): recompute its blocks'
         # activations in the backward pass, and / or encode at most CHUNK_SIZE prompts at a time.
         "TEXT_ENCODER": {"CHECKPOINTING": False, "CHUNK_SIZE": 0},

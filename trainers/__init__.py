@@ -1,6 +1,6 @@
 """Dassl.pytorch layer (installed as `textrefiner_trainers`): importing it registers the trainers
-"TR_CoOp", "TR_CoCoOp", "TR_MaPLe", "TR_PromptKD", "TR_PromptSRC", "TR_ZeroshotCLIP" and the
-datasets "TR_<Name>".
+"TR_CoOp", "TR_CoCoOp", "TR_LLaMP", "TR_MaPLe", "TR_PromptKD", "TR_PromptSRC", "TR_ZeroshotCLIP"
+and the datasets "TR_<Name>".
 
     import textrefiner_trainers
     cfg.TRAINER.NAME = textrefiner_trainers.TRAINER_NAMES["CoOp"]
@@ -34,10 +34,12 @@ from . import datasets  # noqa: E402,F401  (registers the TR_<Name> datasets)
 from .base import TRAINER_NAMES, MethodTrainer  # noqa: E402
 from .cocoop import TR_CoCoOp  # noqa: E402
 from .coop import TR_CoOp  # noqa: E402
+from .llamp import TR_LLaMP  # noqa: E402
 from .maple import TR_MaPLe  # noqa: E402
 from .promptkd import TR_PromptKD  # noqa: E402
 from .promptsrc import TR_PromptSRC  # noqa: E402
 from .zsclip import TR_ZeroshotCLIP  # noqa: E402
 
 __all__ = ["TRAINER_NAMES", "MethodTrainer", "DasslNotInstalledError",
-           "TR_CoOp", "TR_CoCoOp", "TR_MaPLe", "TR_PromptKD", "TR_PromptSRC", "TR_ZeroshotCLIP"]
+           "TR_CoOp", "TR_CoCoOp", "TR_LLaMP", "TR_MaPLe", "TR_PromptKD", "TR_PromptSRC",
+           "TR_ZeroshotCLIP"]

@@ -32,7 +32,8 @@ from textrefiner.seeding import check_resumable_seed, one_loader_pass, restore_f
 # --trainer value -> name in Dassl's TRAINER_REGISTRY (prefixed so that the original codebases'
 # trainers, registered in the same process, never clash with ours)
 TRAINER_NAMES = {name: "TR_" + name
-                 for name in ("CoOp", "CoCoOp", "MaPLe", "PromptKD", "PromptSRC", "ZeroshotCLIP")}
+                 for name in ("CoOp", "CoCoOp", "LLaMP", "MaPLe", "PromptKD", "PromptSRC",
+                              "ZeroshotCLIP")}
 DATASET_PREFIX = "TR_"
 
 
@@ -121,9 +122,11 @@ class MethodTrainer(TrainerX):
             load_init_weights(self.model, cfg.MODEL.INIT_WEIGHTS)
         self.model.to(self.device)
 
-        params = list(self.model.trainable_parameters().values())
+        trainable = self.model.trainable_parameters()
+        params = list(trainable.values())
         print(f"# trainable params: {sum(p.numel() for p in params):,}")
-        self.optim = build_optimizer(params, cfg.OPTIM) if params else None
+        groups = self.model.optimizer_groups(trainable)
+        self.optim = build_optimizer(None, cfg.OPTIM, param_groups=groups) if params else None
         self.sched = build_scheduler(self.optim, cfg.OPTIM) if params else None
         self.register_model(self.registered_name, self.model, self.optim, self.sched)
         self.scaler = amp_grad_scaler(self.precision, self.device)

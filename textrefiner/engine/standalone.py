@@ -135,7 +135,8 @@ class StandaloneTrainer:
         self.log(f"Parameters to be updated: {sorted(trainable)}")
         self.optim = self.sched = None
         if trainable:
-            self.optim = build_optimizer(trainable.values(), self.cfg.OPTIM)
+            self.optim = build_optimizer(self.model.optimizer_groups(trainable),
+                                         self.cfg.OPTIM)
             self.sched = build_scheduler(self.optim, self.cfg.OPTIM)
         self.scaler = amp_grad_scaler(self.precision, self.device)
         self.step_module = TrainStep(self.model)

@@ -6,13 +6,15 @@ from ..errors import UserError
 from .base import PromptMethod, build_refiner
 from .cocoop import CoCoOp
 from .coop import CoOp
+from .llamp import LLaMP
 from .maple import MaPLe
 from .promptkd import PromptKD
 from .promptsrc import PromptSRC
 from .zeroshot import ZeroshotCLIP
 
 #: {trainer name: method class}, e.g. METHODS["CoOp"] is `CoOp`; the names `--trainer` takes.
-METHODS = {cls.__name__: cls for cls in (CoOp, CoCoOp, MaPLe, PromptKD, PromptSRC, ZeroshotCLIP)}
+METHODS = {cls.__name__: cls for cls in (CoOp, CoCoOp, LLaMP, MaPLe, PromptKD, PromptSRC,
+                                           ZeroshotCLIP)}
 
 
 def method_class(name: str):
@@ -29,6 +31,6 @@ def build_method(name: str, cfg, classnames, clip_model) -> PromptMethod:
     return method_class(name)(cfg, classnames, clip_model)
 
 
-__all__ = ["PromptMethod", "CoOp", "CoCoOp", "MaPLe", "PromptKD", "PromptSRC", "ZeroshotCLIP",
+__all__ = ["PromptMethod", "CoOp", "CoCoOp", "LLaMP", "MaPLe", "PromptKD", "PromptSRC", "ZeroshotCLIP",
            "METHODS",
            "method_class", "build_method", "build_refiner"]

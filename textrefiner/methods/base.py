@@ -216,6 +216,11 @@ class PromptMethod(nn.Module):
     def trainable_parameters(self) -> Dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
+    def optimizer_groups(self, params: Dict[str, nn.Parameter]):
+        """What the optimiser gets for `trainable_parameters()`: one group at OPTIM.LR by default
+        (LLaMP gives its LoRA weights a learning rate of their own)."""
+        return list(params.values())
+
     def checkpoint_state(self) -> Dict[str, torch.Tensor]:
         """Trainable weights plus refiner buffers (cache, BatchNorm statistics)."""
         return {k: v for k, v in self.state_dict().items() if self._is_saved(k)}

@@ -23,7 +23,7 @@ import ctypes
 import os
 import signal
 
-from .plan import Run, initial_states
+from .plan import TRAIN_PROGRAM, Run, initial_states
 from .progress import Progress
 from .worker import STOPPED, execute_run, write_status
 
@@ -43,6 +43,8 @@ def warm_up(runs: list) -> None:
     parser = train.build_parser()
     paths, engines, datasets = set(), set(), set()
     for run in runs:
+        if run.program != TRAIN_PROGRAM:  # an LLM step loads its own models
+            continue
         try:
             args = parser.parse_args(list(run.argv))
             cfg = train.setup_cfg(args)

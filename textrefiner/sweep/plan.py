@@ -1,7 +1,8 @@
 """One run of a sweep (a `textrefiner-train` command and its folder), and when it is finished.
 
 The executors (textrefiner.sweep.local, textrefiner.sweep.slurm) take a list of `Run` in
-dependency order: a test run names its training run in `after`.
+dependency order: a test run names its training run in `after`, a LLaMP training run its
+dataset's LLM step (a `textrefiner-llamp-cache` run, finished when its files exist).
 """
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from typing import Optional
 
 from ..results import read_accuracy
 
-TRAINERS = ("CoOp", "CoCoOp", "MaPLe", "PromptKD", "PromptSRC", "ZeroshotCLIP")
+TRAINERS = ("CoOp", "CoCoOp", "LLaMP", "MaPLe", "PromptKD", "PromptSRC", "ZeroshotCLIP")
+TRAIN_PROGRAM = "textrefiner-train"
+LLAMP_CACHE_PROGRAM = "textrefiner-llamp-cache"  # LLaMP's LLM step (textrefiner/llamp_cache.py)
+PROGRAM_MODULES = {TRAIN_PROGRAM: "textrefiner.train",
+                   LLAMP_CACHE_PROGRAM: "textrefiner.llamp_cache"}
 STATUS_FILE = "sweep_status.json"  # {"state", "exit_code", "error", "log", "command"}
 SWEEP_LOG = "sweep.log"  # the run's stdout and stderr (textrefiner-train writes log.txt itself)
 
@@ -23,15 +28,17 @@ SWEEP_LOG = "sweep.log"  # the run's stdout and stderr (textrefiner-train writes
 class Run:
     key: str  # the run folder relative to the sweep's OUT, unique within the sweep
     output_dir: str  # absolute path of the run folder (== --output-dir)
-    argv: tuple  # textrefiner-train's arguments (everything after the program name)
+    argv: tuple  # the program's arguments (everything after its name)
     after: Optional[str]  # key of the run that must finish first (a test run's training run)
     trainer: str  # one of TRAINERS
-    kind: str  # "train" or "test"
+    kind: str  # "train", "test" or "llm" (LLaMP's LLM step)
     gpus: int = 1  # GPUs per run (> 1: the exact torchrun path)
+    program: str = TRAIN_PROGRAM  # one of PROGRAM_MODULES
+    outputs: tuple = ()  # files that, once all exist, make the run finished (else log.txt's line)
 
     def command(self) -> str:
         """A shell line a person can paste to redo this run by hand."""
-        words = ["textrefiner-train", *self.argv]
+        words = [self.program, *self.argv]
         if self.gpus > 1:
             words = ["torchrun", "--standalone", f"--nproc_per_node={self.gpus}",
                      "-m", "textrefiner.train", *self.argv]
@@ -47,7 +54,10 @@ class Run:
 
 
 def run_finished(run: Run) -> bool:
-    """scripts/common.sh's `finished`: log.txt holds a final (non-validation) accuracy line."""
+    """scripts/common.sh's `finished`: log.txt holds a final (non-validation) accuracy line; a
+    run with `outputs` (an LLM step): they all exist."""
+    if run.outputs:
+        return all(os.path.isfile(path) for path in run.outputs)
     return read_accuracy(Path(run.output_dir, "log.txt")) is not None
 
 

@@ -27,9 +27,14 @@ The run folders are the scripts': OUT/base2new/{train_base,test_new}/<dataset>/s
 entry's `variant` and a grid point are added to the <config> folder name after "@"
 ("vit_b16_ep10_ctxv1@CACHE_SIZE=5"), so each setting has its own folder at the depth
 `textrefiner-results` and the codebases' parse_test_res.py read.
+
+LLaMP's runs need their datasets' LLM files: the plan puts one `textrefiner-llamp-cache` run per
+dataset (OUT/llamp_cache/<DATASET.NAME>) before the first run that reads them; it is finished,
+and skipped, when the files exist in the dataset's folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -39,7 +44,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
-from .plan import TRAINERS, Run
+from .plan import LLAMP_CACHE_PROGRAM, TRAIN_PROGRAM, TRAINERS, Run
 
 PROTOCOLS = ("base2new", "xd")
 TR_SUFFIX = "+TR"  # scripts/common.sh set_method: the folder name of a method with --refiner
@@ -50,6 +55,7 @@ XD_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "f
 TRAINER_DEFAULTS = {
     "CoOp": ("vit_b16_ep10_ctxv1", 16),
     "CoCoOp": ("vit_b16_c4_ep10_batch1_ctxv1", 16),
+    "LLaMP": ("{dataset}_llama_7b", 16),  # per dataset (LLAMP_CONFIG_NAMES); 16 shots
     "MaPLe": ("vit_b16_c2_ep5_batch4_2ctx", 16),
     "PromptKD": ("vit_b16_c2_ep20_batch8_4+4ctx", 0),
     "PromptSRC": ("vit_b16_c2_ep20_batch4_4+4ctx", 16),
@@ -57,6 +63,10 @@ TRAINER_DEFAULTS = {
 }
 XD_CONFIG_SUFFIX = {"MaPLe": "_cross_datasets", "PromptSRC": "_cross_datasets"}  # xd.sh
 FOLDER_CONFIG = "image_folder"  # configs/datasets/image_folder.yaml: a folder of one's own images
+LLAMP = "LLaMP"  # its runs read the LLM step's files (textrefiner/llamp_cache.py)
+# LLaMP's recipe is per dataset, named as its configs/llava/zero-shot/<name>_llama_7b.yml
+LLAMP_CONFIG_NAMES = {"caltech101": "caltech", "food101": "food", "oxford_flowers": "flowers",
+                      "oxford_pets": "pets", "stanford_cars": "stanfordcars"}
 PROMPTKD_FINE_GRAINED = ("fgvc_aircraft", "oxford_flowers", "dtd")  # KD_WEIGHT 200, else 1000
 SPEC_KEYS = {"protocol", "datasets", "targets", "methods", "seeds", "config", "shots", "engine",
              "root", "overrides", "grid", "paper", "prepare", "teachers", "description"}
@@ -270,10 +280,11 @@ def point_label(pairs) -> str:
     return ",".join(f"{key.rsplit('.', 1)[-1]}={value_text(value)}" for key, value in pairs)
 
 
-def config_name(spec: Spec, method: Method) -> str:
+def config_name(spec: Spec, method: Method, dataset: str = "") -> str:
     name = method.config or spec.config.get(method.trainer) or spec.config.get("*")
     if not name:
-        name = TRAINER_DEFAULTS[method.trainer][0]
+        name = TRAINER_DEFAULTS[method.trainer][0].format(
+            dataset=LLAMP_CONFIG_NAMES.get(dataset, dataset))
         if spec.protocol == "xd":
             name += XD_CONFIG_SUFFIX.get(method.trainer, "")
     return name
@@ -291,19 +302,74 @@ def expand(spec: Spec, out_dir, root: str = "", gpus: int = 1, feature_store: st
     out_dir = os.path.abspath(out_dir)
     configs = configs or configs_dir()
     root = _template(spec.root or root or "data", out_dir, "")
-    runs = []
+    runs, steps = [], {}
     for method in spec.methods:
         for point in grid_points(spec):
             for dataset in spec.datasets:
                 for seed in method.seeds:
-                    runs += _method_runs(spec, method, point, dataset, seed, out_dir, root, gpus,
-                                         feature_store, configs)
+                    method_runs = _method_runs(spec, method, point, dataset, seed, out_dir, root,
+                                               gpus, feature_store, configs)
+                    if method.trainer == LLAMP:
+                        new_steps, method_runs = _after_llm_steps(
+                            spec, method, point, dataset, method_runs, steps, out_dir, root,
+                            configs)
+                        runs += new_steps
+                    runs += method_runs
     keys = [r.key for r in runs]
     if len(set(keys)) != len(keys):
         twice = next(k for k in keys if keys.count(k) > 1)
         raise spec_error(spec.name, f"two runs write {twice}: give the methods entries that "
                                     "differ only in overrides a different 'variant'")
     return runs
+
+
+def _after_llm_steps(spec, method, point, dataset, method_runs, steps, out_dir, root, configs):
+    """(LLM steps not yet in `steps`, the method's runs made to wait for them). The steps of
+    several datasets (xd: the training set and each target) wait for one another in turn, and
+    the runs that wait for nothing else wait for the last. None with TRAINER.LLAMP.FILES_DIR
+    (the files are the user's)."""
+    extra = dict([*spec.overrides, *method.overrides, *point])
+    if extra.get("TRAINER.LLAMP.FILES_DIR"):
+        return [], method_runs
+    if is_folder_entry(dataset) and not (configs / "datasets" / f"{dataset}.yaml").is_file():
+        raise spec_error(spec.name, f"{method.name} on the folder {dataset}: write its LLM files "
+                                    "first (textrefiner-llamp-cache) and give their folder as "
+                                    "TRAINER.LLAMP.FILES_DIR in the method's overrides")
+    cfg_file = configs / "trainers" / method.trainer / f"{config_name(spec, method, dataset)}.yaml"
+    names = [dataset_name(configs, d) for d in [dataset, *spec.targets]]
+    new, last = [], None
+    for name in names:
+        if name not in steps:
+            steps[name] = _llm_step(name, last, extra, cfg_file, out_dir, root)
+            new.append(steps[name])
+        last = steps[name].key
+    return new, [dataclasses.replace(r, after=last) if r.after is None else r for r in method_runs]
+
+
+def _llm_step(name, after, extra, cfg_file, out_dir, root) -> Run:
+    """`textrefiner-llamp-cache` for one dataset, with the LLM and CLIP its runs use."""
+    from ..llamp_cache import cache_paths
+
+    argv = ["--root", root, "--dataset", name]
+    for option, key in (("--llm", "TRAINER.LLAMP.LLM"), ("--clip", "MODEL.BACKBONE.PATH"),
+                        ("--clip", "MODEL.BACKBONE.NAME")):
+        value = _template(extra.get(key), out_dir, root) or _config_value(cfg_file, key)
+        if value and option not in argv:
+            argv += [option, str(value)]
+    key = f"llamp_cache/{name}"
+    return Run(key, os.path.join(out_dir, key), tuple(argv), after, LLAMP, "llm",
+               program=LLAMP_CACHE_PROGRAM, outputs=cache_paths(root, name))
+
+
+def _config_value(cfg_file: Path, key: str):
+    """KEY's value in a trainer config file (None where it does not set it)."""
+    try:
+        node = yaml.safe_load(cfg_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _template(value, out_dir, root):
@@ -313,7 +379,7 @@ def _template(value, out_dir, root):
 
 def _method_runs(spec, method, point, dataset, seed, out_dir, root, gpus, feature_store,
                  configs):
-    cfg = config_name(spec, method)
+    cfg = config_name(spec, method, dataset)
     cfg_file = configs / "trainers" / method.trainer / f"{cfg}.yaml"
     shots = shots_of(spec, method)
     extra = []
@@ -416,13 +482,17 @@ def _dataset(dataset: str, configs: Path, out_dir: str, root: str):
             ["DATASET.FOLDER", folder])
 
 
+def dataset_name(configs: Path, dataset: str) -> str:
+    """DATASET.NAME of configs/datasets/<dataset>.yaml."""
+    data = yaml.safe_load((configs / "datasets" / f"{dataset}.yaml").read_text()) or {}
+    return (data.get("DATASET") or {}).get("NAME", dataset)
+
+
 def _teacher(spec: Spec, dataset_file: Path, dataset: str) -> str:
     """PromptKD's teacher where its code looks: <teachers>/<DATASET.NAME>/VLPromptLearner/...;
     a folder's teacher under the folder's name."""
-    data = yaml.safe_load(dataset_file.read_text()) or {}
-    name = (data.get("DATASET") or {}).get("NAME", dataset)
-    if dataset_file.stem == FOLDER_CONFIG:
-        name = dataset
+    name = dataset if dataset_file.stem == FOLDER_CONFIG else \
+        dataset_name(dataset_file.parents[1], dataset)
     return os.path.join(spec.teachers, name, "VLPromptLearner", "model-best.pth.tar")
 
 
@@ -441,8 +511,9 @@ def validate(spec: Spec, runs: list, configs: Path | None = None) -> None:
             hint = "; or a folder of your own images, e.g. ~/photos/pets" if folders_allowed else ""
             raise spec_error(spec.name, f"unknown dataset {dataset!r} (not under "
                                         f"{configs / 'datasets'}; known: {', '.join(known)}{hint})")
-    for method in spec.methods:
-        cfg_file = configs / "trainers" / method.trainer / f"{config_name(spec, method)}.yaml"
+    for method, dataset in itertools.product(spec.methods, spec.datasets):
+        cfg_file = configs / "trainers" / method.trainer / \
+            f"{config_name(spec, method, dataset)}.yaml"
         if not cfg_file.is_file():
             have = sorted(p.stem for p in cfg_file.parent.glob("*.yaml"))
             raise spec_error(spec.name, f"{method.name}: no config file {cfg_file} (available: "
@@ -452,6 +523,8 @@ def validate(spec: Spec, runs: list, configs: Path | None = None) -> None:
     seen = set()
     parser = build_parser()
     for run in runs:
+        if run.program != TRAIN_PROGRAM:  # an LLM step: its command checks its own arguments
+            continue
         argv = _without_seed_and_dirs(run.argv)
         if argv in seen:
             continue

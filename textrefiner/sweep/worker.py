@@ -4,13 +4,14 @@ a child forked per run (textrefiner.sweep.local), the Slurm one in its job."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import subprocess
 import sys
 import traceback
 
-from .plan import Run, read_status  # noqa: F401 (read_status: part of this module's API)
+from .plan import PROGRAM_MODULES, TRAIN_PROGRAM, Run, read_status  # noqa: F401 (read_status: API)
 
 ERROR_PREFIX = "textrefiner-train: error:"
 # Stopped, not failed: Ctrl-C (textrefiner-train exits 130), SIGINT, SIGTERM, SIGKILL (as a
@@ -37,16 +38,16 @@ def execute_run(run: Run) -> int:
                                     *run.argv], stdout=log, stderr=subprocess.STDOUT)
         else:
             with _output_to(log):
-                code = _call_main(run.argv)
+                code = _call_main(run.argv, run.program)
     write_status(run, code)
     return code
 
 
-def _call_main(argv) -> int:
-    from ..train import main
+def _call_main(argv, program=TRAIN_PROGRAM) -> int:
+    main = importlib.import_module(PROGRAM_MODULES[program]).main
 
     saved_argv = sys.argv
-    sys.argv = ["textrefiner-train", *argv]  # the run's log prints its command from sys.argv
+    sys.argv = [program, *argv]  # the run's log prints its command from sys.argv
     try:
         return int(main(list(argv)) or 0)
     except SystemExit as exc:  # argparse's errors (exit 2) and explicit exits
