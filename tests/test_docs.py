@@ -19,9 +19,10 @@ PAGES = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
 
 # Pages and commands that other branches add (the own-images and LLaMP work). The coordinator
 # removes this set when those branches are merged; until then links to them are not checked.
-FROM_OTHER_BRANCHES = {"docs/own-images.md", "docs/llamp.md", "textrefiner-predict"}
-# Named in the docs but not ours: the CoOp repository's own script (docs/codebase-repos.md).
-FOREIGN_SCRIPTS = {"scripts/coop/main.sh"}
+FROM_OTHER_BRANCHES = {"textrefiner-predict"}
+# Named in the docs but not ours: the CoOp repository's own script (docs/codebase-repos.md) and
+# LLaMP's (docs/llamp.md).
+FOREIGN_SCRIPTS = {"scripts/coop/main.sh", "scripts/launch/launch.sh"}
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
