@@ -51,6 +51,7 @@ sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 from run import VIT_B16  # noqa: E402  (benchmarks/run.py: the ViT-B/16 shape)
 
+from textrefiner.checkpoint import read_checkpoint  # noqa: E402
 from textrefiner.clip_backbone import (amp_autocast, encode_image,  # noqa: E402
                                        save_random_clip)
 from textrefiner.data import build_loader  # noqa: E402
@@ -169,8 +170,17 @@ def prepare(work, small, log):
         clip_weights=False)
     log(f"prepared: demo data {demo['root']}, student CLIP {student['vision_layers']} layers "
         f"{student['image_resolution']} px, teacher {teacher['vision_layers']} layers")
-    return {"root": demo["root"], "clip": clip, "teacher_clip": teacher_clip,
-            "teacher_ckpt": teacher_ckpt, "shape": student}
+    return {"root": demo["root"], "tiny_clip": demo["clip"], "clip": clip,
+            "teacher_clip": teacher_clip, "teacher_ckpt": teacher_ckpt, "shape": student}
+
+
+def run_argv(root, trainer, refiner, config, output_dir):
+    """textrefiner-train's flags for a run on the demo data, seed 1."""
+    return ["--root", root, "--seed", "1", "--trainer", trainer,
+            "--dataset-config-file", os.path.join(ROOT, "configs", "datasets",
+                                                  "synthetic_shapes.yaml"),
+            "--config-file", os.path.join(ROOT, "configs", "trainers", config),
+            "--output-dir", output_dir] + (["--refiner"] if refiner else [])
 
 
 def train_argv(args, files, trainer, refiner, config, precision, output_dir, device, extra=()):
@@ -179,11 +189,7 @@ def train_argv(args, files, trainer, refiner, config, precision, output_dir, dev
     r, depth = shape["image_resolution"], min(9, shape["vision_layers"],
                                                shape["transformer_layers"])
     section = SECTIONS[trainer]
-    argv = ["--root", files["root"], "--seed", "1", "--trainer", trainer,
-            "--dataset-config-file", os.path.join(ROOT, "configs", "datasets",
-                                                  "synthetic_shapes.yaml"),
-            "--config-file", os.path.join(ROOT, "configs", "trainers", config),
-            "--output-dir", output_dir] + (["--refiner"] if refiner else [])
+    argv = run_argv(files["root"], trainer, refiner, config, output_dir)
     opts = ["MODEL.BACKBONE.PATH", files["clip"], "DATASET.NUM_SHOTS", "16",
             "DATASET.SUBSAMPLE_CLASSES", "base", "USE_CUDA", str(device == "cuda"),
             "DATALOADER.NUM_WORKERS", "0" if device == "cpu" else "4"]
@@ -517,9 +523,10 @@ def check_torchrun(args, files, check, work):
     runs = {}
     for ranks, batch in ((1, 16), (2, 8)):
         out = os.path.join(work, f"torchrun_{ranks}")
-        argv = train_argv(args, files, "CoOp", True, "CoOp/demo_tiny.yaml", None, out,
-                          args.device) + ["DATALOADER.TRAIN_X.BATCH_SIZE", str(batch),
-                                          "OPTIM.MAX_EPOCH", "2"]
+        argv = run_argv(files["root"], "CoOp", True, "CoOp/demo_tiny.yaml", out) + [
+            "MODEL.BACKBONE.PATH", files["tiny_clip"], "USE_CUDA", str(args.device == "cuda"),
+            "DATASET.NUM_SHOTS", "16", "DATASET.SUBSAMPLE_CLASSES", "base",
+            "DATALOADER.TRAIN_X.BATCH_SIZE", str(batch), "OPTIM.MAX_EPOCH", "2"]
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                      "--nproc_per_node", "2"] if ranks == 2 else [sys.executable])
         env = {**os.environ, "PYTHONPATH": python_path(), "OMP_NUM_THREADS": "1"}
@@ -531,8 +538,8 @@ def check_torchrun(args, files, check, work):
                       f"{ranks} process(es) exited {done.returncode}: "
                       f"{done.stderr.strip().splitlines()[-3:]}")
             return
-        state = torch.load(os.path.join(out, "prompt_learner", "model.pth.tar-2"),
-                           map_location="cpu", weights_only=True)["state_dict"]
+        state = read_checkpoint(os.path.join(out, "prompt_learner", "model.pth.tar-2"),
+                                "checkpoint")["state_dict"]
         runs[ranks] = (state, read_accuracy(Path(out, "log.txt")))
     (one, one_acc), (two, two_acc) = runs[1], runs[2]
     worst = max(float((one[k].float() - two[k].float()).abs().max()
