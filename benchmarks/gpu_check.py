@@ -1,7 +1,7 @@
-"""The package on a GPU, checked in one command: every method trains a few steps and evaluates there.
+"""The package on a GPU, checked in one command: every method trains a few steps and evaluates.
 
-    python benchmarks/gpu_check.py                        # CUDA: ViT-B/16 sizes, 224 px (< 6 min, H100)
-    python benchmarks/gpu_check.py --device cpu --small   # the same checks at toy sizes (test suite)
+    python benchmarks/gpu_check.py                       # CUDA: ViT-B/16 sizes, 224 px, < 6 min
+    python benchmarks/gpu_check.py --device cpu --small  # the same checks at toy sizes (tests)
 
 Nothing is downloaded: the CLIPs are random-weight ones built with the stock `clip` classes at
 ViT-B/16's sizes (PromptKD's teacher at ViT-L/14's), saved in fp16 as OpenAI's files are, and the
