@@ -66,24 +66,9 @@ def teacher_clip_path(tmp_path_factory):
 def write_teacher_checkpoint(path, teacher_clip_path, scale=0.5, seed=7):
     """A PromptSRC-layout teacher checkpoint (a Dassl dict, as PromptKD publishes them) for the
     toy teacher CLIP: 4 text + 4 vision prompt tokens, depth 2, and the CLIP weights."""
-    from textrefiner.methods.promptkd import IVLPTeacher
+    from textrefiner.demo import save_random_teacher
 
-    tclip = load_clip(teacher_clip_path, "fp32")
-    text_w, vision_w = tclip.ln_final.weight.shape[0], tclip.visual.conv1.weight.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    prompts = {
-        "prompt_learner.ctx": scale * torch.randn(4, text_w, generator=gen),
-        "text_encoder.transformer.resblocks.1.VPT_shallow":
-            scale * torch.randn(4, text_w, generator=gen),
-        "image_encoder.VPT": scale * torch.randn(4, vision_w, generator=gen),
-        "image_encoder.transformer.resblocks.1.VPT_shallow":
-            scale * torch.randn(4, vision_w, generator=gen),
-    }
-    teacher = IVLPTeacher(["any", "classes"], tclip, prompts)  # class buffers are not saved
-    teacher.load_state_dict(prompts, strict=False)
-    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    torch.save({"state_dict": teacher.state_dict(), "epoch": 20}, str(path))
-    return str(path)
+    return save_random_teacher(str(path), teacher_clip_path, scale, seed)
 
 
 @pytest.fixture(scope="session")

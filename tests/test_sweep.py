@@ -376,6 +376,10 @@ def test_gpu_slots_split_the_visible_gpus(monkeypatch):
     assert gpu_slots(8, 1) == [str(i) for i in range(8)]
     assert gpu_slots(8, 2) == ["0,1", "2,3", "4,5", "6,7"]  # 4 runs of 2 GPUs at a time
     assert gpu_slots(2, 3) == ["0,1,2", "3,4,5"]
+    assert gpu_slots(3, 4) == ["0,1,2,3", "4,5,6,7"]  # multi-GPU runs never share their GPUs
+    assert gpu_slots(10, 1) == [str(i) for i in range(8)] + ["0", "1"]  # one-GPU runs share
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert gpu_slots(2, 1) == ["0", "0"]  # --jobs 2 on one GPU: two runs share it
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert gpu_slots(3, 1) == [None, None, None]  # CPU slots
 

@@ -225,10 +225,14 @@ def build_random_clip(embed_dim=32, image_resolution=32, vision_layers=3, vision
     return model.eval()
 
 
-def save_random_clip(path: str, **kwargs) -> str:
-    """Write `build_random_clip(**kwargs)` as a plain state dict that `load_clip(path)` reads."""
+def save_random_clip(path: str, half: bool = False, **kwargs) -> str:
+    """Write `build_random_clip(**kwargs)` as a plain state dict that `load_clip(path)` reads.
+
+    `half`: every tensor in fp16, as OpenAI's files are (half the size); `load_clip` then gives
+    the same model in fp16 and, in fp32, exactly the float32 copy of that fp16 model."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(build_random_clip(**kwargs).state_dict(), path)
+    model = build_random_clip(**kwargs)
+    torch.save((model.half() if half else model).state_dict(), path)
     return path
 
 

@@ -48,6 +48,34 @@ def prepare_random(folder: str) -> dict:
 prepare = prepare_random  # the name the unit tests import
 
 
+def save_random_teacher(path: str, teacher_clip: str, scale: float = 0.5, seed: int = 7,
+                        clip_weights: bool = True) -> str:
+    """A PromptKD teacher checkpoint for the CLIP file `teacher_clip` (e.g. a `save_random_clip`
+    file): PromptSRC's layout, a Dassl dict as PromptKD publishes them, with random prompts of 4
+    text + 4 vision tokens at depth 2. `clip_weights` False leaves the CLIP weights out (the
+    teacher then takes them from TRAINER.PROMPTKD.TEACHER_PATH alone): a far smaller file."""
+    from ..clip_backbone import load_clip
+    from ..methods.promptkd import IVLPTeacher
+
+    tclip = load_clip(teacher_clip, "fp32")
+    text_w, vision_w = tclip.ln_final.weight.shape[0], tclip.visual.conv1.weight.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    prompts = {
+        "prompt_learner.ctx": scale * torch.randn(4, text_w, generator=gen),
+        "text_encoder.transformer.resblocks.1.VPT_shallow":
+            scale * torch.randn(4, text_w, generator=gen),
+        "image_encoder.VPT": scale * torch.randn(4, vision_w, generator=gen),
+        "image_encoder.transformer.resblocks.1.VPT_shallow":
+            scale * torch.randn(4, vision_w, generator=gen),
+    }
+    teacher = IVLPTeacher(["any", "classes"], tclip, prompts)  # class buffers are not saved
+    teacher.load_state_dict(prompts, strict=False)
+    state = teacher.state_dict() if clip_weights else prompts
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"state_dict": state, "epoch": 20}, path)
+    return path
+
+
 def save_pretrained_clip(path: str, seed: int = PRETRAIN_SEED, log=print) -> str:
     """Pretrain the tiny CLIP here and write it packed (the shipped file's format)."""
     model = pretrain_tiny_clip(seed=seed, log=log)
@@ -123,5 +151,5 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["TINY_CLIP", "prepare", "prepare_random", "prepare_pretrained", "save_pretrained_clip",
-           "pretrain_tiny_clip", "build_parser", "main"]
+__all__ = ["TINY_CLIP", "prepare", "prepare_random", "prepare_pretrained", "save_random_teacher",
+           "save_pretrained_clip", "pretrain_tiny_clip", "build_parser", "main"]

@@ -101,6 +101,10 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    if args.executor == "local" and not args.dry_run and not args.status:
+        from .local import claim_threads
+
+        claim_threads()  # before any tensor work here (the demo's prepare): see claim_threads
     spec, runs, out = plan(args)
     if args.dry_run:
         print_plan(runs, initial_states(runs, args.retry_failed))

@@ -66,17 +66,31 @@ def warm_up(runs: list) -> None:
             preload_dataset(root, name)
 
 
-def fresh_thread_count() -> int:
-    """torch's intra-op thread count in a process that has just imported torch (OMP_NUM_THREADS,
-    else the cores): what the run would get alone. Read before this process does any work."""
-    import torch
+_FRESH_THREADS = None
 
-    return torch.get_num_threads()
+
+def claim_threads() -> int:
+    """torch's intra-op thread count in a process that has just imported torch (OMP_NUM_THREADS,
+    else the cores): what a run would get alone, given to each forked run. Read once, before
+    this process does any tensor work, which from then on runs on one thread: an OpenMP thread
+    pool does not survive a fork, and a child whose parent ever ran a parallel region on several
+    threads hangs in its own first one (seen: in `clip`'s build_model, after the demo's
+    `prepare` here, on a machine without OMP_NUM_THREADS=1)."""
+    global _FRESH_THREADS
+    if _FRESH_THREADS is None:
+        import torch
+
+        _FRESH_THREADS = torch.get_num_threads()
+        torch.set_num_threads(1)
+    return _FRESH_THREADS
 
 
 def gpu_slots(jobs: int, gpus_per_run: int) -> list:
-    """CUDA_VISIBLE_DEVICES of each slot ("" = CPU): the GPUs this process may use, split into
-    groups of `gpus_per_run`, at most `jobs` of them; CPU slots when there is no GPU."""
+    """CUDA_VISIBLE_DEVICES of each of the `jobs` slots (None = CPU): the GPUs this process may
+    use, split into groups of `gpus_per_run`. One-GPU runs beyond the GPUs share them in turn
+    (`--jobs 2` on one GPU: two runs on it: prompt learning's small batches leave a GPU mostly
+    idle); multi-GPU runs get groups of their own, at most `jobs` of them. CPU slots when there is
+    no GPU."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         devices = [d for d in visible.split(",") if d.strip()]
@@ -86,7 +100,11 @@ def gpu_slots(jobs: int, gpus_per_run: int) -> list:
         return [None] * jobs
     groups = [",".join(devices[i:i + gpus_per_run])
               for i in range(0, len(devices) - gpus_per_run + 1, gpus_per_run)]
-    return groups[:jobs] if groups else [None] * jobs
+    if not groups:
+        return [None] * jobs
+    if gpus_per_run == 1:
+        return [groups[i % len(groups)] for i in range(jobs)]
+    return groups[:jobs]
 
 
 def _nvidia_gpu_count() -> int:
@@ -107,10 +125,10 @@ def run_local(runs: list, jobs: int = 1, gpus_per_run: int = 1, retry_failed: bo
     slots = gpu_slots(jobs, gpus_per_run)
     if len(slots) < jobs:
         progress.stream.write(f"[sweep] --jobs {jobs}: {len(slots)} at a time, one per "
-                              f"{gpus_per_run} GPU(s) of CUDA_VISIBLE_DEVICES / the machine\n")
+                              f"{gpus_per_run} GPUs of CUDA_VISIBLE_DEVICES / the machine\n")
     free = list(range(len(slots)))
     children: dict = {}  # pid -> (key, slot)
-    threads = fresh_thread_count()
+    threads = claim_threads()
     if "queued" in states.values():
         warm_up([r for r in runs if states[r.key] == "queued"])
     try:
