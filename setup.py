@@ -31,7 +31,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "open_clip_torch>=2.24", "submitit>=1.5"],
+        "test": ["pytest", "open_clip_torch>=2.24", "submitit>=1.5", "onnx>=1.15",
+                 "onnxruntime>=1.17"],
+        # textrefiner-export: a trained run as an ONNX model, checked with ONNX Runtime
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         # textrefiner-sweep --executor slurm: sweeps as Slurm jobs
         "slurm": ["submitit>=1.5"],
         # OpenCLIP backbones: MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
@@ -44,6 +47,8 @@ setup(
             "textrefiner-data=textrefiner.data.prepare:main",
             "textrefiner-results=textrefiner.results:main",
             "textrefiner-sweep=textrefiner.sweep.cli:main",
+            "textrefiner-predict=textrefiner.predict:main",
+            "textrefiner-export=textrefiner.export:main",
         ],
     },
 )

@@ -221,14 +221,19 @@ class MethodTrainer(TrainerX):
             path = save_method_checkpoint(self._models[name], osp.join(directory, name, filename),
                                           epoch, self._optims[name], self._scheds[name], val_result,
                                           best_result=float(self.best_result),
-                                          seed=self.cfg.SEED)
+                                          **self._run_record(name))
             print(f"Checkpoint saved to {path}")
             if is_best:
                 best = save_method_checkpoint(
                     self._models[name], checkpoint_path(directory, name), epoch,
                     self._optims[name], self._scheds[name], val_result, mark_latest=False,
-                    best_result=float(self.best_result), seed=self.cfg.SEED)
+                    best_result=float(self.best_result), **self._run_record(name))
                 print(f"Best checkpoint saved to {best}")
+
+    def _run_record(self, name) -> dict:
+        """What a checkpoint records of its run (textrefiner-predict builds the model from it)."""
+        return {"seed": self.cfg.SEED, "classnames": self._models[name].classnames,
+                "config": self.cfg.dump()}
 
     def load_model(self, directory, epoch=None):
         """Load `<directory>/<checkpoint_name>/model.pth.tar-<epoch>` (default model-best.pth.tar)."""

@@ -173,7 +173,7 @@ class StandaloneTrainer:
             save_method_checkpoint(self.model, path, epoch, self.optim, self.sched, val_result,
                                    mark_latest=filename_epoch is not None,
                                    best_result=self.best_result, classnames=self.model.classnames,
-                                   seed=self.cfg.SEED)
+                                   seed=self.cfg.SEED, config=self.cfg.dump())
             self.log(f"Checkpoint saved to {path}")  # as Dassl prints it
         barrier()  # no rank reads a checkpoint before rank 0 has written it
 
