@@ -17,10 +17,12 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .checkpoint import atomic_write
 from .errors import UserError
 from .methods import CoCoOp
+from .methods.base import image_text_logits
 from .predict import add_run_args, build_run_model
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -29,17 +31,25 @@ OPSET = 17
 
 class LogitsGraph(nn.Module):
     """What is exported: images [B, 3, H, W] -> float32 logits [B, C], the method's evaluation
-    forward (its classifier computed before tracing, so the tracer stores it as a constant)."""
+    forward, with its classifier (Ehat where TextRefiner is on) computed here once and held as a
+    buffer, which the graph stores as a constant. CoCoOp's classifier depends on the image: its
+    forward, text path included, is traced as it is."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model.eval()
-        with torch.no_grad():
-            if not isinstance(model, CoCoOp):
-                model.class_embeddings()  # computed once, cached, then a constant of the trace
+        classifier = None
+        if not isinstance(model, CoCoOp):
+            with torch.no_grad():
+                classifier = model.class_embeddings().detach().clone()
+        self.register_buffer("classifier", classifier)
 
     def forward(self, images):
-        return self.model(images).float()
+        features = self.model.encode_images(images).features
+        if self.classifier is None:
+            return self.model.forward_features(features).float()
+        logits = image_text_logits(F.normalize(features, dim=-1), self.classifier)
+        return (self.model.logit_scale.exp() * logits).float()
 
 
 def sidecar(classnames, cfg, method: str, refiner: bool) -> dict:
