@@ -196,7 +196,8 @@ def test_imagenet_variants_read_their_class_subset(tmp_path, name, folder, image
 
 def test_every_known_dataset_has_a_test_layout():
     tested = set(SPLIT_JSON_DATASETS) | {
-        "FGVCAircraft", "ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"
+        "FGVCAircraft", "ImageNet", "ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR",
+        "ImageFolder",  # tests/test_own_folder.py
     }
     assert set(DATASETS) == tested
 

@@ -207,7 +207,9 @@ _EXTENSIONS = {
             "KD_REG_WEIGHT": 0.02,
         },
     },
-    "DATASET": {"SUBSAMPLE_CLASSES": "all"},
+    # FOLDER: DATASET.NAME "ImageFolder"'s folder of class folders, absolute or under ROOT;
+    # "" = ROOT itself (textrefiner.data.folder)
+    "DATASET": {"SUBSAMPLE_CLASSES": "all", "FOLDER": ""},
     "MODEL": {"BACKBONE": {"PATH": ""}},  # local CLIP file; empty = download by NAME
     # Under torchrun, end as one process with the global batch ends (textrefiner.distributed);
     # False: plain DDP (per-rank sampling, augmentation RNG and BatchNorm statistics).

@@ -90,8 +90,8 @@ def read_split_json(path, image_dir):
     return convert(split["train"]), convert(split["val"]), convert(split["test"])
 
 
-def write_split_json(path, train, val, test, image_dir):
-    """Write lists of `Datum` as CoOp's split json, paths relative to `image_dir`."""
+def split_json_text(train, val, test, image_dir):
+    """Lists of `Datum` as the text of CoOp's split json, paths relative to `image_dir`."""
 
     def extract(items):
         return [
@@ -99,8 +99,13 @@ def write_split_json(path, train, val, test, image_dir):
         ]
 
     split = {"train": extract(train), "val": extract(val), "test": extract(test)}
+    return json.dumps(split, indent=4, separators=(",", ": "))
+
+
+def write_split_json(path, train, val, test, image_dir):
+    """Write lists of `Datum` as CoOp's split json, paths relative to `image_dir`."""
     with open(path, "w") as f:
-        json.dump(split, f, indent=4, separators=(",", ": "))
+        f.write(split_json_text(train, val, test, image_dir))
 
 
 def base_and_new_labels(items):
@@ -267,14 +272,15 @@ def as_datum(item):
     )
 
 
-def fewshot_splits(dataset_dir, train, val, num_shots, seed):
-    """Few-shot train (K shots) and val (min(K, 4) shots), cached per (K, seed) as CoOp does.
+def fewshot_splits(dataset_dir, train, val, num_shots, seed, cache_dir=None):
+    """Few-shot train (K shots) and val (min(K, 4) shots), cached per (K, seed) as CoOp does,
+    in `cache_dir` (default: `dataset_dir`).
 
     `val` None (ImageNet) draws and caches the train split only.
     """
     if num_shots < 1:
         return train, val
-    path = fewshot_cache_path(dataset_dir, num_shots, seed)
+    path = fewshot_cache_path(cache_dir or dataset_dir, num_shots, seed)
     cached = load_fewshot_cache(path, dataset_dir)
     if cached is not None and cached is not LEFT_AS_IT_IS:
         return cached["train"], cached.get("val", val)

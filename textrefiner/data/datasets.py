@@ -18,6 +18,8 @@ from textrefiner.data.base import (
     subsample_classes,
     write_split_json,
 )
+from textrefiner.data.folder import (FOLDER_DATASET, check_shots, read_image_folder,
+                                     resolve_folder, split_home)
 from textrefiner.errors import UserError
 
 
@@ -60,15 +62,19 @@ IMAGENET_VARIANTS = {
     "ImageNetA": DatasetFacts("imagenet-adversarial", "imagenet-a"),
     "ImageNetR": DatasetFacts("imagenet-rendition", "imagenet-r"),
 }
+# A folder of the user's own class folders (textrefiner.data.folder): its "root" is the folder
+IMAGE_FOLDER = DatasetFacts("", "")
 FACTS = {
     **SPLIT_JSON_DATASETS, "FGVCAircraft": FGVC_AIRCRAFT, "ImageNet": IMAGENET, **IMAGENET_VARIANTS,
+    FOLDER_DATASET: IMAGE_FOLDER,
 }
 # our cache of ImageNet's folder listing (CoOp's preprocessed.pkl needs Dassl to unpickle)
 IMAGENET_LISTING_FILE = "split_textrefiner_ImageNet.json"
 
 
 def dataset_dir(root, name):
-    return os.path.join(os.path.abspath(os.path.expanduser(root)), FACTS[name].folder)
+    root = os.path.abspath(os.path.expanduser(root))
+    return os.path.join(root, FACTS[name].folder) if FACTS[name].folder else root
 
 
 def image_dir(root, name):
@@ -191,6 +197,7 @@ DATASETS = {
     "FGVCAircraft": read_fgvc_aircraft,
     "ImageNet": read_imagenet,
     **{name: read_imagenet_variant for name in IMAGENET_VARIANTS},
+    FOLDER_DATASET: lambda folder, name: read_image_folder(folder),
 }
 TEST_ONLY = frozenset(IMAGENET_VARIANTS)
 
@@ -200,8 +207,18 @@ TEST_ONLY = frozenset(IMAGENET_VARIANTS)
 _PRELOADED: dict = {}
 
 
-def read_dataset(root, name):
-    """(train, val, test) of dataset `name` under `root`; val is None for ImageNet and variants."""
+def dataset_root(cfg):
+    """The `root` that `read_dataset` takes for cfg's dataset: DATASET.ROOT, or for a folder of
+    the user's images (ImageFolder) that folder (DATASET.FOLDER, or DATASET.ROOT itself)."""
+    if cfg.DATASET.NAME == FOLDER_DATASET:
+        return resolve_folder(cfg.DATASET.ROOT, cfg.DATASET.get("FOLDER", ""))
+    return cfg.DATASET.ROOT
+
+
+def read_dataset(root, name, log=print):
+    """(train, val, test) of dataset `name` under `root` (for ImageFolder: the folder itself);
+    val is None for ImageNet and variants. `log` gets the folder reader's lines for the run's
+    log."""
     if name not in DATASETS:
         raise UserError(
             f"Unknown dataset {name!r} (DATASET.NAME). "
@@ -210,6 +227,8 @@ def read_dataset(root, name):
     preloaded = _PRELOADED.get((os.path.abspath(root), name)) if _PRELOADED else None
     if preloaded is not None:  # new lists of the same (frozen) Datums
         return tuple(None if split is None else list(split) for split in preloaded)
+    if name == FOLDER_DATASET:
+        return read_image_folder(root, log)
     return DATASETS[name](root, name)
 
 
@@ -219,7 +238,7 @@ def preload_dataset(root, name) -> None:
     _PRELOADED[(os.path.abspath(root), name)] = read_dataset(root, name)
 
 
-def build_dataset(cfg, all_classes_for_training=False):
+def build_dataset(cfg, all_classes_for_training=False, log=print):
     """The splits to train and test on, from cfg.DATASET.{ROOT,NAME,NUM_SHOTS,SUBSAMPLE_CLASSES}
     and cfg.SEED.
 
@@ -227,15 +246,18 @@ def build_dataset(cfg, all_classes_for_training=False):
     of the classes in every split. `all_classes_for_training` (PromptKD's base2novel): train on
     all classes; val = test split of the base classes, test = test split of the novel classes
     (of the base classes when SUBSAMPLE_CLASSES is "base"), each relabelled from 0;
-    classnames = all classes. Test-only datasets ignore both.
+    classnames = all classes. Test-only datasets ignore both. `log`: as `read_dataset`'s.
     """
-    root, name = cfg.DATASET.ROOT, cfg.DATASET.NAME
-    train, val, test = read_dataset(root, name)
+    root, name = dataset_root(cfg), cfg.DATASET.NAME
+    train, val, test = read_dataset(root, name, log)
     if name in TEST_ONLY:
         return DatasetSplits(train_x=train, val=None, test=test)
 
-    folder = dataset_dir(root, name)
-    train, val = fewshot_splits(folder, train, val, cfg.DATASET.NUM_SHOTS, cfg.SEED)
+    folder, cache_dir = dataset_dir(root, name), None
+    if name == FOLDER_DATASET:
+        check_shots(folder, train, cfg.DATASET.NUM_SHOTS)
+        cache_dir = split_home(folder)
+    train, val = fewshot_splits(folder, train, val, cfg.DATASET.NUM_SHOTS, cfg.SEED, cache_dir)
     subsample = cfg.DATASET.get("SUBSAMPLE_CLASSES", "all")
     if all_classes_for_training:
         _, base_test = subsample_classes(train, test, subsample="base")

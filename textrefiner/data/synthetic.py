@@ -1,5 +1,7 @@
 """A small procedural dataset ("red circle", "green square", ...) in CoOp's layout, for tests
-and smoke runs: root/synthetic_shapes/images/<class>/*.png + split_zhou_SyntheticShapes.json.
+and smoke runs: root/synthetic_shapes/images/<class>/*.png + split_zhou_SyntheticShapes.json;
+or as a plain folder of class folders, FOLDER/<class>/*.png (`write_image_folder`), as a user's
+own photos would be.
 """
 
 import os
@@ -103,3 +105,31 @@ def write_synthetic_dataset(
     split_path = os.path.join(dataset_dir, SPLIT_FILE)
     write_split_json(split_path, splits["train"], splits["val"], splits["test"], images)
     return dataset_dir
+
+
+def check_classnames(classnames):
+    """Each name must be "<colour> <shape>" of the demo's colours and shapes."""
+    for classname in classnames:
+        color, _, shape = classname.partition(" ")
+        if color not in COLORS or shape not in SHAPES:
+            raise ValueError(f"{classname!r} is not a demo class: name one colour of "
+                             f"{', '.join(COLORS)} and one shape of {', '.join(SHAPES)}, "
+                             "e.g. 'red circle'")
+
+
+def write_image_folder(folder, classnames, per_class=20, image_size=32, seed=0):
+    """Write `per_class` images of each class as FOLDER/<class>/<class>_<i>.png (a space in the
+    class name written as `_`), the same for the same seed; no split file. Returns the folder.
+
+    Read it with DATASET.NAME "ImageFolder" and DATASET.FOLDER `folder`.
+    """
+    check_classnames(classnames)
+    folder = os.path.abspath(os.path.expanduser(folder))
+    for classname in classnames:
+        rng = random.Random(f"{seed}-{classname}")  # a class's images do not depend on the others
+        class_dir = os.path.join(folder, classname.replace(" ", "_"))
+        os.makedirs(class_dir, exist_ok=True)
+        for i in range(per_class):
+            path = os.path.join(class_dir, f"{classname.replace(' ', '_')}_{i:03d}.png")
+            render_image(classname, image_size, rng).save(path)
+    return folder

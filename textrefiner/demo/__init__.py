@@ -4,6 +4,8 @@
     python -m textrefiner.demo prepare DIR --weights FILE  # the same, FILE's pretrained CLIP
     python -m textrefiner.demo pretrain FILE      # pretrain a tiny CLIP here, into FILE
     python -m textrefiner.demo prepare DIR --random   # DIR/clip_random.pt: random weights
+    python -m textrefiner.demo images DIR         # DIR/<class>/*.png: a plain folder of images
+    python -m textrefiner.demo images DIR --classes "red circle" "blue ring"  # chosen classes
 
 Two CLIPs, for two jobs:
 * the tiny *pretrained* CLIP learned colours and shapes contrastively
@@ -20,7 +22,7 @@ import sys
 import torch
 
 from ..clip_backbone import save_random_clip
-from ..data.synthetic import write_synthetic_dataset
+from ..data.synthetic import synthetic_classnames, write_image_folder, write_synthetic_dataset
 from .pretrain import TINY_CLIP, pretrain_tiny_clip
 from .weights import (SHIPPED_FILE, SHIPPED_SHA256, demo_vocabulary, pack, read_packed,
                       write_packed)
@@ -86,7 +88,24 @@ def main(argv=None) -> int:
         "pretrain", help="pretrain a tiny CLIP into FILE (the weights depend on the CPU kernels)")
     pre.add_argument("file")
     pre.add_argument("--seed", type=int, default=PRETRAIN_SEED)
+    img = commands.add_parser(
+        "images", help="write synthetic shapes as a plain class-folder tree, DIR/<class>/*.png")
+    img.add_argument("folder")
+    img.add_argument("--classes", nargs="+", metavar="NAME",
+                     help="'<colour> <shape>' class names (default: the demo's "
+                          f"{DEMO_CLASSES} classes)")
+    img.add_argument("--per-class", type=int, default=20, help="images per class (default 20)")
+    img.add_argument("--image-size", type=int, default=32, help="pixels (default 32)")
+    img.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "images":
+        try:
+            folder = write_image_folder(args.folder, args.classes or synthetic_classnames(
+                DEMO_CLASSES), args.per_class, args.image_size, args.seed)
+        except ValueError as err:
+            parser.error(str(err))
+        print(f"images: {folder}")
+        return 0
     if args.command == "pretrain":
         print(f"clip: {save_pretrained_clip(args.file, args.seed)}")
         return 0

@@ -100,7 +100,7 @@ class StandaloneTrainer:
             set_seed(max(cfg.SEED, 0))
         cls = method_class(trainer_name)
         self.splits = build_dataset(cfg, all_classes_for_training=(
-            cls.trains_on_all_classes and cfg.TRAINER.MODAL == "base2novel"))
+            cls.trains_on_all_classes and cfg.TRAINER.MODAL == "base2novel"), log=self.log)
         self.precision = cfg.TRAINER[cls.config_section].PREC
         self.model = self._build_model(cls, trainer_name)
         if cfg.MODEL.INIT_WEIGHTS:

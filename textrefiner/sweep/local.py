@@ -36,7 +36,7 @@ def warm_up(runs: list) -> None:
 
     from .. import train
     from ..clip_backbone import import_clip, preload_state_dict
-    from ..data.datasets import preload_dataset
+    from ..data.datasets import dataset_root, preload_dataset
     from ..engine import standalone  # noqa: F401
 
     import_clip()
@@ -47,10 +47,10 @@ def warm_up(runs: list) -> None:
             args = parser.parse_args(list(run.argv))
             cfg = train.setup_cfg(args)
             engines.add(train.resolve_engine(args.engine))
+            datasets.add((dataset_root(cfg), cfg.DATASET.NAME))
         except Exception:  # noqa: BLE001 - the run itself reports its error, in its log
             continue
         paths.add(cfg.MODEL.BACKBONE.PATH or cfg.MODEL.BACKBONE.NAME)
-        datasets.add((cfg.DATASET.ROOT, cfg.DATASET.NAME))
     if torch.cuda.is_initialized():  # a CUDA context does not survive fork
         raise RuntimeError("the sweep process initialised CUDA before forking its runs")
     if "dassl" in engines:
