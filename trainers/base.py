@@ -17,7 +17,7 @@ from textrefiner import faults
 from textrefiner.checkpoint import (LATEST_MARKER, carry_best_checkpoint, check_resumable_lr,
                                     checkpoint_path, load_init_weights, load_method_checkpoint,
                                     missing_best_error, no_checkpoint_to_resume,
-                                    restored_best_result, save_method_checkpoint)
+                                    restored_best_result, run_record, save_method_checkpoint)
 from textrefiner.clip_backbone import (amp_autocast, amp_grad_scaler, check_image_size,
                                     load_clip)
 from textrefiner.config import ConfigError, validate_cfg
@@ -232,8 +232,7 @@ class MethodTrainer(TrainerX):
 
     def _run_record(self, name) -> dict:
         """What a checkpoint records of its run (textrefiner-predict builds the model from it)."""
-        return {"seed": self.cfg.SEED, "classnames": self._models[name].classnames,
-                "config": self.cfg.dump()}
+        return {"seed": self.cfg.SEED, **run_record(self.cfg, self._models[name].classnames)}
 
     def load_model(self, directory, epoch=None):
         """Load `<directory>/<checkpoint_name>/model.pth.tar-<epoch>` (default model-best.pth.tar)."""
