@@ -36,12 +36,7 @@ from textrefiner.methods import CoOp  # noqa: E402
 from textrefiner.clip_backbone import load_clip  # noqa: E402
 from textrefiner.predict import Predictor  # noqa: E402
 
-SHAPES = {
-    "vit_b16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                    vision_patch_size=16, transformer_width=512, transformer_layers=12),
-    "small": dict(embed_dim=256, image_resolution=96, vision_layers=6, vision_width=384,
-                  vision_patch_size=16, transformer_width=256, transformer_layers=4),
-}
+from cocoop import SHAPES  # noqa: E402  (the same CLIP shapes; benchmarks/ is on the path)
 
 
 def parse_args(argv=None):
