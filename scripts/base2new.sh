@@ -5,19 +5,22 @@
 # usage: bash scripts/base2new.sh <trainer> <dataset> [--refiner] [--seeds "1 2 3"] [--root DIR]
 #            [--out DIR] [--shots K] [--cfg NAME] [--load-epoch N] [KEY VALUE ...]
 #   trainer: CoOp | CoCoOp | MaPLe | PromptKD | PromptSRC | ZeroshotCLIP;  dataset: a name under
-#   configs/datasets/
+#   configs/datasets/, or a folder of your own images (PATH/<class>/*.jpg: image_folder.yaml
+#   with DATASET.FOLDER PATH; its runs and summary are named after the folder)
 #   KEY VALUE pairs are config overrides passed to every run.
 # Environment: PYTHON (default python), DATA (default --root), TEACHERS (PromptKD's teacher
-# checkpoints, default teacher_model: TEACHERS/<DATASET.NAME>/VLPromptLearner/model-best.pth.tar),
-# FEATURE_STORE (a folder: every run reads the test images' features from it, --feature-store),
-# ENGINE (auto, dassl or standalone: every run's --engine).
+# checkpoints, default teacher_model: TEACHERS/<DATASET.NAME, or the folder's name>/
+# VLPromptLearner/model-best.pth.tar), FEATURE_STORE (a folder: every run reads the test
+# images' features from it, --feature-store), ENGINE (auto, dassl or standalone: every run's
+# --engine).
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 [[ $# -ge 2 ]] || usage
 TRAINER=$1
 DATASET=$2
+DATASET_ARG=$2
 shift 2
 
 REFINER=0
@@ -42,25 +45,25 @@ set_method "$TRAINER" "$REFINER"
 
 CFG_FILE=configs/trainers/$TRAINER/$CFG.yaml
 require_config "$CFG_FILE"
-require_config "configs/datasets/$DATASET.yaml"
+dataset_config "$DATASET"  # DATASET_CFG, DATASET (the runs' folder name), FOLDER_OPTS
 [[ -n $LOAD_EPOCH ]] || LOAD_EPOCH=$(max_epoch "$CFG_FILE" "${EXTRA[@]+"${EXTRA[@]}"}")
 
-METHOD_OPTS=(DATASET.NUM_SHOTS "$SHOTS")
+METHOD_OPTS=(DATASET.NUM_SHOTS "$SHOTS" "${FOLDER_OPTS[@]+"${FOLDER_OPTS[@]}"}")
 TEST_SUB=(DATASET.SUBSAMPLE_CLASSES new)
 TRAIN_SUB=(DATASET.SUBSAMPLE_CLASSES base)
 if [[ $TRAINER == PromptKD ]]; then
     # distils on all training images of all classes whatever SUBSAMPLE_CLASSES says; it only
     # picks the classes the final test scores (base after training, new for the test step)
-    METHOD_OPTS+=(TRAINER.MODAL base2novel TRAINER.PROMPTKD.KD_WEIGHT "$(promptkd_kd_weight "$DATASET")")
+    METHOD_OPTS+=(TRAINER.MODAL base2novel TRAINER.PROMPTKD.KD_WEIGHT "$(promptkd_kd_weight "$DATASET_ARG")")
     if ! has_key TRAINER.PROMPTKD.TEACHER_CKPT "${EXTRA[@]+"${EXTRA[@]}"}"; then
-        METHOD_OPTS+=(TRAINER.PROMPTKD.TEACHER_CKPT "$(promptkd_teacher_ckpt "$DATASET")")
+        METHOD_OPTS+=(TRAINER.PROMPTKD.TEACHER_CKPT "$(promptkd_teacher_ckpt "$DATASET_ARG")")
     fi
 fi
 
 feature_store_flag
 engine_flag
 COMMON=(--root "$ROOT" --trainer "$TRAINER"
-        --dataset-config-file "configs/datasets/$DATASET.yaml" --config-file "$CFG_FILE"
+        --dataset-config-file "$DATASET_CFG" --config-file "$CFG_FILE"
         "${STORE_FLAG[@]+"${STORE_FLAG[@]}"}" "${ENGINE_FLAG[@]+"${ENGINE_FLAG[@]}"}")
 SUB_DIR=$DATASET/shots_$SHOTS/$METHOD/$CFG
 

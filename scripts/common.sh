@@ -54,6 +54,23 @@ require_config() {
     }
 }
 
+# dataset_config NAME_OR_FOLDER: DATASET_CFG, the dataset config file; DATASET, the name the runs'
+# folders carry; FOLDER_OPTS, the overrides that point image_folder.yaml at a folder. A name with a
+# config under configs/datasets/ is that dataset; otherwise an existing folder is a folder of one's
+# own images (DATASET.NAME ImageFolder), named after the folder.
+dataset_config() {
+    FOLDER_OPTS=()
+    if [[ -f configs/datasets/$1.yaml || ! -d $1 ]]; then
+        DATASET_CFG=configs/datasets/$1.yaml
+        [[ -f $DATASET_CFG ]] || { echo "no config file $DATASET_CFG and no folder $1; datasets: $(ls configs/datasets | sed 's/\.yaml$//' | tr '\n' ' ')(or a folder of class folders)" >&2; exit 1; }
+        DATASET=$1
+        return
+    fi
+    DATASET_CFG=configs/datasets/image_folder.yaml
+    FOLDER_OPTS=(DATASET.FOLDER "$(cd "$1" && pwd)")
+    DATASET=$(basename "${FOLDER_OPTS[1]}")
+}
+
 # set_method TRAINER REFINER(0|1): METHOD, the output folder name ("CoOp" or "CoOp+TR"), and
 # REFINER_FLAG, the flag to pass to the runs.
 set_method() {
@@ -88,10 +105,11 @@ promptkd_kd_weight() {
 }
 
 # PromptKD's teacher checkpoint where PromptKD's own code looks for it:
-# ${TEACHERS:-teacher_model}/<DATASET.NAME>/VLPromptLearner/model-best.pth.tar
+# ${TEACHERS:-teacher_model}/<DATASET.NAME, or a folder's name>/VLPromptLearner/model-best.pth.tar
 promptkd_teacher_ckpt() {
-    local name
-    name=$(sed -n 's/^[[:space:]]*NAME:[[:space:]]*"\{0,1\}\([A-Za-z0-9_-]*\)"\{0,1\}.*/\1/p' \
+    local name  # a folder of one's own images: the teachers' folder of its name
+    name=$(basename "$1")
+    [[ ! -f configs/datasets/$1.yaml ]] || name=$(sed -n 's/^[[:space:]]*NAME:[[:space:]]*"\{0,1\}\([A-Za-z0-9_-]*\)"\{0,1\}.*/\1/p' \
         "configs/datasets/$1.yaml" | head -n 1)
     echo "${TEACHERS:-teacher_model}/$name/VLPromptLearner/model-best.pth.tar"
 }

@@ -290,6 +290,14 @@ def test_split_folders_beside_class_folders(tmp_path):
     one_line_error(r"beside other folders \(horse\)", read_image_folder, str(tmp_path / "d"))
 
 
+@pytest.mark.parametrize("alone, missing", [(("train",), "test/ or val/"),
+                                             (("val", "test"), "train/")])
+def test_incomplete_split_folders(tmp_path, alone, missing):
+    for split in alone:
+        write_images(tmp_path / "d" / split, {"cat": 4, "dog": 4})
+    one_line_error(f"without {missing} beside it", read_image_folder, str(tmp_path / "d"))
+
+
 def test_images_added_after_the_split_was_written(tmp_path):
     folder = write_images(tmp_path / "d", {"cat": 4, "dog": 4})
     read_image_folder(folder, log=lambda line: None)
@@ -342,3 +350,79 @@ def test_read_only_folder_keeps_its_split_in_the_cache_and_says_where():
         for path, dirs, _ in os.walk(top):
             os.chmod(path, 0o755)
         shutil.rmtree(top)
+
+
+# ---------------------------------------------------------------- one run, every way to start it
+
+
+@pytest.mark.skipif(not HAS_DASSL, reason="Dassl.pytorch is not installed")
+def test_a_folder_gives_the_same_run_on_both_engines_and_in_the_drop_in(demo, tmp_path):
+    """textrefiner-train on the Dassl and the built-in engine, and a CoOp checkout's train.py with
+    the drop-in lines (where TEXTREFINER_CODEBASES holds one), train on the same folder: the same
+    batches, crops and random states, the same learned context."""
+    from test_codebase_runs import CODEBASES, assert_same_tensors, learned, run, stream
+
+    folder = write_image_folder(str(tmp_path / "shapes"), ["red circle", "green square",
+                                                          "blue triangle", "yellow cross"],
+                                per_class=8, image_size=32)
+    args = ["--root", folder, "--seed", "1", "--dataset-config-file", FOLDER_CFG,
+            "--config-file", os.path.join(REPO, "configs", "trainers", "CoOp", "demo_cpu.yaml")]
+    opts = ["MODEL.BACKBONE.PATH", demo["clip"], "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "2",
+            "DATALOADER.NUM_WORKERS", "0", "DATASET.SUBSAMPLE_CLASSES", "base"]
+    runs = {"dassl": ("ours", ["--engine", "dassl", "--trainer", "CoOp"], ""),
+            "standalone": ("ours-nodassl", ["--engine", "standalone", "--trainer", "CoOp"], "")}
+    coop = [repo for repo in CODEBASES if os.path.isfile(os.path.join(repo, "trainers", "coop.py"))]
+    if coop:
+        runs["drop-in"] = ("dropin", ["--trainer", "TR_CoOp"], coop[0])
+    results = {}
+    for name, (mode, flags, codebase) in runs.items():
+        out = tmp_path / name
+        lines = run(mode, tmp_path / f"{name}.txt", demo["clip"],
+                    flags + args + ["--output-dir", str(out)] + opts, codebase)
+        with open(out / "log.txt", encoding="utf-8") as f:
+            log = f.read()
+        accuracy = [line for line in log.splitlines() if line.startswith("* accuracy")]
+        results[name] = (stream(lines), learned(str(out / "prompt_learner" / "model.pth.tar-2")),
+                         accuracy)
+        assert f"reading the split in {os.path.join(folder, SPLIT_FILE)}" in log or (
+            "split file written to" in log), name
+    (main, _), theirs, accuracy = results.pop("dassl")
+    assert sum(line.startswith("batch ") for line in main) >= 2 and accuracy
+    for name, ((our_main, _), ours, our_accuracy) in results.items():
+        assert our_main == main, f"{name}: other batches, crops or random states"
+        assert_same_tensors(ours, theirs, name)
+        assert our_accuracy == accuracy, name
+
+
+@pytest.mark.parametrize("engine", ["standalone", "dassl"])
+def test_textrefiner_train_reports_a_bad_folder_in_one_line(demo, tmp_path, capsys, engine):
+    if engine == "dassl" and not HAS_DASSL:
+        pytest.skip("Dassl.pytorch is not installed")
+    from textrefiner.train import main
+
+    folder = write_images(tmp_path / "photos", {"cat": 6})
+    code = main(["--engine", engine, "--root", folder, "--trainer", "CoOp",
+                 "--dataset-config-file", FOLDER_CFG, "--config-file",
+                 os.path.join(REPO, "configs", "trainers", "CoOp", "demo_cpu.yaml"),
+                 "--output-dir", str(tmp_path / "out"), "MODEL.BACKBONE.PATH", demo["clip"]])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"textrefiner-train: error: {folder} has one class folder (cat): a classifier "
+                   "needs at least two classes; add a folder per class."]
+
+
+def test_textrefiner_data_checks_a_folder_and_lists_its_classes(tmp_path, capsys):
+    from textrefiner.data.prepare import main
+
+    folder = write_images(tmp_path / "pets", {"cat": 10, "sea_lion": 4})
+    assert main(["ImageFolder", "--root", folder]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3:] == ["    0      5     2     3  cat (cat)",
+                        "    1      2     1     1  sea lion (sea_lion)",
+                        "2 classes; train 7, val 3, test 4 images"]
+    assert os.path.isfile(os.path.join(folder, SPLIT_FILE))
+    write_images(tmp_path / "one", {"cat": 4})
+    assert main(["ImageFolder", "--root", str(tmp_path / "one")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'one'} has one class folder (cat): a classifier needs at least two "
+        "classes; add a folder per class."]

@@ -88,6 +88,22 @@ def test_markdown_csv_png(tree, tmp_path, capsys):
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_folder_of_ones_own_images_is_a_dataset_of_its_name(tree, tmp_path, capsys):
+    """scripts/base2new.sh and sweep specs name a folder's runs after the folder."""
+    for seed, base, novel in ((1, 50, 30), (2, 60, 40)):
+        write_log(tree, "train_base", "my_pets", "CoOp+TR", seed, base)
+        write_log(tree, "test_new", "my_pets", "CoOp+TR", seed, novel)
+    out = tmp_path / "report"
+    assert results.main([str(tree), "--out", str(out)]) == 0
+    md = (out / "results.md").read_text()
+    assert md.index("### DTD") < md.index("### my_pets")  # after the paper's datasets
+    assert "| CoOp+TR | 55.00 | 35.00 | 42.78 | 2 |" in md
+    capsys.readouterr()
+    assert results.main([str(tree), "--base2new-summary", "--dataset", "my_pets"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"my_pets CoOp+TR ({CFG}, 16 shots): base 55.00  novel 35.00  HM 42.78  (seeds: 2)")
+
+
 def test_base2new_summary_cli(tree, capsys):
     assert results.main([str(tree), "--base2new-summary", "--dataset", "oxford_pets", "--method", "CoOp+TR"]) == 0
     out = capsys.readouterr().out.strip().splitlines()

@@ -124,6 +124,28 @@ def test_base2new_commands_and_summary(fake, tmp_path):
     assert "dtd CoOp+TR (vit_b16_ep10_ctxv1, 16 shots): base 81.50  novel 61.50  HM 70.10  (seeds: 2)" in proc.stdout
 
 
+def test_base2new_on_a_folder_of_ones_own_images(fake, tmp_path):
+    photos = tmp_path / "my_pets"
+    (photos / "cat").mkdir(parents=True)
+    out = tmp_path / "out"
+    proc = fake("base2new.sh", "CoOp", str(photos), "--seeds", "1", "--out", str(out))
+    train, test = fake.calls()
+    assert opt(train, "--dataset-config-file") == "configs/datasets/image_folder.yaml"
+    for args in (train, test):
+        assert overrides(args)["DATASET.FOLDER"] == str(photos)
+    assert opt(train, "--output-dir") == str(
+        out / "base2new/train_base/my_pets/shots_16/CoOp/vit_b16_ep10_ctxv1/seed1")
+    assert "my_pets CoOp (vit_b16_ep10_ctxv1, 16 shots): base 81.00  novel 61.00" in proc.stdout
+    # PromptKD's teacher is looked for under the folder's name
+    fake("base2new.sh", "PromptKD", str(photos), "--seeds", "1", "--out", str(tmp_path / "kd"))
+    assert overrides(fake.calls()[2])["TRAINER.PROMPTKD.TEACHER_CKPT"] == (
+        "teacher_model/my_pets/VLPromptLearner/model-best.pth.tar")
+    # neither a dataset nor a folder: one line saying both
+    proc = fake("base2new.sh", "CoOp", str(tmp_path / "nope"), "--out", str(out), ok=False)
+    assert proc.returncode != 0 and "and no folder" in proc.stderr
+    assert "image_folder" in proc.stderr and "(or a folder of class folders)" in proc.stderr
+
+
 def test_base2new_skips_finished_runs(fake, tmp_path):
     out = tmp_path / "out"
     args = ("CoOp", "eurosat", "--seeds", "1 2", "--out", str(out), "OPTIM.MAX_EPOCH", "2")

@@ -18,7 +18,8 @@ from textrefiner.sweep import cli
 from textrefiner.sweep.plan import initial_states, run_finished
 from textrefiner.sweep.progress import Progress
 from textrefiner.sweep.report import write_report
-from textrefiner.sweep.spec import expand, load_spec, parse_spec
+from textrefiner.errors import UserError
+from textrefiner.sweep.spec import expand, load_spec, parse_spec, validate
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 1800  # only to stop a hung test
@@ -112,6 +113,28 @@ def test_spec_templates_and_shapes(tmp_path):
     assert run.argv[run.argv.index("--root") + 1] == f"{tmp_path}/data"
     assert run.argv[-4:] == ("MODEL.BACKBONE.PATH", f"{tmp_path}/c.pt", "TEST.NO_TEST", "True")
     assert run.key.endswith("/seed4")
+
+
+def test_spec_dataset_may_be_a_folder_of_ones_own_images(tmp_path):
+    spec = parse_spec({"datasets": ["dtd", "{out}/my_pets"], "methods": ["CoOp", "PromptKD"],
+                       "seeds": [1]})
+    runs = {r.key: r for r in expand(spec, tmp_path, root="/data")}
+    train = runs["base2new/train_base/my_pets/shots_16/CoOp/vit_b16_ep10_ctxv1/seed1"]
+    argv = list(train.argv)
+    assert argv[argv.index("--dataset-config-file") + 1].endswith("datasets/image_folder.yaml")
+    assert argv[argv.index("DATASET.FOLDER") + 1] == f"{tmp_path}/my_pets"
+    test = runs["base2new/test_new/my_pets/shots_16/CoOp/vit_b16_ep10_ctxv1/seed1"]
+    assert list(test.argv)[list(test.argv).index("DATASET.FOLDER") + 1] == f"{tmp_path}/my_pets"
+    kd = list(runs["base2new/train_base/my_pets/shots_0/PromptKD/"
+                   "vit_b16_c2_ep20_batch8_4+4ctx/seed1"].argv)
+    assert kd[kd.index("TRAINER.PROMPTKD.TEACHER_CKPT") + 1] == (
+        "teacher_model/my_pets/VLPromptLearner/model-best.pth.tar")
+    assert "DATASET.FOLDER" not in runs[
+        "base2new/train_base/dtd/shots_16/CoOp/vit_b16_ep10_ctxv1/seed1"].argv
+    # a name that is neither a dataset config nor a path: the one-line error says both
+    petz = parse_spec({"datasets": ["petz"], "methods": ["CoOp"]})
+    with pytest.raises(UserError, match="unknown dataset 'petz'.*or a folder of your own images"):
+        validate(petz, expand(petz, tmp_path))
 
 
 def test_progress_line_and_estimate():

@@ -18,8 +18,8 @@ from textrefiner.data.base import (
     subsample_classes,
     write_split_json,
 )
-from textrefiner.data.folder import (FOLDER_DATASET, check_shots, read_image_folder,
-                                     resolve_folder, split_home)
+from textrefiner.data.folder import (FOLDER_DATASET, check_shots, fewshot_home,
+                                     read_image_folder, resolve_folder)
 from textrefiner.errors import UserError
 
 
@@ -234,8 +234,12 @@ def read_dataset(root, name, log=print):
 
 def preload_dataset(root, name) -> None:
     """Read dataset `name`'s splits once, for every later `read_dataset` of this process and of
-    the processes it forks."""
-    _PRELOADED[(os.path.abspath(root), name)] = read_dataset(root, name)
+    the processes it forks. A folder of one's own images is only split here (its split file
+    written once, before the runs start): each run still lists it, to see that it is unchanged
+    and to say in its log where the split is."""
+    splits = read_dataset(root, name, log=lambda line: None)
+    if name != FOLDER_DATASET:
+        _PRELOADED[(os.path.abspath(root), name)] = splits
 
 
 def build_dataset(cfg, all_classes_for_training=False, log=print):
@@ -256,7 +260,7 @@ def build_dataset(cfg, all_classes_for_training=False, log=print):
     folder, cache_dir = dataset_dir(root, name), None
     if name == FOLDER_DATASET:
         check_shots(folder, train, cfg.DATASET.NUM_SHOTS)
-        cache_dir = split_home(folder)
+        cache_dir = fewshot_home(folder)
     train, val = fewshot_splits(folder, train, val, cfg.DATASET.NUM_SHOTS, cfg.SEED, cache_dir)
     subsample = cfg.DATASET.get("SUBSAMPLE_CLASSES", "all")
     if all_classes_for_training:

@@ -74,6 +74,13 @@ def split_home(folder):
     return folder
 
 
+def fewshot_home(folder):
+    """Where the few-shot draws are cached: beside the split, unless that folder has become
+    read-only since (then the cache folder)."""
+    home = split_home(folder)
+    return home if os.access(home, os.W_OK) else cache_home(folder)
+
+
 # ------------------------------------------------------------------------------ listing
 
 
@@ -117,8 +124,12 @@ def split_layout(folder):
     """The split folders present when `folder` holds train/ and test/ or val/, else None."""
     names = [e.name for e in visible_entries(folder) if e.is_dir() and e.name != FEWSHOT_FOLDER]
     present = [s for s in SPLIT_FOLDERS if s in names]
-    if "train" not in present or len(present) < 2:
+    if not present:
         return None
+    if "train" not in present or len(present) < 2:
+        raise UserError(f"{folder} holds {'/ and '.join(present)}/ without "
+                        f"{'test/ or val/' if 'train' in present else 'train/'} beside it: add "
+                        "the missing split folder, or rename the folder if it is a class.")
     others = sorted(set(names) - set(SPLIT_FOLDERS))
     if others:
         raise UserError(f"{folder} holds {'/, '.join(present)}/ beside other folders "
@@ -334,8 +345,9 @@ def read_image_folder(folder, log=print):
     folder = os.path.abspath(folder)
     listing = list_folder(folder)
     if listing.skipped:
-        log(f"{folder}: skipped {len(listing.skipped)} file(s) that are not images (by their "
-            f"extension), e.g. {listing.skipped[0]}")
+        log(f"{folder}: skipped {len(listing.skipped)} file(s) that are not images by their "
+            f"extension, e.g. {listing.skipped[0]} (an image needs one of "
+            f"{' '.join(sorted(IMAGE_EXTENSIONS))}, any case)")
     path = os.path.join(split_home(folder), SPLIT_FILE)
     if os.path.isfile(path):
         train, val, test = read_split_json(path, folder)
@@ -363,3 +375,20 @@ def check_shots(folder, train, num_shots):
                 f"Class {classname!r} ({os.path.dirname(first[classname])}) has {count} training "
                 f"image(s), fewer than DATASET.NUM_SHOTS {num_shots}: add images (a folder "
                 "without train/ trains on half of each class), or lower DATASET.NUM_SHOTS.")
+
+
+def summarize_folder(folder, log=print):
+    """Check and split `folder` (as a run would), then log one line per class: its label, name,
+    folder and train / val / test counts (`textrefiner-data ImageFolder --root FOLDER`)."""
+    train, val, test = read_image_folder(folder, log)
+    counts = {}
+    for split, items in enumerate((train, val, test)):
+        for item in items:
+            row = counts.setdefault(item.label, [item.classname, item.impath, 0, 0, 0])
+            row[2 + split] += 1
+    log(f"{'label':>5}  {'train':>5} {'val':>5} {'test':>5}  class (folder)")
+    for label, (classname, impath, *numbers) in sorted(counts.items()):
+        folder_name = os.path.basename(os.path.dirname(impath))
+        log(f"{label:>5}  {numbers[0]:>5} {numbers[1]:>5} {numbers[2]:>5}  {classname} "
+            f"({folder_name})")
+    log(f"{len(counts)} classes; train {len(train)}, val {len(val)}, test {len(test)} images")

@@ -22,6 +22,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from textrefiner.data.folder import FOLDER_DATASET, summarize_folder
 from textrefiner.errors import OutputError, UserError, describe_os_error
 
 CHUNK = 1 << 20
@@ -640,7 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="textrefiner-data",
         description="Download and prepare datasets in CoOp's folder layout.",
     )
-    parser.add_argument("dataset", help=f"one of: {', '.join(DATASETS)}, or 'all'")
+    parser.add_argument("dataset", help=f"one of: {', '.join(DATASETS)}, or 'all'; or "
+                        "ImageFolder: check the folder of your own images that --root names, "
+                        "write its split and list its classes")
     parser.add_argument("--root", required=True, type=Path, help="folder that holds all datasets")
     parser.add_argument("--base-url", action="append", default=[], metavar="NAME=URL",
                         help="fetch dataset NAME's archives and files from URL/<filename> (a mirror)")
@@ -653,6 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.dataset == FOLDER_DATASET:
+            summarize_folder(str(args.root))
+            return 0
         if args.dataset != "all" and args.dataset not in DATASETS:
             raise UserError(f"Unknown dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}, or 'all'.")
         sources = Sources(_parse_base_urls(args.base_url), args.split_base_url)

@@ -1,7 +1,9 @@
 """A sweep's YAML spec, its validation, and its expansion into runs (textrefiner.sweep.plan.Run).
 
     protocol: base2new          # base2new (scripts/base2new.sh) or xd (scripts/xd.sh)
-    datasets: [eurosat, dtd]    # names under configs/datasets/ (xd: the training set, imagenet)
+    datasets: [eurosat, dtd]    # names under configs/datasets/ (xd: the training set, imagenet),
+                                # or folders of one's own images ("~/photos/pets", "{out}/shapes":
+                                # an entry with a "/"), named after the folder
     targets: [imagenetv2, ...]  # xd only: the test sets (default: xd.sh's 14)
     methods:                    # a trainer, "<trainer>+TR" (--refiner), or a mapping:
       - CoOp
@@ -54,6 +56,7 @@ TRAINER_DEFAULTS = {
     "ZeroshotCLIP": ("vit_b16", 0),
 }
 XD_CONFIG_SUFFIX = {"MaPLe": "_cross_datasets", "PromptSRC": "_cross_datasets"}  # xd.sh
+FOLDER_CONFIG = "image_folder"  # configs/datasets/image_folder.yaml: a folder of one's own images
 PROMPTKD_FINE_GRAINED = ("fgvc_aircraft", "oxford_flowers", "dtd")  # KD_WEIGHT 200, else 1000
 SPEC_KEYS = {"protocol", "datasets", "targets", "methods", "seeds", "config", "shots", "engine",
              "root", "overrides", "grid", "paper", "prepare", "teachers", "description"}
@@ -334,13 +337,14 @@ def _method_runs(spec, method, point, dataset, seed, out_dir, root, gpus, featur
                    kind, gpus)
 
     if spec.protocol == "base2new":
-        data = ["--dataset-config-file", str(configs / "datasets" / f"{dataset}.yaml")]
-        opts = ["DATASET.NUM_SHOTS", str(shots)]
+        dataset_file, dataset, folder_opts = _dataset(dataset, configs, out_dir, root)
+        data = ["--dataset-config-file", str(dataset_file)]
+        opts = ["DATASET.NUM_SHOTS", str(shots), *folder_opts]
         if method.trainer == "PromptKD":
             opts += ["TRAINER.MODAL", "base2novel", "TRAINER.PROMPTKD.KD_WEIGHT",
-                     "200" if dataset in PROMPTKD_FINE_GRAINED else "1000"]
+                     "200" if dataset in PROMPTKD_FINE_GRAINED and not folder_opts else "1000"]
             if "TRAINER.PROMPTKD.TEACHER_CKPT" not in extra[0::2]:
-                opts += ["TRAINER.PROMPTKD.TEACHER_CKPT", _teacher(spec, configs, dataset)]
+                opts += ["TRAINER.PROMPTKD.TEACHER_CKPT", _teacher(spec, dataset_file, dataset)]
         train_key = f"base2new/train_base/{dataset}/{sub}"
         test_key = f"base2new/test_new/{dataset}/{sub}"
         seed_args = ["--seed", str(seed)]
@@ -395,10 +399,30 @@ def _max_epoch(cfg_file: Path, extra: list):
     return (data.get("OPTIM") or {}).get("MAX_EPOCH")
 
 
-def _teacher(spec: Spec, configs: Path, dataset: str) -> str:
-    """PromptKD's teacher where its code looks: <teachers>/<DATASET.NAME>/VLPromptLearner/..."""
-    data = yaml.safe_load((configs / "datasets" / f"{dataset}.yaml").read_text()) or {}
+def is_folder_entry(dataset: str) -> bool:
+    """A `datasets` entry naming a folder of one's own images rather than a dataset config."""
+    return "/" in dataset or dataset.startswith("~")
+
+
+def _dataset(dataset: str, configs: Path, out_dir: str, root: str):
+    """(dataset config file, the runs' folder name, overrides) of a `datasets` entry: a name under
+    configs/datasets/, or a folder of one's own images (image_folder.yaml with DATASET.FOLDER),
+    named after the folder (scripts/common.sh dataset_config)."""
+    named = configs / "datasets" / f"{dataset}.yaml"
+    if named.is_file() or not is_folder_entry(dataset):
+        return named, dataset, []
+    folder = os.path.abspath(os.path.expanduser(_template(dataset, out_dir, root)))
+    return (configs / "datasets" / f"{FOLDER_CONFIG}.yaml", os.path.basename(folder),
+            ["DATASET.FOLDER", folder])
+
+
+def _teacher(spec: Spec, dataset_file: Path, dataset: str) -> str:
+    """PromptKD's teacher where its code looks: <teachers>/<DATASET.NAME>/VLPromptLearner/...;
+    a folder's teacher under the folder's name."""
+    data = yaml.safe_load(dataset_file.read_text()) or {}
     name = (data.get("DATASET") or {}).get("NAME", dataset)
+    if dataset_file.stem == FOLDER_CONFIG:
+        name = dataset
     return os.path.join(spec.teachers, name, "VLPromptLearner", "model-best.pth.tar")
 
 
@@ -412,9 +436,11 @@ def validate(spec: Spec, runs: list, configs: Path | None = None) -> None:
     configs = configs or configs_dir()
     known = sorted(p.stem for p in (configs / "datasets").glob("*.yaml"))
     for dataset in [*spec.datasets, *spec.targets]:
-        if dataset not in known:
+        folders_allowed = spec.protocol == "base2new" and dataset in spec.datasets
+        if dataset not in known and not (folders_allowed and is_folder_entry(dataset)):
+            hint = "; or a folder of your own images, e.g. ~/photos/pets" if folders_allowed else ""
             raise spec_error(spec.name, f"unknown dataset {dataset!r} (not under "
-                                        f"{configs / 'datasets'}; known: {', '.join(known)})")
+                                        f"{configs / 'datasets'}; known: {', '.join(known)}{hint})")
     for method in spec.methods:
         cfg_file = configs / "trainers" / method.trainer / f"{config_name(spec, method)}.yaml"
         if not cfg_file.is_file():
