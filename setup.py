@@ -31,7 +31,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "open_clip_torch>=2.24", "submitit>=1.5"],
+        "test": ["pytest", "open_clip_torch>=2.24", "submitit>=1.5", "onnx>=1.15",
+                 "onnxruntime>=1.17", "transformers>=5.25", "safetensors"],
+        # textrefiner-export: a trained run as an ONNX model, checked with ONNX Runtime
+        "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         # textrefiner-sweep --executor slurm: sweeps as Slurm jobs
         "slurm": ["submitit>=1.5"],
         # OpenCLIP backbones: MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
@@ -47,6 +50,8 @@ setup(
             "textrefiner-results=textrefiner.results:main",
             "textrefiner-sweep=textrefiner.sweep.cli:main",
             "textrefiner-llamp-cache=textrefiner.llamp_cache:main",
+            "textrefiner-predict=textrefiner.predict:main",
+            "textrefiner-export=textrefiner.export:main",
         ],
     },
 )

@@ -17,9 +17,6 @@ from conftest import HANG_TIMEOUT
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
 
-# Pages and commands that other branches add (the own-images and LLaMP work). The coordinator
-# removes this set when those branches are merged; until then links to them are not checked.
-FROM_OTHER_BRANCHES = {"textrefiner-predict"}
 # Named in the docs but not ours: the CoOp repository's own script (docs/codebase-repos.md) and
 # LLaMP's (docs/llamp.md).
 FOREIGN_SCRIPTS = {"scripts/coop/main.sh", "scripts/launch/launch.sh"}
@@ -70,8 +67,6 @@ def test_relative_links_and_anchors_resolve(page):
         path, _, anchor = target.partition("#")
         file = (page.parent / path).resolve() if path else page
         relative = os.path.relpath(file, REPO)
-        if relative in FROM_OTHER_BRANCHES:
-            continue
         if not file.exists():
             broken.append(f"{target}: no file {relative}")
         elif anchor and anchor not in github_anchors(text_of(file)):
@@ -101,13 +96,16 @@ def option_strings(parser: argparse.ArgumentParser) -> set:
 
 def command_flags() -> dict:
     """{command as the docs write it: its flags}, from the parser objects themselves."""
-    from textrefiner import results, train
+    from textrefiner import export, llamp_cache, predict, results, train
     from textrefiner.data import prepare
     from textrefiner.demo import build_parser as demo_parser
     from textrefiner.sweep import cli
 
     parsers = {"textrefiner-train": train.build_parser(), "textrefiner-data": prepare.build_parser(),
                "textrefiner-results": results.build_parser(), "textrefiner-sweep": cli.build_parser(),
+               "textrefiner-predict": predict.build_parser(),
+               "textrefiner-export": export.build_parser(),
+               "textrefiner-llamp-cache": llamp_cache.build_parser(),
                "textrefiner.train": train.build_parser(), "textrefiner.demo": demo_parser()}
     return {name: option_strings(parser) for name, parser in parsers.items()}
 
@@ -153,15 +151,15 @@ def test_commands_and_flags_exist():
     problems = []
     for page in PAGES:
         text = text_of(page)
-        for name in set(re.findall(r"(?<![#/\w-])textrefiner-[a-z]+(?![\w-])", text)):
-            if name not in entry_points and name not in FROM_OTHER_BRANCHES:
+        for name in set(re.findall(r"(?<![#/\w-])textrefiner-[a-z]+(?:-[a-z]+)*(?![\w-])", text)):
+            if name not in entry_points:
                 problems.append(f"{page.name}: {name} is not a console script in setup.py")
         for script in set(re.findall(r"\bscripts/[\w/.-]+\.sh\b", text)):
             if not (REPO / script).is_file() and script not in FOREIGN_SCRIPTS:
                 problems.append(f"{page.name}: no {script}")
         for line in command_lines(text):
             used = uses(line)
-            if used is None or used[0] in FROM_OTHER_BRANCHES | FOREIGN_SCRIPTS:
+            if used is None or used[0] in FOREIGN_SCRIPTS:
                 continue
             command, words = used
             if command.startswith("scripts/"):

@@ -102,6 +102,16 @@ def save_method_checkpoint(model, path: str, epoch: int, optimizer=None, schedul
     return path
 
 
+def run_record(cfg, classnames) -> dict:
+    """What a checkpoint records of its run, from which textrefiner-predict rebuilds the model:
+    the class names and the configuration, less where the run was written (OUTPUT_DIR, RESUME),
+    so a resumed run's checkpoints are the uninterrupted run's."""
+    config = cfg.clone()
+    config.defrost()
+    config.OUTPUT_DIR = config.RESUME = ""
+    return {"classnames": list(classnames), "config": config.dump()}
+
+
 def _refuse_non_finite(weights: dict, path: str):
     """Diverged weights never replace a good checkpoint."""
     for key, value in weights.items():

@@ -429,6 +429,23 @@ def _merge_yaml(cfg, path, role):
         raise _friendly_error(cfg, err, source) from err
 
 
+def _merge_saved(cfg, text: str):
+    """Merge a dumped configuration; keys this installation does not know (one saved where another
+    Dassl version added keys) are left out, since nothing here reads them."""
+    loaded = CN.load_cfg(text)
+    _drop_unknown(loaded, cfg)
+    _widen_ints(loaded, cfg)
+    cfg.merge_from_other_cfg(loaded)
+
+
+def _drop_unknown(new, base):
+    for key in list(new):
+        if key not in base:
+            del new[key]
+        elif isinstance(new[key], CN) and isinstance(base[key], CN):
+            _drop_unknown(new[key], base[key])
+
+
 def _merge_pairs(cfg, pairs, source):
     pairs = list(pairs)
     if len(pairs) % 2:
@@ -446,8 +463,9 @@ def _merge_pairs(cfg, pairs, source):
         raise _friendly_error(cfg, err, source) from err
 
 
-def load_cfg(config_file=None, dataset_config_file=None, opts=(), **overrides):
-    """Defaults -> extend -> dataset YAML -> method YAML -> `opts` -> `overrides`; validated.
+def load_cfg(config_file=None, dataset_config_file=None, opts=(), saved=None, **overrides):
+    """Defaults -> extend -> `saved` -> dataset YAML -> method YAML -> `opts` -> `overrides`;
+    validated. `saved` is a configuration a run saved (`cfg.dump()`, in its checkpoints).
 
     `opts` is the command line's list of `KEY VALUE` pairs. `overrides` are keyword pairs with
     `__` in place of dots, e.g. `load_cfg(f, OUTPUT_DIR="out", TRAINER__REFINER__ENABLED=True)`.
@@ -455,6 +473,8 @@ def load_cfg(config_file=None, dataset_config_file=None, opts=(), **overrides):
     missing files and out-of-range values.
     """
     cfg = extend_cfg(get_cfg_default())
+    if saved:
+        _merge_saved(cfg, saved)
     if dataset_config_file:
         _merge_yaml(cfg, str(dataset_config_file), "dataset")
     if config_file:

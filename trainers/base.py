@@ -17,7 +17,7 @@ from textrefiner import faults
 from textrefiner.checkpoint import (LATEST_MARKER, carry_best_checkpoint, check_resumable_lr,
                                     checkpoint_path, load_init_weights, load_method_checkpoint,
                                     missing_best_error, no_checkpoint_to_resume,
-                                    restored_best_result, save_method_checkpoint)
+                                    restored_best_result, run_record, save_method_checkpoint)
 from textrefiner.clip_backbone import (amp_autocast, amp_grad_scaler, check_image_size,
                                     load_clip)
 from textrefiner.config import ConfigError, validate_cfg
@@ -224,14 +224,18 @@ class MethodTrainer(TrainerX):
             path = save_method_checkpoint(self._models[name], osp.join(directory, name, filename),
                                           epoch, self._optims[name], self._scheds[name], val_result,
                                           best_result=float(self.best_result),
-                                          seed=self.cfg.SEED)
+                                          **self._run_record(name))
             print(f"Checkpoint saved to {path}")
             if is_best:
                 best = save_method_checkpoint(
                     self._models[name], checkpoint_path(directory, name), epoch,
                     self._optims[name], self._scheds[name], val_result, mark_latest=False,
-                    best_result=float(self.best_result), seed=self.cfg.SEED)
+                    best_result=float(self.best_result), **self._run_record(name))
                 print(f"Best checkpoint saved to {best}")
+
+    def _run_record(self, name) -> dict:
+        """What a checkpoint records of its run (textrefiner-predict builds the model from it)."""
+        return {"seed": self.cfg.SEED, **run_record(self.cfg, self._models[name].classnames)}
 
     def load_model(self, directory, epoch=None):
         """Load `<directory>/<checkpoint_name>/model.pth.tar-<epoch>` (default model-best.pth.tar)."""

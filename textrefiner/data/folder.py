@@ -48,11 +48,12 @@ IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".bmp", 
 def resolve_folder(root, folder):
     """The dataset folder: DATASET.FOLDER, absolute or relative to DATASET.ROOT; DATASET.ROOT
     itself when DATASET.FOLDER is empty."""
-    path = folder or root
-    if not path:
+    if not folder and not root:
         raise UserError(f"{FOLDER_DATASET}: no folder given. Set DATASET.FOLDER to your folder of "
                         "class subfolders (FOLDER/<class>/*.jpg), or pass it as --root.")
-    return os.path.abspath(os.path.join(os.path.expanduser(root), os.path.expanduser(path)))
+    if not folder:  # a relative --root is relative to the working folder, not to itself
+        return os.path.abspath(os.path.expanduser(root))
+    return os.path.abspath(os.path.join(os.path.expanduser(root), os.path.expanduser(folder)))
 
 
 def cache_home(folder):

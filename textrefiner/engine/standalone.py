@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .. import faults
 from ..checkpoint import (carry_best_checkpoint, check_resumable_lr, checkpoint_path,
                           load_init_weights, load_method_checkpoint, missing_best_error,
-                          no_checkpoint_to_resume, restored_best_result,
+                          no_checkpoint_to_resume, restored_best_result, run_record,
                           save_method_checkpoint)
 from ..clip_backbone import (amp_autocast, amp_grad_scaler, check_image_size,
                              load_clip)
@@ -173,8 +173,8 @@ class StandaloneTrainer:
             path = checkpoint_path(self.cfg.OUTPUT_DIR, self.checkpoint_name, filename_epoch)
             save_method_checkpoint(self.model, path, epoch, self.optim, self.sched, val_result,
                                    mark_latest=filename_epoch is not None,
-                                   best_result=self.best_result, classnames=self.model.classnames,
-                                   seed=self.cfg.SEED)
+                                   best_result=self.best_result, seed=self.cfg.SEED,
+                                   **run_record(self.cfg, self.model.classnames))
             self.log(f"Checkpoint saved to {path}")  # as Dassl prints it
         barrier()  # no rank reads a checkpoint before rank 0 has written it
 
