@@ -292,6 +292,11 @@ def _kaiming(*shape) -> nn.Parameter:
 
 
 class LLaMP(PromptMethod):
+    """LLaMP (Zheng et al., CVPR 2024), the module docstring's equations: class embeddings
+    E_t [C, d] per template t from LLM-written prompts (float32, or CLIP's dtype for PREC fp16),
+    visual prompts and LoRA on the image encoder; `forward(images [B, 3, H, W])` gives LLaMP's
+    evaluation scores [B, C] (mean over templates of softmax(z_t), float32). cfg.TRAINER.LLAMP;
+    needs the dataset's LLM files (`textrefiner-llamp-cache`)."""
     checkpoint_name = "LLaMP"
     config_section = "LLAMP"
     trainable_prefixes = ("text_prompts.", "class_token.", "class_decoder.", "class_norm.",
