@@ -121,13 +121,13 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     spec, runs, out, cfgs = plan(args)
     if args.dry_run:
+        if spec.prepare != "demo":  # the demo sweep prepares its data and CLIP itself
+            _print_missing(missing(cfgs), sys.stdout)
         print_plan(runs, initial_states(runs, args.retry_failed))
         if args.executor == "slurm":
             from . import slurm
 
             print(slurm.describe(runs, args))
-        if spec.prepare != "demo":  # the demo sweep prepares its data and CLIP itself
-            _print_missing(missing(cfgs), sys.stdout)
         return 0
     if spec.prepare == "demo" and not args.status:
         from ..demo import prepare_pretrained
