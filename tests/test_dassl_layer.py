@@ -261,6 +261,39 @@ def test_amp_trains_on_the_cpu_through_dassl(tmp_path, clip_path, data_root):
     assert "* accuracy:" in (tmp_path / "log.txt").read_text()
 
 
+@pytest.mark.parametrize("freq", [0, 2])
+def test_textrefiner_train_checkpoints_every_epoch_the_drop_in_as_dassl(tmp_path, clip_path,
+                                                                      data_root, monkeypatch,
+                                                                      freq):
+    """textrefiner-train --engine dassl leaves a checkpoint after every epoch (seen where the
+    run stops after each), the previous one removed unless TRAIN.CHECKPOINT_FREQ keeps it; a
+    finished run leaves the files Dassl leaves. The drop-in (Dassl's build_trainer, as a
+    codebase's train.py calls it) keeps Dassl's behaviour."""
+    from textrefiner import faults
+    from textrefiner.train import main
+    opts = ["OPTIM.MAX_EPOCH", "3", "TRAIN.CHECKPOINT_FREQ", str(freq), "TEST.NO_TEST", "True"]
+    seen = {}
+
+    def after_epoch(name):
+        def record(epoch):
+            folder = tmp_path / name / "prompt_learner"
+            seen.setdefault(name, []).append(sorted(os.listdir(folder)) if folder.is_dir()
+                                             else [])
+        return record
+
+    monkeypatch.setattr(faults, "after_epoch", after_epoch("cli"))
+    assert main(cli_args("CoOp", tmp_path / "cli", clip_path, data_root, "base", (), opts)) == 0
+    monkeypatch.setattr(faults, "after_epoch", after_epoch("dropin"))
+    dropin = build_trainer(dassl_cfg("CoOp", tmp_path / "dropin", clip_path, data_root, *opts))
+    assert dropin.checkpoint_every_epoch is False
+    dropin.train()
+    kept = ["model.pth.tar-2"] if freq == 2 else []
+    assert seen["cli"] == [["checkpoint", "model.pth.tar-1"], ["checkpoint", *sorted(
+        {"model.pth.tar-2", *kept})], ["checkpoint", *kept, "model.pth.tar-3"]]
+    assert seen["dropin"] == [[], ["checkpoint", *kept] if kept else [],
+                              ["checkpoint", *kept, "model.pth.tar-3"]]
+
+
 def test_promptsrc_gpa_sum_survives_a_resume_through_dassl(clip_path, data_root, tmp_path):
     """GPA runs in after_epoch before Dassl saves. A run resumed after epoch 1 of 2 restores the
     running sum from the checkpoint: its final weights are g_1 w_1 (epoch 1 of the first run) +

@@ -44,9 +44,7 @@ def command(demo, out, engine, final_model, refiner, extra=()):
     opts = ["MODEL.BACKBONE.PATH", demo["clip"], "DATASET.NUM_SHOTS", "2",
             "DATASET.SUBSAMPLE_CLASSES", "base", "DATALOADER.TRAIN_X.BATCH_SIZE", "2",
             "OPTIM.MAX_EPOCH", str(EPOCHS), "TEST.FINAL_MODEL", final_model]
-    if engine == "dassl":  # Dassl saves every TRAIN.CHECKPOINT_FREQ epochs (and the last one)
-        opts += ["TRAIN.CHECKPOINT_FREQ", "1"]
-    return args + opts
+    return args + opts  # no TRAIN.CHECKPOINT_FREQ: every epoch leaves a checkpoint on both engines
 
 
 def final_tests(out):

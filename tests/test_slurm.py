@@ -4,9 +4,11 @@ configuration, as root, accounting disabled): a sweep through Slurm gives the lo
 a job requeued in the middle of training ends bit-identical to an uninterrupted run, a failing
 run is reported with its log, `--status` reads the queue without accounting, and a run of two
 tasks trains as one process."""
+import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -138,6 +140,63 @@ def test_the_cluster_tests_say_why_they_skip(monkeypatch):
     assert unavailable() == "starting slurmctld, slurmd and munged needs root"
 
 
+@pytest.fixture
+def job_signals():
+    """The job's signal handlers (SlurmRun installs its own), put back after the test."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_a_job_requeued_by_submitit_leaves_as_submitit_expects(demo, tmp_path, monkeypatch,
+                                                               job_signals):
+    """submitit's USR2 handler requeues the job and exits (sys.exit(-1)) wherever the run stands:
+    that exit reaches submitit (no exception for it to record), the run records no outcome (so
+    --status shows it queued), and the requeued job resumes and finishes. A SIGTERM (scontrol
+    requeue) leaves the same way, with 143; a run that fails still raises."""
+    from textrefiner.sweep import worker
+    spec = write_spec(tmp_path / "spec.yaml", demo, epochs=2)
+    train = plan(spec, tmp_path / "out")[2]
+    calls = []
+
+    def submitit_handler(signum, frame):  # what submitit's does, less `scontrol requeue`
+        calls.append(signum)
+        sys.exit(-1)
+
+    signal.signal(signal.SIGUSR2, submitit_handler)
+    monkeypatch.setenv("TEXTREFINER_PAUSE_AT", "epoch=1")
+    # the signal arrives while the run holds after epoch 1
+    monkeypatch.setattr("textrefiner.faults.signal.pause",
+                        lambda: os.kill(os.getpid(), signal.SIGUSR2))
+    with pytest.raises(SystemExit) as left:
+        slurm.SlurmRun()(train)
+    assert isinstance(left.value, worker.Requeued) and left.value.code == -1
+    assert calls == [signal.SIGUSR2]
+    assert not os.path.exists(train.status_file)  # no outcome: queued, not failed
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # Slurm's SIGTERM follows
+    states = slurm.run_states([train], str(tmp_path / "out"), {})
+    assert states[train.key].state == slurm.TODO  # not failed (on Slurm: its job is queued)
+    # scontrol requeue: SIGTERM while the run holds
+    monkeypatch.setattr("textrefiner.faults.signal.pause",
+                        lambda: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setenv("TEXTREFINER_PAUSE_AT", "epoch=2,batch=1")
+    with pytest.raises(SystemExit) as left:
+        slurm.SlurmRun()(train)
+    assert not isinstance(left.value, worker.Requeued) and left.value.code == 143
+    assert not os.path.exists(train.status_file)
+    monkeypatch.delenv("TEXTREFINER_PAUSE_AT")
+    assert slurm.SlurmRun()(train) == 0  # the requeued job: resumes from epoch 1, finishes
+    log = open(os.path.join(train.output_dir, "log.txt")).read()
+    assert len(re.findall(r"Resumed from epoch 1\b", log)) == 2 and run_finished(train)
+    bad = plan(spec, tmp_path / "bad")[2]
+    bad = Run(bad.key, bad.output_dir, bad.argv + ("OPTIM.NO_SUCH_KEY", "1"), None, "CoOp",
+              "train", 1)
+    with pytest.raises(RuntimeError, match="failed"):
+        slurm.SlurmRun()(bad)
+    assert json.load(open(bad.status_file))["state"] == "failed"
+
+
 # ------------------------------------------------------------------------ the cluster
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -165,14 +224,15 @@ methods:
   - CoOp+TR
 seeds: [1]
 config: demo_tiny
-engine: standalone
+engine: {engine}
 root: {root}
 overrides: {{MODEL.BACKBONE.PATH: {clip}, OPTIM.MAX_EPOCH: {epochs}}}
 """
 
 
-def write_spec(path, demo, epochs=10):
-    path.write_text(SPEC.format(root=demo["root"], clip=demo["clip"], epochs=epochs))
+def write_spec(path, demo, epochs=10, engine="standalone"):
+    path.write_text(SPEC.format(root=demo["root"], clip=demo["clip"], epochs=epochs,
+                                engine=engine))
     return str(path)
 
 
@@ -250,6 +310,25 @@ def test_demo_sweep_through_slurm_gives_the_local_accuracies(cluster, tmp_path, 
     assert "finished 14 running 0 queued 0 failed 0 todo 0 of 14" in capsys.readouterr().out
 
 
+def test_wait_submits_what_is_neither_finished_nor_queued_then_waits(cluster, demo, tmp_path,
+                                                                      capsys):
+    """`--wait` on a sweep never submitted: as `sbatch --wait`, it submits, then follows."""
+    from textrefiner.sweep.cli import main
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.format(root=demo["root"], clip=demo["clip"], epochs=1,
+                                engine="standalone").replace("  - CoOp+TR\n", ""))
+    out = tmp_path / "out"
+    runs = plan(str(spec), out)
+    assert main([str(spec), "--out", str(out), *CPU_JOBS, "--wait"]) == 0
+    printed = capsys.readouterr()
+    assert f"{len(runs)} runs: 0 finished, 0 queued or running, {len(runs)} to submit" \
+        in printed.out
+    assert f"[sweep] {len(runs)}/{len(runs)} finished, 0 running, 0 queued, 0 failed" \
+        in printed.err
+    assert sorted(slurm.read_jobs(str(out))) == sorted(r.key for r in runs)
+    assert all(run_finished(run) for run in runs) and (out / "report" / "results.md").is_file()
+
+
 def test_status_shows_queued_and_running_runs_from_squeue(cluster, demo, tmp_path, capsys):
     spec = write_spec(tmp_path / "spec.yaml", demo)
     out = tmp_path / "out"
@@ -295,9 +374,11 @@ def test_a_failing_run_is_reported_with_its_log_and_its_test_run_dropped(cluster
     assert f"{runs[1].key}: its training run" in text  # Slurm dropped the test run
 
 
+@pytest.mark.parametrize("engine", ["standalone", pytest.param("dassl", marks=pytest.mark.skipif(
+    importlib.util.find_spec("dassl") is None, reason="Dassl.pytorch is not installed"))])
 @pytest.mark.parametrize("how", ["signal", "requeue"])
 def test_a_job_interrupted_in_the_middle_of_training_ends_bit_identical(cluster, demo, tmp_path,
-                                                                        monkeypatch, how,
+                                                                        monkeypatch, how, engine,
                                                                         epochs=4):
     """The job holds after epoch 1 and its checkpoint (TEXTREFINER_PAUSE_AT, which the job's
     environment inherits from the submission), then gets Slurm's warning signal (USR2, as
@@ -305,8 +386,9 @@ def test_a_job_interrupted_in_the_middle_of_training_ends_bit_identical(cluster,
     requeued by `scontrol requeue` (SIGTERM, then SIGKILL after KillWait). It comes back, resumes
     from its last checkpoint (after the hold's point, so it does not hold again), and ends with
     the weights and optimiser state of a run never interrupted, on a fast machine as on a slow
-    one."""
-    spec = write_spec(tmp_path / "spec.yaml", demo, epochs=epochs)
+    one. On both engines: each leaves a checkpoint after every epoch (Dassl's own
+    TRAIN.CHECKPOINT_FREQ is 0), and the finished run leaves the files of its codebase."""
+    spec = write_spec(tmp_path / "spec.yaml", demo, epochs=epochs, engine=engine)
     out = tmp_path / "slurm"
     train = plan(spec, out)[2]
     monkeypatch.setenv("TEXTREFINER_PAUSE_AT", "epoch=1")
@@ -334,12 +416,17 @@ def test_a_job_interrupted_in_the_middle_of_training_ends_bit_identical(cluster,
              timeout=TIMEOUT)
     wait_for(lambda: subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."]).returncode == 1,
              "the interrupted job's steps to end", timeout=TIMEOUT)
+    # requeued, not failed: no outcome recorded, in the queue for --status (queued, or running
+    # once its begin time has passed), no error for submitit
+    assert not os.path.exists(train.status_file)
+    assert slurm.run_states([train], str(out))[train.key].state in (slurm.QUEUED, slurm.RUNNING)
+    assert "triggered an exception" not in open(slurm.job_log(str(out), job)).read()
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster,
                    check=True)
     states = slurm.follow([train], str(out), poll=1, timeout=TIMEOUT)
     assert states[train.key].state == "finished"
     log = open(os.path.join(train.output_dir, "log.txt")).read()
-    resumed = re.findall(r"Resumed from epoch (\d+)", log)
+    resumed = re.findall(r"Resumed (?:from epoch |\S+ from \S+ \(epoch = )(\d+)", log)
     assert len(resumed) == 1 and 1 <= int(resumed[0]) < epochs, \
         f"the job did not stop in the middle of training: resumed from {resumed}"
     from textrefiner.train import main
@@ -354,6 +441,10 @@ def test_a_job_interrupted_in_the_middle_of_training_ends_bit_identical(cluster,
             assert torch.equal(torch.as_tensor(value),
                                torch.as_tensor(b["optimizer"]["state"][slot][name])), name
     assert accuracies(alone) == accuracies(train)
+    assert "triggered an exception" not in open(slurm.job_log(str(out), job)).read()
+    assert sorted(os.listdir(os.path.join(train.output_dir, "prompt_learner"))) == \
+        sorted(os.listdir(os.path.join(alone.output_dir, "prompt_learner"))) == \
+        ["checkpoint", f"model.pth.tar-{epochs}"]
 
 
 def test_two_tasks_train_as_one_process(cluster, demo, tmp_path):

@@ -231,12 +231,16 @@ overrides: {OPTIM.MAX_EPOCH: 2}
 
 
 def test_failed_run_is_listed_and_retried(tmp_path):
+    """A run that fails for a reason no check before the sweep sees (a damaged CLIP file) fails
+    alone."""
     spec = write_spec(tmp_path, SMALL + """\
 methods:
   - {method: ZeroshotCLIP, overrides: {MODEL.BACKBONE.PATH: "{out}/clip_tiny.pt"}}
   - {method: CoOp, overrides: {MODEL.BACKBONE.PATH: "{out}/later.pt"}}
 """)
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "later.pt").write_bytes(b"not a checkpoint")
     first = sweep(spec, "--out", str(out))
     assert first.returncode == 1
     train = "base2new/train_base/synthetic_shapes/shots_16/CoOp/demo_tiny/seed1"
@@ -254,13 +258,75 @@ methods:
 
     again = sweep(spec, "--out", str(out))  # failed runs stay failed until --retry-failed
     assert again.returncode == 1 and "1 failed, 1 blocked" in again.stderr
-    os.link(out / "clip_tiny.pt", out / "later.pt")
+    os.replace(out / "clip_tiny.pt", out / "later.pt")  # the sweep writes clip_tiny.pt again
     retried = sweep(spec, "--out", str(out), "--retry-failed")
     assert retried.returncode == 0, retried.stderr
     assert "4/4 finished, 0 running, 0 queued, 0 failed" in retried.stderr
     runs = expand(load_spec(spec), out)
     assert all(run_finished(r) for r in runs)
     assert initial_states(runs) == {r.key: "skipped" for r in runs}
+
+
+def test_missing_datasets_and_weights_stop_the_sweep_before_anything_runs(tmp_path, capsys,
+                                                                          monkeypatch):
+    """One line per missing dataset or CLIP weight file, with the command that prepares it; no
+    run starts; --dry-run prints the same lines."""
+    from textrefiner.sweep import preflight
+    monkeypatch.setattr(preflight, "clip_cache_dir", lambda: str(tmp_path / "cache"))
+    monkeypatch.setattr(preflight, "_reachable", lambda url: False)  # offline
+    data = tmp_path / "nodata"
+    spec = write_spec(tmp_path, f"""\
+protocol: base2new
+root: {data}
+datasets: [synthetic_shapes, dtd]
+methods: [CoOp, {{method: ZeroshotCLIP, overrides: {{MODEL.BACKBONE.PATH: {tmp_path}/no.pt}}}}]
+seeds: [1, 2]
+""")
+    out = tmp_path / "out"
+    expected = [
+        f"missing: dataset SyntheticShapes: {data}/synthetic_shapes not found; prepare it: "
+        f"python -m textrefiner.demo prepare DIR (it writes DIR/data; give --root DIR/data)",
+        f"missing: CLIP weights ViT-B/16: not in {tmp_path}/cache and "
+        "openaipublic.azureedge.net cannot be reached; prepare it: python -c \"import clip; "
+        f"clip.load('ViT-B/16')\" on a machine online, then copy ViT-B-16.pt to "
+        f"{tmp_path}/cache/ViT-B-16.pt",
+        f"missing: CLIP weights {tmp_path}/no.pt: neither a file nor a CLIP model name",
+        f"missing: dataset DescribableTextures: {data}/dtd not found; prepare it: "
+        f"textrefiner-data dtd --root {data}"]
+    assert cli.main([spec, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == len(expected) + 1, err
+    for line, start in zip(sorted(err[:-1]), sorted(expected)):
+        assert line.startswith(start), (line, start)
+    assert err[-1] == ("textrefiner-sweep: error: 4 dataset(s) or CLIP weight file(s) missing "
+                       "(above); nothing was started")
+    assert not out.exists()
+    assert cli.main([spec, "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if line.startswith("missing:")] == err[:-1]
+    assert not out.exists()
+
+
+def test_two_sweeps_on_one_out_run_each_run_once(tmp_path):
+    """Two demo sweeps started together on one OUT: each run runs once (the other sweep waits
+    for it, then skips it), and both end with one sweep's outputs, the README's numbers."""
+    out = tmp_path / "out"
+    first, second = (subprocess.Popen(
+        [sys.executable, "-m", "textrefiner.sweep.cli", "demo", "--out", str(out)], cwd=REPO,
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2))
+    results = [proc.communicate(timeout=TIMEOUT) for proc in (first, second)]
+    for proc, (_, err) in zip((first, second), results):
+        assert proc.returncode == 0, err
+        assert "14/14 finished, 0 running, 0 queued, 0 failed" in err
+    assert "runs it (same OUT); waiting for it" in results[0][1] + results[1][1]
+    runs = expand(load_spec("demo"), out)
+    for run in runs:
+        assert Path(run.log).read_text().count("$ textrefiner-train") == 1, run.key
+        log = Path(run.output_dir, "log.txt").read_text()
+        assert log.count("* accuracy:") == (1 if run.kind == "test" else 0) or \
+            run.kind == "train", run.key
+    md = (out / "report" / "results.md").read_text()
+    assert "| CoOp+TR | 75.00 ± " in md and "| CoOp | 75.00 ± " in md
 
 
 def test_killed_sweep_resumes_bit_identically(tmp_path):

@@ -156,6 +156,7 @@ def run_dassl(cfg, args):
     with _print_to_log(cfg.OUTPUT_DIR):
         print(f"Collecting env info ...\n{collect_env_info()}")
         trainer = build_trainer(cfg)
+        trainer.checkpoint_every_epoch = True  # a checkpoint to resume from after every epoch
         if args.eval_only:
             trainer.load_model(args.model_dir, epoch=args.load_epoch)
             trainer.test()

@@ -6,6 +6,7 @@ model, its losses and what a checkpoint holds. Checkpoints keep Dassl's layout,
 `method.checkpoint_state()` (prompts, refiner weights and cache), so a model trained on the base
 classes loads into one built for the novel classes.
 """
+import os
 import os.path as osp
 
 import torch
@@ -75,6 +76,11 @@ class MethodTrainer(TrainerX):
     """
 
     method_name = ""  # key of textrefiner.methods.METHODS
+    # Dassl saves a checkpoint every TRAIN.CHECKPOINT_FREQ epochs and at the last one (so with
+    # the codebases' 0, none to resume from before the end). textrefiner-train sets this: every
+    # epoch then leaves one, as on the built-in engine. The drop-in (a codebase's own train.py)
+    # keeps Dassl's behaviour.
+    checkpoint_every_epoch = False
 
     @property
     def method_cls(self):
@@ -160,7 +166,28 @@ class MethodTrainer(TrainerX):
             print(f"cache: skipped {self.model.skipped_cache_tokens} non-finite local tokens so far")
         self.model.on_epoch_end(self.epoch, self.max_epoch)  # e.g. PromptSRC's GPA, before saving
         super().after_epoch()
+        if self.checkpoint_every_epoch:
+            self._keep_one_to_resume_from()
         faults.after_epoch(self.epoch + 1)  # TEXTREFINER_KILL_AT, for tests
+
+    def _keep_one_to_resume_from(self):
+        """As the built-in engine: this epoch's checkpoint (where Dassl saved none), and the
+        previous epoch's removed unless TRAIN.CHECKPOINT_FREQ keeps it."""
+        if self.method_cls.checkpoint_name is None:
+            return
+        freq = self.cfg.TRAIN.CHECKPOINT_FREQ
+        number = self.epoch + 1  # this epoch's file: model.pth.tar-<number>
+
+        def kept(n):
+            return freq > 0 and n % freq == 0
+
+        if not (kept(number) or number == self.max_epoch):
+            self.save_model(self.epoch, self.output_dir)
+        if number > 1 and not kept(number - 1):
+            for name in self.get_model_names():
+                previous = checkpoint_path(self.output_dir, name, number - 1)
+                if osp.isfile(previous):
+                    os.remove(previous)
 
     def model_inference(self, images):
         with amp_autocast(self.precision, self.device):

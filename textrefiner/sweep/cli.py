@@ -9,12 +9,15 @@ write the report with the paper's numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib.util
 import os
 import sys
 
 from ..errors import UserError
 from .plan import initial_states
+from .preflight import missing
 from .spec import SHIPPED, expand, load_spec, validate
 
 EXECUTORS = ("local", "slurm")
@@ -41,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--status", action="store_true",
                         help="print where the sweep stands and stop (slurm: its jobs)")
     parser.add_argument("--wait", action="store_true",
-                        help="slurm: wait for the jobs, then write the report")
+                        help="slurm: submit what is neither finished nor queued, wait for the "
+                             "jobs (as sbatch --wait), then write the report")
     _add_executor_args(parser)
     return parser
 
@@ -62,15 +66,15 @@ def default_out(spec_name: str) -> str:
 
 
 def plan(args):
-    """(spec, runs, out) for the command's arguments; a spec error is a UserError."""
+    """(spec, runs, out, configs of the runs' distinct settings) for the command's arguments; a
+    spec error is a UserError."""
     if args.jobs < 1 or args.gpus_per_run < 1:
         raise UserError("--jobs and --gpus-per-run must be at least 1")
     spec = load_spec(args.spec)
     out = os.path.abspath(args.out or default_out(args.spec))
     store = "" if args.no_feature_store else os.path.join(out, "feature_store")
     runs = expand(spec, out, root=args.root, gpus=args.gpus_per_run, feature_store=store)
-    validate(spec, runs)
-    return spec, runs, out
+    return spec, runs, out, validate(spec, runs)
 
 
 def print_plan(runs, states, stream=None) -> None:
@@ -85,6 +89,20 @@ def print_plan(runs, states, stream=None) -> None:
     if failed:
         line += f", {failed} failed before (--retry-failed runs them again)"
     print(line, file=stream)
+
+
+def _print_missing(lines, stream) -> None:
+    for line in lines:
+        print(f"missing: {line}", file=stream)
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """An exclusive lock on `path` (a second holder waits); released when the process ends."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def main(argv=None) -> int:
@@ -105,8 +123,10 @@ def _main(args) -> int:
         from .local import claim_threads
 
         claim_threads()  # before any tensor work here (the demo's prepare): see claim_threads
-    spec, runs, out = plan(args)
+    spec, runs, out, cfgs = plan(args)
     if args.dry_run:
+        if spec.prepare != "demo":  # the demo sweep prepares its data and CLIP itself
+            _print_missing(missing(cfgs), sys.stdout)
         print_plan(runs, initial_states(runs, args.retry_failed))
         if args.executor == "slurm":
             from . import slurm
@@ -116,7 +136,14 @@ def _main(args) -> int:
     if spec.prepare == "demo" and not args.status:
         from ..demo import prepare_pretrained
 
-        prepare_pretrained(out, log=None)
+        with _locked(os.path.join(out, ".sweep", "prepare.lock")):  # a second sweep on OUT
+            prepare_pretrained(out, log=None)
+    if not args.status:
+        lines = missing(cfgs)
+        if lines:
+            _print_missing(lines, sys.stderr)
+            raise UserError(f"{len(lines)} dataset(s) or CLIP weight file(s) missing (above); "
+                            "nothing was started")
     if args.executor == "slurm":  # HOOK: textrefiner/sweep/slurm.py (the Slurm executor)
         if importlib.util.find_spec(f"{__package__}.slurm") is None:
             raise UserError("--executor slurm: this installation has no Slurm executor "
@@ -125,7 +152,8 @@ def _main(args) -> int:
 
         if args.status:
             return slurm.status(runs, args)
-        if args.wait:
+        if args.wait:  # as sbatch --wait: submit what is neither finished nor queued, then wait
+            slurm.submit(runs, args, hint=False)
             return slurm.wait(runs, args)
         return slurm.submit(runs, args)
     if args.status:

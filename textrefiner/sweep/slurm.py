@@ -9,8 +9,11 @@
 * Each job runs `execute_run(run)` (textrefiner/sweep/worker.py), the code path of
   `textrefiner-train`, inside a submitit `Checkpointable`: on Slurm's warning signal before the
   time limit or a preemption (`--signal USR2@90`, submitit's handler), or after
-  `scontrol requeue` (its SIGTERM stops the run at once), the job goes back in the queue and the run resumes from the last checkpoint
-  in its folder (textrefiner-train resumes from --output-dir), ending as it would uninterrupted.
+  `scontrol requeue` (its SIGTERM stops the run at once), the job goes back in the queue and
+  the run resumes from the last checkpoint in its folder (every epoch leaves one, on both
+  engines), ending as it would uninterrupted. Neither is a failure: the job leaves as submitit
+  expects of a requeued job (`_requeue`, `_stop`), and the run records no outcome.
+* `--wait` first submits what is neither finished nor queued, as `sbatch --wait` does.
 * A run with several tasks (GPUs per run > 1, or several nodes) runs the torchrun path of
   textrefiner/distributed.py: one task per GPU, ranks and rendezvous from Slurm's environment
   (`distributed_env`).
@@ -20,16 +23,19 @@
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
 from ..errors import UserError
+from .worker import STOPPED
 
 try:
     import submitit
@@ -227,7 +233,7 @@ class SlurmRun(Checkpointable):
     resumes from the run folder's last checkpoint."""
 
     def __call__(self, run):
-        signal.signal(signal.SIGTERM, _stop)
+        _handle_signals()
         os.environ.update(distributed_env(os.environ))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if int(os.environ.get("RANK", "0")) > 0:
@@ -237,18 +243,57 @@ class SlurmRun(Checkpointable):
             from .worker import execute_run
             # the ranks are Slurm's tasks: this one trains in-process (not through torchrun)
             code = execute_run(dataclasses.replace(run, gpus=1) if world > 1 else run)
+        if code in STOPPED:  # stopped, not failed: no error for submitit to record
+            sys.exit(code)
         if code != 0:  # the job fails, so that Slurm drops the runs that wait for it
             raise RuntimeError(f"{run.key} failed (exit code {code}); see "
                                f"{os.path.join(run.output_dir, 'sweep.log')}")
         return code
 
 
+def _handle_signals():
+    """SIGTERM stops the run (`_stop`); submitit's handler of its requeue signal (USR2) is wrapped
+    so that its exit leaves the run as requeued (`_requeue`), never as failed."""
+    signal.signal(signal.SIGTERM, _stop)
+    requeue_signal = _requeue_signal()
+    submitit_handler = signal.getsignal(requeue_signal)
+    if callable(submitit_handler):
+        signal.signal(requeue_signal, functools.partial(_requeue, submitit_handler))
+
+
+def _requeue_signal():
+    """The signal submitit requeues on: USR2, or $SUBMITIT_PREEMPT_SIGNAL."""
+    try:
+        from submitit.core.job_environment import JobEnvironment
+        return JobEnvironment._usr_sig()
+    except (ImportError, AttributeError):
+        return signal.SIGUSR2
+
+
 def _stop(signum, frame):
     """SIGTERM (scontrol requeue, scancel, a preemption, the time limit's end) stops the run at
     once, as by default; its checkpoints are in its folder (written atomically), so it loses at
     most the current epoch. submitit ignores SIGTERM so that its USR2 handler (Slurm's warning
-    before the time limit, `--signal`) can requeue the job; that handler stays as it is."""
+    before the time limit, `--signal`) can requeue the job; that handler is `_requeue`'s."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not break the way out
     raise SystemExit(128 + signum)
+
+
+def _requeue(submitit_handler, signum, frame):
+    """submitit's handler checkpoints, runs `scontrol requeue` and exits (sys.exit(-1)); that exit
+    goes on as `Requeued`, which the run lets through (no outcome) up to submitit, as submitit
+    expects. The SIGTERM that Slurm sends the requeued job meanwhile is ignored: the job is
+    already on its way out (and SIGKILL follows after KillWait)."""
+    from .worker import Requeued
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        submitit_handler(signum, frame)  # returns on ranks > 0: they go on until stopped
+    except SystemExit as exc:
+        raise Requeued(exc.code) from None
+    except BaseException:  # not requeued (e.g. too many time-outs): the run fails, as a run
+        signal.signal(signal.SIGTERM, _stop)
+        raise
+    signal.signal(signal.SIGTERM, _stop)
 
 
 def distributed_env(environ) -> dict:
@@ -373,8 +418,9 @@ def run_states(runs, out, squeued=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------- submit
-def submit(runs, args):
-    """Submit every run that is neither finished nor queued/running; print the job ids."""
+def submit(runs, args, hint=True):
+    """Submit every run that is neither finished nor queued/running; print the job ids (and,
+    with `hint`, how to follow them)."""
     if submitit is None:
         raise UserError("--executor slurm needs submitit: pip install 'textrefiner[slurm]'.")
     out = sweep_out(runs)
@@ -405,8 +451,9 @@ def submit(runs, args):
             for run, job in zip(group, submitted):
                 jobs[run.key] = job.job_id
                 print(f"  job {job.job_id}: {run.key}")
-    print(f"Follow it with: textrefiner-sweep {_spec_arg(args, out)} --executor slurm --status "
-          "(or --wait)")
+    if hint:
+        print(f"Follow it with: textrefiner-sweep {_spec_arg(args, out)} --executor slurm "
+              "--status (or --wait)")
     return 0
 
 

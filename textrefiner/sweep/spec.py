@@ -499,10 +499,11 @@ def _teacher(spec: Spec, dataset_file: Path, dataset: str) -> str:
 # ----------------------------------------------------------------------------- validation
 
 
-def validate(spec: Spec, runs: list, configs: Path | None = None) -> None:
+def validate(spec: Spec, runs: list, configs: Path | None = None) -> list:
     """One UserError naming what to fix, before anything runs: a dataset not under
     configs/datasets/, a config file that does not exist, or a config key / value that
-    textrefiner-train would refuse (checked once per distinct setting, as it will read it)."""
+    textrefiner-train would refuse (checked once per distinct setting, as it will read it).
+    Returns the config of each distinct setting."""
     configs = configs or configs_dir()
     known = sorted(p.stem for p in (configs / "datasets").glob("*.yaml"))
     for dataset in [*spec.datasets, *spec.targets]:
@@ -520,7 +521,7 @@ def validate(spec: Spec, runs: list, configs: Path | None = None) -> None:
                                         f"{', '.join(have)})")
     from ..train import build_parser, setup_cfg  # imports torch: after the cheap checks
 
-    seen = set()
+    seen, cfgs = set(), []
     parser = build_parser()
     for run in runs:
         if run.program != TRAIN_PROGRAM:  # an LLM step: its command checks its own arguments
@@ -530,9 +531,10 @@ def validate(spec: Spec, runs: list, configs: Path | None = None) -> None:
             continue
         seen.add(argv)
         try:
-            setup_cfg(parser.parse_args(list(run.argv)))
+            cfgs.append(setup_cfg(parser.parse_args(list(run.argv))))
         except UserError as exc:
             raise spec_error(spec.name, f"{run.key}: {exc}") from None
+    return cfgs
 
 
 def _without_seed_and_dirs(argv) -> tuple:

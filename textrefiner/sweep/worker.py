@@ -4,14 +4,17 @@ a child forked per run (textrefiner.sweep.local), the Slurm one in its job."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import json
 import os
+import shlex
+import socket
 import subprocess
 import sys
 import traceback
 
-from .plan import PROGRAM_MODULES, TRAIN_PROGRAM, Run, read_status  # noqa: F401 (read_status: API)
+from .plan import PROGRAM_MODULES, TRAIN_PROGRAM, Run, read_status, run_finished
 
 ERROR_PREFIX = "textrefiner-train: error:"
 # Stopped, not failed: Ctrl-C (textrefiner-train exits 130), SIGINT, SIGTERM, SIGKILL (as a
@@ -20,13 +23,29 @@ ERROR_PREFIX = "textrefiner-train: error:"
 STOPPED = frozenset({130, 143, 137, -2, -15, -9})
 
 
+class Requeued(SystemExit):
+    """The run's Slurm job was requeued (submitit's handler of Slurm's warning signal, which then
+    exits): the run leaves without an outcome, and this exit goes on up to submitit, which counts
+    it as a requeued job's, not a failure. textrefiner.sweep.slurm raises it."""
+
+
 def execute_run(run: Run) -> int:
     """Run `run` here (its output appended to <output_dir>/sweep.log); return its exit code.
 
     textrefiner-train resumes from the checkpoints in --output-dir, so a run killed before is
     continued, not restarted. A run of several GPUs goes through torchrun (the exact path of
-    textrefiner.distributed), as a child process."""
+    textrefiner.distributed), as a child process. A run that another sweep on the same OUT runs
+    (a second terminal, a Slurm job beside a local sweep) is waited for, then not run again."""
     os.makedirs(run.output_dir, exist_ok=True)
+    with _run_lock(run) as outcome_of_other:
+        if run_finished(run):
+            return 0
+        if outcome_of_other is not None:  # it failed in the other sweep while this one waited
+            return outcome_of_other
+        return _execute(run)
+
+
+def _execute(run: Run) -> int:
     with contextlib.suppress(FileNotFoundError):
         os.remove(run.status_file)  # no stale outcome while the run is on its way
     with open(run.log, "a", encoding="utf-8") as log:
@@ -43,6 +62,45 @@ def execute_run(run: Run) -> int:
     return code
 
 
+def lock_file(run: Run) -> str:
+    """OUT/.sweep/locks/<run key>.lock: held by the process that runs the run."""
+    out = run.output_dir[:-len(run.key)].rstrip(os.sep)
+    return os.path.join(out, ".sweep", "locks", run.key + ".lock")
+
+
+@contextlib.contextmanager
+def _run_lock(run: Run):
+    """Hold the run's lock (waiting, with one line on stderr, while another process holds it);
+    yields the exit code the holder recorded while this process waited, else None. The lock
+    goes with the process, however it ends (kill -9 too)."""
+    path = lock_file(run)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as lock:
+        outcome = None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            print(f"{run.key}: {holder} runs it (same OUT); waiting for it", file=sys.stderr,
+                  flush=True)
+            before = read_status(run)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            after = read_status(run)
+            if after and after != before:
+                outcome = int(after.get("exit_code", 1))
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()} on {socket.gethostname()} ({_job_name()})\n")
+        lock.flush()
+        yield outcome
+
+
+def _job_name() -> str:
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"Slurm job {job}" if job else shlex.join(sys.argv[:2]) or "python"
+
+
 def _call_main(argv, program=TRAIN_PROGRAM) -> int:
     main = importlib.import_module(PROGRAM_MODULES[program]).main
 
@@ -50,6 +108,8 @@ def _call_main(argv, program=TRAIN_PROGRAM) -> int:
     sys.argv = [program, *argv]  # the run's log prints its command from sys.argv
     try:
         return int(main(list(argv)) or 0)
+    except Requeued:
+        raise
     except SystemExit as exc:  # argparse's errors (exit 2) and explicit exits
         return exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # noqa: BLE001 - a bug in a run must not take the sweep down
