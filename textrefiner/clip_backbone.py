@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 
 from ._compat import import_clip
 from .errors import UserError
+from .seeding import BUILD_STATE
 from .safe_load import is_torchscript, load_torch_file, load_torchscript_state_dict
 
 PRECISIONS = ("fp16", "fp32", "amp")
@@ -133,7 +134,9 @@ def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
         return load_openclip(name_or_path[len(OPENCLIP_PREFIX):], precision, config_key).to(
             device).eval()
     state_dict = _read_state_dict(_locate_weights(name_or_path, config_key))
+    start = torch.get_rng_state()
     model = import_clip().model.build_model(state_dict)  # fp16 weights, eval mode
+    setattr(model, BUILD_STATE, start)  # where PromptSRC and PromptKD redraw it (seeding)
     if precision != "fp16":
         model.float()
     return model.to(device).eval()
