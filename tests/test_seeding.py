@@ -151,8 +151,8 @@ def test_ivlp_prompts_are_drawn_in_the_clip_build_and_the_refiner_changes_no_dra
     those of the run without it."""
     models, states = [], []
     for refiner in (False, True):
-        opts = ["SEED", "1", "TRAINER.PROMPTSRC.PREC", "fp32", "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT",
-                "2", "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "2",
+        opts = ["SEED", "1", "TRAINER.PROMPTSRC.PREC", "fp32",
+                "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", "2", "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "2",
                 "TRAINER.PROMPTKD.TEACHER_CKPT", teacher_ckpt,
                 "TRAINER.PROMPTKD.TEACHER_PATH", teacher_clip_path,
                 "TRAINER.REFINER.ENABLED", str(refiner)]

@@ -25,8 +25,8 @@ import torch.utils.checkpoint
 
 from ._compat import import_clip
 from .errors import UserError
-from .seeding import BUILD_STATE
 from .safe_load import is_torchscript, load_torch_file, load_torchscript_state_dict
+from .seeding import BUILD_STATE
 
 PRECISIONS = ("fp16", "fp32", "amp")
 OPENCLIP_PREFIX = "openclip:"  # MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>

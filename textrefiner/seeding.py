@@ -72,7 +72,7 @@ def one_loader_pass():
     torch.empty((), dtype=torch.int64).random_()
 
 
-# ------------------------------------------------------------------ CLIP builds of the IVLP codebases
+# ------------------------------------------------------------ CLIP builds of the IVLP codebases
 def clip_build_shapes(clip_model) -> dict:
     """What a ViT CLIP's construction draws depends on: its tensors' shapes, read off the model."""
     visual, blocks = clip_model.visual, clip_model.transformer.resblocks

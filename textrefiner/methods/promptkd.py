@@ -22,7 +22,7 @@ from ..losses import kd_loss, regularization_loss, select_semantic_tokens, seman
 from ..refiner import FeatureAligner
 from ..seeding import clip_build_shapes, draw_clip_build, rewind_to_clip_build
 from .base import PromptMethod
-from .promptsrc import IVLPLayout
+from .promptsrc import IVLPLayout, set_values
 
 # A teacher is a whole PromptSRC model; its class buffers and zero-shot image encoder are dropped.
 TEACHER_LAYOUT = CodebaseLayout("PromptSRC")
@@ -140,9 +140,7 @@ class PromptKD(PromptMethod):
         _, vision = draw_clip_build(clip_build_shapes(clip_model), kcfg.N_CTX_TEXT,
                                     kcfg.PROMPT_DEPTH_TEXT, kcfg.N_CTX_VISION,
                                     kcfg.PROMPT_DEPTH_VISION)
-        with torch.no_grad():
-            for param, value in zip(ivlp_vision_prompts(self.image_encoder), vision, strict=True):
-                param.copy_(value)
+        set_values(ivlp_vision_prompts(self.image_encoder), vision)
         draw_clip_build(self.teacher.clip_shapes, *TEACHER_BUILD)
 
     # The teacher is frozen and rebuilt from its own checkpoint: never train it, never save it.

@@ -65,12 +65,10 @@ class IVLPLayout:
         attach_ivlp_prompts(self.image_encoder, n_ctx_vision, depth_vision, vision=True)
 
     def load_initial_prompts(self, text, vision):
-        """Set the deep prompts' values: text [layers 1..], vision [layers 0..] (`draw_clip_build`)."""
-        with torch.no_grad():
-            for param, value in zip(ivlp_deep_prompts(self.text_encoder), text, strict=True):
-                param.copy_(value)
-            for param, value in zip(ivlp_vision_prompts(self.image_encoder), vision, strict=True):
-                param.copy_(value)
+        """Set the deep prompts' values: text [layers 1..], vision [layers 0..]
+        (`draw_clip_build`)."""
+        set_values(ivlp_deep_prompts(self.text_encoder), text)
+        set_values(ivlp_vision_prompts(self.image_encoder), vision)
 
     def text_features(self) -> torch.Tensor:
         """Normalised prompted class text features E [C, d]."""
@@ -82,6 +80,13 @@ class IVLPLayout:
     def encode_images(self, images, return_tokens=False):
         return encode_image(self.image_encoder, images, ivlp_vision_prompts(self.image_encoder),
                             return_tokens=return_tokens)
+
+
+@torch.no_grad()
+def set_values(params, values):
+    """Copy `values` into `params`, one for one."""
+    for param, value in zip(params, values, strict=True):
+        param.copy_(value)
 
 
 def gpa_weights(mean: float, std: float, max_epoch: int) -> torch.Tensor:
