@@ -68,6 +68,12 @@ METHODS["PromptKD"] = (
 NOT_IN = {"PromptSRC": "trainers/promptkd.py"}  # PromptKD's checkout has PromptSRC's trainer too
 PROBED = {"PromptSRC", "PromptKD"}
 PROBE = os.path.join(REPO, "tests", "cpu_fp32_probe")
+# PromptKD's projector's BatchNorm statistics (values up to 3.4 and 24 here) are means and
+# variances of its hidden layer, whose inputs are un-normalised image features: its first weights,
+# 4.3e-6 from the codebase's after 3 epochs (float rounding; not the text length, checked with 77
+# positions), put them 1.6e-4 apart. Every other learned tensor is within 1e-5.
+STATISTICS = ("running_mean", "running_var")
+STATISTICS_TOLERANCE = 5e-4
 EPOCHS = {"MaPLe": 1}
 TOLERANCES = {"MaPLe": 1e-3}
 CASES = [(method, workers) for method in METHODS for workers in (0, 2)
@@ -212,7 +218,8 @@ def assert_same_tensors(ours, theirs, what, tolerance=TOLERANCE):
     assert sorted(ours) == sorted(theirs), what
     for key, value in theirs.items():
         diff = (ours[key].float() - value.float()).abs().max().item()
-        assert diff <= tolerance, f"{what}: {key} differs by {diff}"
+        bound = STATISTICS_TOLERANCE if key.endswith(STATISTICS) else tolerance
+        assert diff <= bound, f"{what}: {key} differs by {diff}"
 
 
 @pytest.mark.parametrize("method, workers", CASES)
