@@ -102,16 +102,17 @@ def dropin_train_py(text):
 
 def dump_loaded_models(path):
     """Save what the codebase's trainer holds when it first tests (after `--eval-only`'s
-    `load_model`): {model name: state_dict}."""
-    from dassl.engine.trainer import SimpleTrainer
-    test = SimpleTrainer.test
+    `load_model`): {model name: state_dict}. Every trainer's `test` (PromptKD has its own) first
+    sets its models to eval mode."""
+    from dassl.engine.trainer import TrainerBase
+    set_model_mode = TrainerBase.set_model_mode
 
-    def dumping_test(self, *args, **kwargs):
-        if not os.path.exists(path):
+    def dumping_set_model_mode(self, mode="train", names=None):
+        if mode == "eval" and not os.path.exists(path):
             torch.save({name: model.state_dict() for name, model in self._models.items()}, path)
-        return test(self, *args, **kwargs)
+        return set_model_mode(self, mode, names)
 
-    SimpleTrainer.test = dumping_test
+    TrainerBase.set_model_mode = dumping_set_model_mode
 
 
 def run_codebase():

@@ -6,6 +6,12 @@ Dassl, and the drop-in (the codebase's train.py with docs/codebase-repos.md's li
 3 epochs on an EuroSAT-layout fixture, fp32, CPU, with 0 and 2 loader workers: the same batches,
 the same crops, the same torch random state at every epoch's start, and the learned tensors
 within 1e-5. Without the codebases: CoOp and CoOp + TextRefiner see the same data, on both engines.
+
+PromptSRC's and PromptKD's train.py call `.cuda()` unconditionally and halve their prompts whatever
+PREC says: they run with tests/cpu_fp32_probe on their PYTHONPATH (its docstring says what it
+changes), which gives their `PREC fp32` run on the CPU. Their CLIP files are half precision, as
+OpenAI publishes CLIP: on a GPU those codebases halve CLIP before loading its weights, which the
+probe skips, so a float32 file would give them other weights than an fp32 run has.
 """
 import importlib.util
 import os
@@ -44,21 +50,48 @@ METHODS = {
                "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "OPTIM.MAX_EPOCH", "1"),
               "MultiModalPromptLearner"),
 }
+IVLP_OPTS = ("PREC", "fp32", "PROMPT_DEPTH_TEXT", "2", "PROMPT_DEPTH_VISION", "2")
+METHODS["PromptSRC"] = (
+    "trainers/promptsrc.py", "PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml",
+    sum(((f"TRAINER.PROMPTSRC.{k}", v) for k, v in zip(IVLP_OPTS[::2], IVLP_OPTS[1::2])), ()) +
+    ("TRAINER.PROMPTSRC.GPA_MEAN", "2", "TRAINER.PROMPTSRC.GPA_STD", "1", "OPTIM.LR", "0.0025"),
+    "VLPromptLearner")
+# A ViT-B/16-wide student and a ViT-L/14-wide teacher see the same images: 112 px
+METHODS["PromptKD"] = (
+    "trainers/promptkd.py", "PromptKD/vit_b16_c2_ep20_batch8_4+4ctx.yaml",
+    sum(((f"TRAINER.PROMPTKD.{k}", v) for k, v in zip(IVLP_OPTS[::2], IVLP_OPTS[1::2])), ()) +
+    ("TRAINER.PROMPTKD.KD_WEIGHT", "1000.0", "TRAINER.MODAL", "base2novel", "INPUT.SIZE",
+     "(112, 112)", "DATASET.NUM_SHOTS", "0", "OPTIM.LR", "0.005"), "VLPromptLearner")
+# Their configs' learning rates. `encode_text` runs the text blocks on 16 or 32 positions where the
+# codebases run 77; on this CPU that changes the text features by float rounding (~1e-7), which
+# PromptSRC's L1 terms grow to 3.5e-5 in its prompts within 3 epochs at LR 0.01 (3e-8 at 0.0025).
+NOT_IN = {"PromptSRC": "trainers/promptkd.py"}  # PromptKD's checkout has PromptSRC's trainer too
+PROBED = {"PromptSRC", "PromptKD"}
+PROBE = os.path.join(REPO, "tests", "cpu_fp32_probe")
+# PromptKD's projector's BatchNorm statistics (values up to 3.4 and 24 here) are means and
+# variances of its hidden layer, whose inputs are un-normalised image features: its first weights,
+# 4.3e-6 from the codebase's after 3 epochs (float rounding; not the text length, checked with 77
+# positions), put them 1.6e-4 apart. Every other learned tensor is within 1e-5.
+STATISTICS = ("running_mean", "running_var")
+STATISTICS_TOLERANCE = 5e-4
 EPOCHS = {"MaPLe": 1}
 TOLERANCES = {"MaPLe": 1e-3}
 CASES = [(method, workers) for method in METHODS for workers in (0, 2)
          if not (method == "MaPLe" and workers)]
 # MaPLe's codebase projects 512-wide text prompts to 768-wide vision prompts (ViT-B/16's widths)
-WIDE = {"MaPLe"}
+WIDE = {"MaPLe", "PromptSRC"}
 WIDE_CLIP = dict(embed_dim=512, image_resolution=32, vision_layers=2, vision_width=768,
                  vision_patch_size=16, transformer_width=512, transformer_layers=2)
+LARGE_CLIP = dict(embed_dim=768, image_resolution=112, vision_layers=2, vision_width=1024,
+                  vision_patch_size=14, transformer_width=768, transformer_layers=2)
 COMMON_OPTS = ("INPUT.SIZE", "(32, 32)", "OPTIM.MAX_EPOCH", "3", "OPTIM.WARMUP_EPOCH", "0",
                "DATASET.NUM_SHOTS", "4", "TRAIN.PRINT_FREQ", "1", "OPTIM.LR", "0.01")
 
 
 def codebase_of(method):
     relative = METHODS[method][0]
-    found = [repo for repo in CODEBASES if os.path.isfile(os.path.join(repo, relative))]
+    found = [repo for repo in CODEBASES if os.path.isfile(os.path.join(repo, relative))
+             and not os.path.isfile(os.path.join(repo, NOT_IN.get(method, "-")))]
     if not found:
         pytest.skip(f"no checkout in TEXTREFINER_CODEBASES holds {relative}")
     if not HAS_DASSL:
@@ -85,6 +118,55 @@ def eurosat_root(tmp_path_factory):
 def wide_clip(tmp_path_factory):
     """A random CLIP with ViT-B/16's widths and two layers per tower."""
     return save_random_clip(str(tmp_path_factory.mktemp("clip") / "wide_clip.pt"), **WIDE_CLIP)
+
+
+@pytest.fixture(scope="module")
+def half_clips(tmp_path_factory):
+    """ViT-B/16-wide CLIPs at 32 and 112 px and a ViT-L/14-wide one at 112 px, two layers each,
+    in half precision (see the module's docstring)."""
+    folder = tmp_path_factory.mktemp("half_clip")
+    clips = {}
+    for name, dims in (("wide", WIDE_CLIP), ("wide112", dict(WIDE_CLIP, image_resolution=112)),
+                       ("large", LARGE_CLIP)):
+        path = save_random_clip(str(folder / f"{name}.pt"), **dims)
+        state = torch.load(path, weights_only=True)
+        torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, path)
+        clips[name] = path
+    return clips
+
+
+@pytest.fixture(scope="module")
+def promptkd_codebase(eurosat_root, half_clips, tmp_path_factory):
+    """A copy of PromptKD's checkout with the files it reads from fixed places: its CLIPs
+    (`clip/ViT-B-16.pt`, `clip/ViT-L-14.pt`) and a teacher trained for one epoch by the
+    PromptSRC trainer of that checkout (`teacher_model/EuroSAT/VLPromptLearner/`)."""
+    copy = str(tmp_path_factory.mktemp("promptkd") / "PromptKD")
+    shutil.copytree(codebase_of("PromptKD"), copy, ignore=shutil.ignore_patterns(".git"))
+    shutil.copy(half_clips["wide112"], os.path.join(copy, "clip", "ViT-B-16.pt"))
+    shutil.copy(half_clips["large"], os.path.join(copy, "clip", "ViT-L-14.pt"))
+    out = os.path.join(os.path.dirname(copy), "teacher")
+    shutil.rmtree(os.path.join(eurosat_root, "eurosat", "split_fewshot"), ignore_errors=True)
+    run("codebase", os.path.join(os.path.dirname(copy), "teacher.txt"), half_clips["large"], [
+        "--root", eurosat_root, "--seed", "1", "--trainer", "PromptSRC", "--output-dir", out,
+        "--dataset-config-file", os.path.join(copy, "configs", "datasets", "eurosat.yaml"),
+        "--config-file", os.path.join(copy, "configs", "trainers", "PromptSRC",
+                                      "vit_l14_c2_ep20_batch8_4+4ctx.yaml"),
+        "INPUT.SIZE", "(112, 112)", "OPTIM.MAX_EPOCH", "1", "OPTIM.WARMUP_EPOCH", "0",
+        "DATASET.NUM_SHOTS", "4", "DATALOADER.NUM_WORKERS", "0",
+        "TRAINER.PROMPTSRC.GPA_MEAN", "1"] + [
+        f"TRAINER.PROMPTSRC.{k}" if i % 2 == 0 else k for i, k in enumerate(IVLP_OPTS)],
+        copy, **probe_env())
+    teacher = os.path.join(copy, "teacher_model", "EuroSAT", "VLPromptLearner")
+    os.makedirs(teacher)
+    shutil.copy(os.path.join(out, "VLPromptLearner", "model.pth.tar-1"),
+                os.path.join(teacher, "model-best.pth.tar"))
+    return copy
+
+
+def probe_env():
+    """PYTHONPATH with tests/cpu_fp32_probe first."""
+    paths = [PROBE] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"PYTHONPATH": os.pathsep.join(paths)}
 
 
 def run(mode, record, clip, args, codebase="", **env_vars):
@@ -116,6 +198,8 @@ def learned(path):
     `prompt_learner.*`), CLIP's frozen weights left out."""
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     state = {k: v for k, v in state.items() if "token_prefix" not in k and "token_suffix" not in k}
+    if "image_encoder.VPT" in state:  # PromptSRC, PromptKD: prompts, PromptKD's projector
+        return {k: v for k, v in state.items() if "VPT" in k or k == "prompt_learner.ctx"}
     if any(k.startswith("prompt_learner.") for k in state):
         return {k: v for k, v in state.items() if k.startswith("prompt_learner.")}
     return state
@@ -124,7 +208,8 @@ def learned(path):
 def learned_keys(state):
     """The keys of the learned tensors of a checkpoint's state_dict."""
     return [k for k in state if "token_prefix" not in k and "token_suffix" not in k
-            and (k.startswith("prompt_learner.") or "." not in k or k.startswith("meta_net."))]
+            and (k.startswith("prompt_learner.") or "." not in k or k.startswith("meta_net.")
+                 or "VPT" in k)]
 
 
 def assert_same_tensors(ours, theirs, what, tolerance=TOLERANCE):
@@ -133,7 +218,8 @@ def assert_same_tensors(ours, theirs, what, tolerance=TOLERANCE):
     assert sorted(ours) == sorted(theirs), what
     for key, value in theirs.items():
         diff = (ours[key].float() - value.float()).abs().max().item()
-        assert diff <= tolerance, f"{what}: {key} differs by {diff}"
+        bound = STATISTICS_TOLERANCE if key.endswith(STATISTICS) else tolerance
+        assert diff <= bound, f"{what}: {key} differs by {diff}"
 
 
 @pytest.mark.parametrize("method, workers", CASES)
@@ -141,25 +227,35 @@ def test_a_seed_gives_the_codebase_run(eurosat_root, demo, tmp_path, request, me
     codebase = codebase_of(method)
     clip = request.getfixturevalue("wide_clip") if method in WIDE else demo["clip"]
     _, config, opts, folder = METHODS[method]
+    probe, ours_opts = {}, []
+    if method in PROBED:
+        probe = probe_env()
+        clip = request.getfixturevalue("half_clips")["wide"]
+    if method == "PromptKD":
+        codebase = request.getfixturevalue("promptkd_codebase")
+        clip = request.getfixturevalue("half_clips")["wide112"]
+        ours_opts = ["TRAINER.PROMPTKD.TEACHER_PATH", request.getfixturevalue("half_clips")[
+            "large"], "TRAINER.PROMPTKD.TEACHER_CKPT", os.path.join(
+            codebase, "teacher_model", "EuroSAT", "VLPromptLearner", "model-best.pth.tar")]
     args = ["--root", eurosat_root, "--seed", "1",
             "--dataset-config-file", os.path.join(codebase, "configs", "datasets", "eurosat.yaml"),
             "--config-file", os.path.join(codebase, "configs", "trainers", config)]
     opts = list(COMMON_OPTS + opts) + ["DATALOADER.NUM_WORKERS", str(workers)]
+    ours_opts = opts + ["MODEL.BACKBONE.PATH", clip] + ours_opts
     runs = {
         "codebase": ("codebase", args + ["--trainer", method], opts),
-        "drop-in": ("dropin", args + ["--trainer", "TR_" + method], opts + [
-            "MODEL.BACKBONE.PATH", clip]),
-        "dassl engine": ("ours", ["--engine", "dassl"] + args + ["--trainer", method],
-                         opts + ["MODEL.BACKBONE.PATH", clip]),
+        "drop-in": ("dropin", args + ["--trainer", "TR_" + method], ours_opts),
+        "dassl engine": ("ours", ["--engine", "dassl"] + args + ["--trainer", method], ours_opts),
         "built-in engine": ("ours-nodassl", ["--engine", "standalone"] + args + [
-            "--trainer", method], opts + ["MODEL.BACKBONE.PATH", clip]),
+            "--trainer", method], ours_opts),
     }
     results = {}
     for name, (mode, run_args, run_opts) in runs.items():
         out = tmp_path / name.replace(" ", "_")
         shutil.rmtree(os.path.join(eurosat_root, "eurosat", "split_fewshot"), ignore_errors=True)
         lines = run(mode, tmp_path / f"{out.name}.txt", clip,
-                    run_args + ["--output-dir", str(out)] + run_opts, codebase)
+                    run_args + ["--output-dir", str(out)] + run_opts, codebase,
+                    **(probe if mode in ("codebase", "dropin") else {}))
         final = out / folder / f"model.pth.tar-{EPOCHS.get(method, 3)}"
         results[name] = (stream(lines), learned(str(final)))
     (main, workers_seen), theirs = results.pop("codebase")
@@ -176,7 +272,7 @@ def test_a_seed_gives_the_codebase_run(eurosat_root, demo, tmp_path, request, me
     run("codebase", tmp_path / "eval.txt", clip, args + [
         "--trainer", method, "--output-dir", str(tmp_path / "eval"), "--eval-only",
         "--model-dir", str(tmp_path / "built-in_engine"), "--load-epoch", str(epochs)] + opts,
-        codebase, DUMP_LOADED=str(dump))
+        codebase, DUMP_LOADED=str(dump), **probe)
     loaded = torch.load(str(dump), weights_only=False)[folder]
     saved = torch.load(str(tmp_path / "built-in_engine" / folder / f"model.pth.tar-{epochs}"),
                        weights_only=True)["state_dict"]
@@ -184,6 +280,8 @@ def test_a_seed_gives_the_codebase_run(eurosat_root, demo, tmp_path, request, me
     assert trained
     for key in trained:
         assert torch.equal(loaded[key], saved[key].to(loaded[key].dtype)), key
+    if method == "PromptKD":  # every learned tensor arrived, the projector's included
+        assert sum(k.startswith("VPT_image_trans.conv1.") for k in trained) == 9
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -12,8 +12,10 @@ import torch
 from textrefiner.checkpoint import load_method_checkpoint, read_checkpoint, save_method_checkpoint
 from textrefiner.errors import UserError
 from textrefiner.methods import method_class
-from textrefiner.seeding import (check_resumable_seed, own_generator, random_states,
-                                 restore_random_states, set_seed)
+from textrefiner.clip_backbone import load_clip
+from textrefiner.seeding import (check_resumable_seed, clip_build_shapes, draw_clip_build,
+                                 own_generator, random_states, restore_random_states,
+                                 rewind_to_clip_build, set_seed)
 from textrefiner.train import main
 
 from conftest import make_cfg
@@ -130,3 +132,75 @@ def test_plain_cocoop_files_are_in_the_codebase_layout(build, tmp_path):
     load_method_checkpoint(fresh, path, resume=True)
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
 
+
+
+def test_a_clip_build_without_prompts_draws_what_the_stock_build_draws(clip_path):
+    torch.manual_seed(3)
+    clip_model = load_clip(clip_path, "fp32")
+    after = torch.get_rng_state()
+    assert rewind_to_clip_build(clip_model)
+    draw_clip_build(clip_build_shapes(clip_model))
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+@pytest.mark.parametrize("method", ["PromptSRC", "PromptKD"])
+def test_ivlp_prompts_are_drawn_in_the_clip_build_and_the_refiner_changes_no_draw(
+        method, small_clip, teacher_ckpt, teacher_clip_path):
+    """The deep prompts start from what the codebase's IVLP CLIP build draws from the state CLIP
+    was built from; with --refiner they, PromptKD's projector and the stream after the model are
+    those of the run without it."""
+    models, states = [], []
+    for refiner in (False, True):
+        opts = ["SEED", "1", "TRAINER.PROMPTSRC.PREC", "fp32",
+                "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", "2", "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "2",
+                "TRAINER.PROMPTKD.TEACHER_CKPT", teacher_ckpt,
+                "TRAINER.PROMPTKD.TEACHER_PATH", teacher_clip_path,
+                "TRAINER.REFINER.ENABLED", str(refiner)]
+        torch.manual_seed(5)  # moved on since CLIP was built: the build's state is used
+        models.append(method_class(method)(make_cfg(*opts), ["red circle", "blue square"],
+                                           copy.deepcopy(small_clip)))
+        states.append(torch.get_rng_state())
+    plain, refined = models
+    assert torch.equal(states[0], states[1])
+    learned = plain.checkpoint_state()
+    assert learned and all(torch.equal(v, refined.state_dict()[k]) for k, v in learned.items())
+    rewind_to_clip_build(small_clip)
+    depth_text = 2 if method == "PromptSRC" else 9
+    text, vision = draw_clip_build(clip_build_shapes(small_clip), 4, depth_text, 4, 2)
+    assert torch.equal(plain.image_encoder.VPT, vision[0])
+    assert torch.equal(plain.image_encoder.transformer.resblocks[1].VPT_shallow, vision[1])
+    if method == "PromptSRC":
+        assert torch.equal(plain.text_encoder.transformer.resblocks[1].VPT_shallow, text[0])
+
+
+def test_plain_promptkd_files_hold_the_codebase_projector_and_old_ones_load(
+        small_clip, teacher_ckpt, teacher_clip_path, tmp_path):
+    def build(refiner=False):
+        opts = ["TRAINER.PROMPTKD.TEACHER_CKPT", teacher_ckpt, "TRAINER.PROMPTKD.TEACHER_PATH",
+                teacher_clip_path, "TRAINER.REFINER.ENABLED", str(refiner)]
+        return method_class("PromptKD")(make_cfg(*opts), ["red circle", "blue square"],
+                                        copy.deepcopy(small_clip))
+
+    model = build()
+    with torch.no_grad():
+        model.VPT_image_trans.norm.running_mean.add_(1.0)
+    path = str(tmp_path / "VLPromptLearner" / "model.pth.tar-1")
+    save_method_checkpoint(model, path, 0)
+    state = read_checkpoint(path)["state_dict"]
+    trans = model.VPT_image_trans
+    assert torch.equal(state["VPT_image_trans.conv1.0.weight"], trans.fc1.weight[..., None, None])
+    assert torch.equal(state["VPT_image_trans.conv1.3.weight"], trans.fc2.weight[..., None, None])
+    assert torch.equal(state["VPT_image_trans.conv1.1.running_mean"], trans.norm.running_mean)
+    assert not any(".fc1." in k or ".norm." in k for k in state)
+    fresh = build()
+    load_method_checkpoint(fresh, path, resume=True)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.checkpoint_state().items())
+    # a file of earlier versions: fc1, norm, fc2
+    old = str(tmp_path / "old.pth.tar")
+    torch.save({"state_dict": model.checkpoint_state(), "epoch": 1}, old)
+    again = build()
+    load_method_checkpoint(again, old, resume=True)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.checkpoint_state().items())
+    # with TextRefiner, our names
+    save_method_checkpoint(build(refiner=True), path, 0)
+    assert "VPT_image_trans.fc1.weight" in read_checkpoint(path)["state_dict"]

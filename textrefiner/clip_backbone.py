@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 from ._compat import import_clip
 from .errors import UserError
 from .safe_load import is_torchscript, load_torch_file, load_torchscript_state_dict
+from .seeding import BUILD_STATE
 
 PRECISIONS = ("fp16", "fp32", "amp")
 OPENCLIP_PREFIX = "openclip:"  # MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
@@ -134,7 +135,9 @@ def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
         return load_openclip(name_or_path[len(OPENCLIP_PREFIX):], precision, config_key).to(
             device).eval()
     state_dict = _read_state_dict(_locate_weights(name_or_path, config_key))
+    start = torch.get_rng_state()
     model = import_clip().model.build_model(state_dict)  # fp16 weights, eval mode
+    setattr(model, BUILD_STATE, start)  # where PromptSRC and PromptKD redraw it (seeding)
     if precision != "fp16":
         model.float()
     return model.to(device).eval()
@@ -500,8 +503,8 @@ def encode_text(clip_model: nn.Module, embeddings: torch.Tensor, eot_indices: to
     position t depend on positions <= t alone, so the features read at the end tokens are those of
     the full 77-position pass, at a fraction of the cost (L is 16 or 32 for typical prompts). The
     rounding keeps the attention kernels' vector blocking over the keys that carry weight as it is
-    at 77 positions: on CPUs the features are then bit-identical, not only equal up to summation
-    order.
+    at 77 positions, so the features usually come out bit-identical on CPUs; not always (about
+    2e-6 apart in PromptSRC's same-run fixture), so they are equal up to summation order.
     """
     if 0 < chunk_size < embeddings.shape[0]:
         return torch.cat([

@@ -45,12 +45,15 @@ class CodebaseLayout:
     `registered`: our submodule the codebase registered alone ("prompt_learner": keys relative to
     it), or "" for the whole model. `dropped`: key parts it saves that are never loaded.
     `renames`: (codebase prefix, our prefix) pairs for modules we name differently.
+    `convolutions`: codebase keys of 1x1 convolution weights [out, in, 1, 1] that are linears'
+    weights [out, in] here.
     """
 
     codebase: str
     registered: str = ""
     dropped: Tuple[str, ...] = CLASS_BUFFERS + UNUSED_COPIES
     renames: Tuple[Tuple[str, str], ...] = ()
+    convolutions: Tuple[str, ...] = ()
 
     def describe(self, folder: str) -> str:
         if self.registered:
@@ -64,6 +67,13 @@ class CodebaseLayout:
                 key = ours + key[len(theirs):]
                 break
         return f"{self.registered}.{key}" if self.registered else key
+
+    def codebase_name(self, key: str) -> str:
+        """Our name of a whole-model key as the codebase names it (`our_name` reversed)."""
+        for theirs, ours in self.renames:
+            if key.startswith(ours):
+                return theirs + key[len(ours):]
+        return key
 
     def is_dropped(self, key: str) -> bool:
         return any(part in self.dropped for part in key.split("."))
@@ -133,13 +143,19 @@ def layout_of(model) -> Optional[CodebaseLayout]:
 
 def as_codebase_state(model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """`checkpoint_state()` output as the method's codebase saves it, for a model without
-    TextRefiner whose codebase registers a submodule alone (CoOp, CoCoOp): keys relative to it
-    (`ctx`, `meta_net.*`) plus the class-dependent buffers it saves (`token_prefix`,
-    `token_suffix`), so that the codebase's `load_model` and tools read the file as their own.
-    Otherwise (TextRefiner on; MaPLe, PromptSRC and PromptKD, whose names are ours) `state`."""
+    TextRefiner, so that the codebase's `load_model` and tools read the file as their own: where
+    the codebase registers a submodule alone (CoOp, CoCoOp), keys relative to it (`ctx`,
+    `meta_net.*`) plus the class-dependent buffers it saves (`token_prefix`, `token_suffix`);
+    where it registers the whole model, its names and shapes (PromptKD's projector as the 1x1
+    convolutions `VPT_image_trans.conv1.0`, `.1`, `.3`; MaPLe's and PromptSRC's names are ours).
+    With TextRefiner on, `state` (the codebases have no TextRefiner)."""
     layout = layout_of(model)
-    if model.refiner is not None or layout is None or not layout.registered or layout.renames:
+    if model.refiner is not None or layout is None:
         return state
+    if not layout.registered:  # the whole model: its names and shapes
+        renamed = {layout.codebase_name(k): v for k, v in state.items()}
+        return {k: v.reshape(*v.shape, 1, 1) if k in layout.convolutions else v
+                for k, v in renamed.items()}
     prefix = layout.registered + "."
     if not all(k.startswith(prefix) for k in state):
         return state

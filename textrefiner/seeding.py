@@ -7,6 +7,13 @@ own modules, then, every epoch, the train loader (its worker base seed, RandomSa
 permutation, and the augmentations when it has no workers). Both engines do the same and reseed
 nothing per epoch, so a seed gives the codebase's run on either engine.
 
+PromptSRC's and PromptKD's codebases build CLIP with their IVLP prompts inside it: each deep
+prompt's initial value is drawn among CLIP's own initial values, and PromptSRC then builds two
+plain copies of CLIP for its frozen references, PromptKD its teacher's CLIP and then its projector.
+`load_clip` keeps the torch state it started CLIP's build from (`BUILD_STATE`), and those methods
+go back to it and draw what the codebase draws, in its order (`draw_clip_build`), so that their
+prompts start from the codebase's values and the stream continues where the codebase's does.
+
 Two things are added, neither of which draws from the global stream:
 
 * TextRefiner initialises its weights and cache from its own generator, seeded from SEED
@@ -22,8 +29,12 @@ import random
 
 import numpy as np
 import torch
+import torch.nn as nn
 
+from ._compat import import_clip
 from .errors import UserError
+
+BUILD_STATE = "torch_state_at_build"  # attribute `load_clip` gives a CLIP it built
 
 
 def set_seed(seed: int):
@@ -59,6 +70,74 @@ def one_loader_pass():
     with torch.random.fork_rng(devices=[]):
         yield
     torch.empty((), dtype=torch.int64).random_()
+
+
+# ------------------------------------------------------------ CLIP builds of the IVLP codebases
+def clip_build_shapes(clip_model) -> dict:
+    """What a ViT CLIP's construction draws depends on: its tensors' shapes, read off the model."""
+    visual, blocks = clip_model.visual, clip_model.transformer.resblocks
+    return {"vision_width": visual.conv1.weight.shape[0],
+            "patch_size": visual.conv1.weight.shape[-1],
+            "positions": visual.positional_embedding.shape[0],
+            "vision_heads": visual.transformer.resblocks[0].attn.num_heads,
+            "vision_layers": len(visual.transformer.resblocks),
+            "embed_dim": visual.proj.shape[1],
+            "text_width": clip_model.ln_final.weight.shape[0],
+            "text_heads": blocks[0].attn.num_heads,
+            "text_layers": len(blocks),
+            "vocab_size": clip_model.token_embedding.weight.shape[0],
+            "context_length": clip_model.positional_embedding.shape[0],
+            "text_embed_dim": clip_model.text_projection.shape[1]}
+
+
+def rewind_to_clip_build(clip_model) -> bool:
+    """Set the global torch generator to the state `load_clip` built `clip_model` from. False (and
+    nothing done) for a CLIP built otherwise (OpenCLIP), which no codebase builds."""
+    start = getattr(clip_model, BUILD_STATE, None)
+    if start is None:
+        return False
+    torch.set_rng_state(start)
+    return True
+
+
+def draw_clip_build(shapes: dict, n_ctx_text: int = 0, depth_text: int = 0,
+                    n_ctx_vision: int = 0, depth_vision: int = 0):
+    """Draw from the global torch generator what the IVLP codebases' `clip.build_model` draws when
+    it builds a ViT CLIP of these shapes (`clip_build_shapes`) with these prompts, in its order,
+    and return the prompts' initial values (float32): (text [layers 1..depth_text-1], vision
+    [layers 0..depth_vision-1]). Depths beyond the layers prompt every layer, as there. Without
+    prompts, what the stock `build_model` draws (values its weights then overwrite)."""
+    Block = import_clip().model.ResidualAttentionBlock
+
+    def prompt(n_ctx, width):
+        return torch.empty(n_ctx, width).normal_(std=0.02)
+
+    vision_width, text_width = shapes["vision_width"], shapes["text_width"]
+    text, vision = [], []
+    patch = shapes["patch_size"]
+    nn.Conv2d(3, vision_width, kernel_size=patch, stride=patch, bias=False)
+    if depth_vision > 0:
+        vision.append(prompt(n_ctx_vision, vision_width))  # after conv1, before the embeddings
+    torch.randn(vision_width)  # class embedding
+    torch.randn(shapes["positions"], vision_width)
+    for i in range(shapes["vision_layers"]):
+        Block(vision_width, shapes["vision_heads"])
+        if 0 < i < depth_vision:
+            vision.append(prompt(n_ctx_vision, vision_width))  # at the end of block i
+    torch.randn(vision_width, shapes["embed_dim"])  # visual.proj
+    for i in range(shapes["text_layers"]):
+        Block(text_width, shapes["text_heads"])
+        if 0 < i < depth_text:
+            text.append(prompt(n_ctx_text, text_width))
+    nn.Embedding(shapes["vocab_size"], text_width)
+    # CLIP.initialize_parameters: token and positional embeddings, text blocks, text projection
+    torch.empty(shapes["vocab_size"], text_width).normal_()
+    torch.empty(shapes["context_length"], text_width).normal_()
+    for _ in range(shapes["text_layers"]):
+        for rows, cols in ((3, 1), (1, 1), (4, 1), (1, 4)):  # in_proj, out_proj, c_fc, c_proj
+            torch.empty(rows * text_width, cols * text_width).normal_()
+    torch.empty(text_width, shapes["text_embed_dim"]).normal_()
+    return text, vision
 
 
 # ------------------------------------------------------------------ saved with checkpoints

@@ -20,11 +20,16 @@ from ..codebase_checkpoints import CodebaseLayout
 from ..errors import UserError
 from ..losses import kd_loss, regularization_loss, select_semantic_tokens, semantic_kd_loss
 from ..refiner import FeatureAligner
+from ..seeding import clip_build_shapes, draw_clip_build, rewind_to_clip_build
 from .base import PromptMethod
-from .promptsrc import IVLPLayout
+from .promptsrc import IVLPLayout, set_values
 
 # A teacher is a whole PromptSRC model; its class buffers and zero-shot image encoder are dropped.
 TEACHER_LAYOUT = CodebaseLayout("PromptSRC")
+# PromptKD's codebase builds its teacher's CLIP with these prompts (N_CTX_TEXT, PROMPT_DEPTH_TEXT,
+# N_CTX_VISION, PROMPT_DEPTH_VISION) whatever the checkpoint holds; they only matter for what the
+# build draws (the checkpoint's prompts replace them).
+TEACHER_BUILD = (4, 9, 4, 9)
 
 
 class IVLPTeacher(IVLPLayout, nn.Module):
@@ -70,6 +75,7 @@ def load_teacher(cfg, classnames, precision: str) -> IVLPTeacher:
     clip_model = load_clip(kcfg.TEACHER_PATH or kcfg.TEACHER_NAME, precision,
                            config_key="TRAINER.PROMPTKD.TEACHER_PATH")
     teacher = IVLPTeacher(classnames, clip_model, state, kcfg.CTX_INIT)
+    teacher.clip_shapes = clip_build_shapes(clip_model)  # what its build drew (PromptKD's seeding)
     expected = teacher.state_dict()
     missing = [k for k in expected if k not in state and ("VPT" in k or "prompt_learner" in k)]
     unexpected = [k for k in state if k not in expected]
@@ -97,11 +103,14 @@ class PromptKD(PromptMethod):
     """
     checkpoint_name = "VLPromptLearner"  # the Dassl model name its codebase saves under
     # Its codebase saves the whole student; its projector is a Conv2d(1x1)-BN-ReLU-Conv2d(1x1)
-    # `conv1` Sequential where ours has the equivalent linears fc1, norm, fc2.
+    # `conv1` Sequential where ours has the equivalent linears fc1, norm, fc2. Checkpoints without
+    # TextRefiner are written with its names and shapes; files of earlier versions (fc1, norm,
+    # fc2) are read as ours.
     codebase_layout = CodebaseLayout("PromptKD", renames=(
         ("VPT_image_trans.conv1.0.", "VPT_image_trans.fc1."),
         ("VPT_image_trans.conv1.1.", "VPT_image_trans.norm."),
-        ("VPT_image_trans.conv1.3.", "VPT_image_trans.fc2.")))
+        ("VPT_image_trans.conv1.3.", "VPT_image_trans.fc2.")),
+        convolutions=("VPT_image_trans.conv1.0.weight", "VPT_image_trans.conv1.3.weight"))
 
     config_section = "PROMPTKD"
     trainable_prefixes = ("image_encoder.VPT", "VPT_image_trans.")
@@ -121,10 +130,24 @@ class PromptKD(PromptMethod):
         self.teacher = teacher.eval()  # loaded in this precision; .to() would cast its LayerNorms
         with torch.no_grad():
             self.register_buffer("teacher_text", self.teacher.text_features(), persistent=False)
+        if rewind_to_clip_build(clip_model) and hasattr(teacher, "clip_shapes"):
+            self._draw_as_codebase(clip_model, kcfg)
+        # Its codebase's projector is Conv2d(1x1)-BatchNorm-ReLU-Conv2d(1x1): these linears draw
+        # the same initial values (same fan-in, same order) from where the stream now is.
         self.VPT_image_trans = FeatureAligner(self.dims["embed_dim"], teacher_dim).to(clip_model.dtype)
         self._attach_refiner(cfg, teacher_dim, self.dims["embed_dim"], clip_model.dtype)
         self.class_slice = slice(None)  # which classes evaluation scores
         self._freeze()
+
+    def _draw_as_codebase(self, clip_model, kcfg):
+        """From the state the student's CLIP was built from, draw what PromptKD's codebase draws
+        before its projector (textrefiner.seeding): the student's CLIP with its IVLP prompts inside
+        (text ones too, which the student never uses), then the teacher's CLIP with its own."""
+        _, vision = draw_clip_build(clip_build_shapes(clip_model), kcfg.N_CTX_TEXT,
+                                    kcfg.PROMPT_DEPTH_TEXT, kcfg.N_CTX_VISION,
+                                    kcfg.PROMPT_DEPTH_VISION)
+        set_values(ivlp_vision_prompts(self.image_encoder), vision)
+        draw_clip_build(self.teacher.clip_shapes, *TEACHER_BUILD)
 
     # The teacher is frozen and rebuilt from its own checkpoint: never train it, never save it.
     def _freeze(self):

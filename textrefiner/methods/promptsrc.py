@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ..clip_backbone import (TextEncoder, attach_ivlp_prompts, encode_image, encode_text,
                              ivlp_deep_prompts, ivlp_vision_prompts, tokenize)
 from ..errors import UserError
+from ..seeding import clip_build_shapes, draw_clip_build, rewind_to_clip_build
 from .base import PromptMethod
 from .prompts import PromptLearner
 from .templates import IMAGENET_TEMPLATES
@@ -63,6 +64,12 @@ class IVLPLayout:
         attach_ivlp_prompts(self.text_encoder, n_ctx_text, depth_text, vision=False)
         attach_ivlp_prompts(self.image_encoder, n_ctx_vision, depth_vision, vision=True)
 
+    def load_initial_prompts(self, text, vision):
+        """Set the deep prompts' values: text [layers 1..], vision [layers 0..]
+        (`draw_clip_build`)."""
+        set_values(ivlp_deep_prompts(self.text_encoder), text)
+        set_values(ivlp_vision_prompts(self.image_encoder), vision)
+
     def text_features(self) -> torch.Tensor:
         """Normalised prompted class text features E [C, d]."""
         learner = self.prompt_learner
@@ -73,6 +80,13 @@ class IVLPLayout:
     def encode_images(self, images, return_tokens=False):
         return encode_image(self.image_encoder, images, ivlp_vision_prompts(self.image_encoder),
                             return_tokens=return_tokens)
+
+
+@torch.no_grad()
+def set_values(params, values):
+    """Copy `values` into `params`, one for one."""
+    for param, value in zip(params, values, strict=True):
+        param.copy_(value)
 
 
 def gpa_weights(mean: float, std: float, max_epoch: int) -> torch.Tensor:
@@ -113,6 +127,8 @@ class PromptSRC(IVLPLayout, PromptMethod):
                             f"prompts the text input), got {scfg.PROMPT_DEPTH_TEXT}.")
         self.build_ivlp(classnames, clip_model, scfg.N_CTX_TEXT, scfg.PROMPT_DEPTH_TEXT,
                         scfg.N_CTX_VISION, scfg.PROMPT_DEPTH_VISION, scfg.CTX_INIT)
+        if rewind_to_clip_build(clip_model):
+            self._draw_as_codebase(clip_model, scfg)
         self.text_weight = scfg.TEXT_LOSS_WEIGHT
         self.image_weight = scfg.IMAGE_LOSS_WEIGHT
         self.gpa_mean, self.gpa_std = scfg.GPA_MEAN, scfg.GPA_STD
@@ -125,6 +141,20 @@ class PromptSRC(IVLPLayout, PromptMethod):
         dim = self.dims["embed_dim"]
         self._attach_refiner(cfg, dim, dim, clip_model.dtype)
         self._freeze()
+
+    def _draw_as_codebase(self, clip_model, scfg):
+        """From the state CLIP was built from, draw what PromptSRC's codebase draws (textrefiner.
+        seeding): its CLIP with the deep prompts inside, a random context if it has no initial
+        words, then the two plain CLIP copies of its frozen references."""
+        shapes = clip_build_shapes(clip_model)
+        self.load_initial_prompts(*draw_clip_build(
+            shapes, scfg.N_CTX_TEXT, scfg.PROMPT_DEPTH_TEXT, scfg.N_CTX_VISION,
+            scfg.PROMPT_DEPTH_VISION))
+        if not (scfg.CTX_INIT and scfg.N_CTX_TEXT <= 4):
+            with torch.no_grad():
+                self.prompt_learner.ctx.normal_(std=0.02)
+        draw_clip_build(shapes)  # the CLIP that computes its fixed_embeddings
+        draw_clip_build(shapes)  # its ZS_image_encoder's CLIP
 
     def _is_saved(self, name: str) -> bool:
         deep_prompt = name.startswith(("text_encoder.", "image_encoder.")) and name.endswith(
