@@ -195,6 +195,7 @@ def test_half_precisions_train_and_evaluate_on_the_cpu(clip_path, batch, precisi
     images, labels = batch
     losses = {}
     for prec in ("fp32", precision):
+        torch.manual_seed(0)  # the deep prompts are drawn from the state CLIP was built from
         model = build(load_clip(clip_path, prec), "TRAINER.PROMPTSRC.PREC", prec, refiner=True)
         model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "amp"):
