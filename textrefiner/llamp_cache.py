@@ -62,7 +62,22 @@ LLAMA2_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
-# LLaMP's questions to the LLM, 11 per dataset (its tools/gpt_llama_templates.py)
+# LLaMP's questions to the LLM, 11 per dataset (its tools/gpt_llama_templates.py); ImageNet,
+# StanfordCars, SUN397 and Caltech101 share the ones for objects
+OBJECT_TEMPLATES = (
+    "describe the distinctive appearance of a {}.",
+    "explain what sets a {} apart in terms of looks.",
+    "portray the unique look of a {}.",
+    "characterize the singular visual traits of a {}.",
+    "outline the notable features of a {}'s appearance.",
+    "detail the individual look characteristics of a {}.",
+    "give a rundown of what makes a {}'s appearance stand out.",
+    "depict the distinguishing physical qualities of a {}.",
+    "sketch the standout characteristics of a {}'s form.",
+    "describe what's visually unique about a {}.",
+    "capture the essence of a {}'s distinct appearance.",
+)
+
 LLM_TEMPLATES = {
     "DescribableTextures": (
         "describe the distinctive appearance of {} texture.",
@@ -155,58 +170,10 @@ LLM_TEMPLATES = {
         "present the remarkable aspects of someone's appearance while {}.",
         "profile the visual uniqueness of an individual who is {}.",
     ),
-    "ImageNet": (
-        "describe the distinctive appearance of a {}.",
-        "explain what sets a {} apart in terms of looks.",
-        "portray the unique look of a {}.",
-        "characterize the singular visual traits of a {}.",
-        "outline the notable features of a {}'s appearance.",
-        "detail the individual look characteristics of a {}.",
-        "give a rundown of what makes a {}'s appearance stand out.",
-        "depict the distinguishing physical qualities of a {}.",
-        "sketch the standout characteristics of a {}'s form.",
-        "describe what's visually unique about a {}.",
-        "capture the essence of a {}'s distinct appearance.",
-    ),
-    "StanfordCars": (
-        "describe the distinctive appearance of a {}.",
-        "explain what sets a {} apart in terms of looks.",
-        "portray the unique look of a {}.",
-        "characterize the singular visual traits of a {}.",
-        "outline the notable features of a {}'s appearance.",
-        "detail the individual look characteristics of a {}.",
-        "give a rundown of what makes a {}'s appearance stand out.",
-        "depict the distinguishing physical qualities of a {}.",
-        "sketch the standout characteristics of a {}'s form.",
-        "describe what's visually unique about a {}.",
-        "capture the essence of a {}'s distinct appearance.",
-    ),
-    "SUN397": (
-        "describe the distinctive appearance of a {}.",
-        "explain what sets a {} apart in terms of looks.",
-        "portray the unique look of a {}.",
-        "characterize the singular visual traits of a {}.",
-        "outline the notable features of a {}'s appearance.",
-        "detail the individual look characteristics of a {}.",
-        "give a rundown of what makes a {}'s appearance stand out.",
-        "depict the distinguishing physical qualities of a {}.",
-        "sketch the standout characteristics of a {}'s form.",
-        "describe what's visually unique about a {}.",
-        "capture the essence of a {}'s distinct appearance.",
-    ),
-    "Caltech101": (
-        "describe the distinctive appearance of a {}.",
-        "explain what sets a {} apart in terms of looks.",
-        "portray the unique look of a {}.",
-        "characterize the singular visual traits of a {}.",
-        "outline the notable features of a {}'s appearance.",
-        "detail the individual look characteristics of a {}.",
-        "give a rundown of what makes a {}'s appearance stand out.",
-        "depict the distinguishing physical qualities of a {}.",
-        "sketch the standout characteristics of a {}'s form.",
-        "describe what's visually unique about a {}.",
-        "capture the essence of a {}'s distinct appearance.",
-    ),
+    "ImageNet": OBJECT_TEMPLATES,
+    "StanfordCars": OBJECT_TEMPLATES,
+    "SUN397": OBJECT_TEMPLATES,
+    "Caltech101": OBJECT_TEMPLATES,
 }
 # LLaMP's CLIP step loops over its GPT templates plus CLIP's 60 ImageNet templates without using
 # them: "all" holds that many copies of the same embeddings, and "avg" is their mean.
