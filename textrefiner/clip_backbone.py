@@ -235,7 +235,7 @@ def save_random_clip(path: str, half: bool = False, **kwargs) -> str:
     the same model in fp16 and, in fp32, exactly the float32 copy of that fp16 model."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     model = build_random_clip(**kwargs)
-    torch.save((model.half() if half else model).state_dict(), path)
+    torch.save(model.to(torch.float16 if half else torch.float32).state_dict(), path)
     return path
 
 
