@@ -204,16 +204,25 @@ def cluster(tmp_path_factory):
     reason = unavailable()
     if reason:
         pytest.skip(reason)
-    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as env:
-        saved = os.environ.get("SLURM_CONF")
-        os.environ["SLURM_CONF"] = env["SLURM_CONF"]
-        try:
-            yield env
-        finally:
-            if saved is None:
-                os.environ.pop("SLURM_CONF", None)
-            else:
-                os.environ["SLURM_CONF"] = saved
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    # a pytest ended by SIGTERM (a CI time limit, kill) tears its fixtures down on an interrupt:
+    # the daemons stop instead of outliving it
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        with LocalSlurm(tmp_path_factory.mktemp("slurm")) as env:
+            saved = os.environ.get("SLURM_CONF")
+            os.environ["SLURM_CONF"] = env["SLURM_CONF"]
+            try:
+                yield env
+            finally:
+                if saved is None:
+                    os.environ.pop("SLURM_CONF", None)
+                else:
+                    os.environ["SLURM_CONF"] = saved
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 SPEC = """\
@@ -335,7 +344,7 @@ def test_wait_submits_what_is_neither_finished_nor_queued_then_waits(cluster, de
     printed = capsys.readouterr()
     assert f"{len(runs)} runs: 0 finished, 0 queued or running, {len(runs)} to submit" \
         in printed.out
-    assert f"[sweep] {n}/{n} finished, 0 running, 0 queued, 0 failed" \
+    assert f"[sweep] {len(runs)}/{len(runs)} finished, 0 running, 0 queued, 0 failed" \
         in printed.err
     assert sorted(slurm.read_jobs(str(out))) == sorted(r.key for r in runs)
     assert all(run_finished(run) for run in runs) and (out / "report" / "results.md").is_file()
