@@ -307,6 +307,31 @@ seeds: [1, 2]
     assert not out.exists()
 
 
+def test_a_missing_or_empty_folder_of_ones_own_images_stops_the_sweep(demo, tmp_path, capsys):
+    """A `datasets` entry that is a folder: the reader's own line for a folder that is not there
+    or holds no class folder, before anything starts; nothing for a good folder."""
+    photos, empty = tmp_path / "photos", tmp_path / "empty"
+    empty.mkdir()
+    spec = write_spec(tmp_path, f"""\
+protocol: base2new
+datasets: [{photos}, {empty}]
+methods: [{{method: ZeroshotCLIP, overrides: {{MODEL.BACKBONE.PATH: {demo["clip"]}}}}}]
+seeds: [1]
+""")
+    out = tmp_path / "out"
+    assert cli.main([spec, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"missing: dataset ImageFolder: folder not found: {photos}. Point "
+                      "DATASET.FOLDER (or --root) at a folder of class subfolders "
+                      "(FOLDER/<class>/*.jpg).")
+    assert err[1].startswith(f"missing: dataset {empty} has no class folders"), err
+    assert len(err) == 3 and not out.exists()
+    from textrefiner.sweep import preflight
+    assert preflight._folder_line("", str(photos)) is not None
+    assert preflight._folder_line("", os.path.join(demo["root"], "synthetic_shapes", "images")) \
+        is None
+
+
 def test_two_sweeps_on_one_out_run_each_run_once(tmp_path):
     """Two demo sweeps started together on one OUT: each run runs once (the other sweep waits
     for it, then skips it), and both end with one sweep's outputs, the README's numbers."""

@@ -1,8 +1,9 @@
-"""Before a sweep starts or submits anything: is every dataset where its runs will look, and can
-every CLIP weight file be had (a local file, or a name in `clip`'s download cache, or one it can
-still download)? `missing(cfgs)` gives one line per dataset or weight that is not, with the
-command that prepares it; the sweep prints them and starts nothing (`--dry-run` prints them too).
-A run that fails for a reason no check can see still fails alone."""
+"""Before a sweep starts or submits anything: is every dataset (a folder of one's own images
+included) where its runs will look, and can every CLIP weight file be had (a local file, or a
+name in `clip`'s download cache, or one it can still download)? `missing(cfgs)` gives one line
+per dataset or weight that is not, with the command that prepares it; the sweep prints them and
+starts nothing (`--dry-run` prints them too). A run that fails for a reason no check can see
+still fails alone."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,8 @@ import urllib.parse
 
 from ..clip_backbone import OPENCLIP_PREFIX, clip_cache_dir, import_clip
 from ..data.datasets import FACTS, dataset_dir
+from ..data.folder import FOLDER_DATASET, list_folder, resolve_folder
+from ..errors import UserError
 
 DOWNLOAD_CHECK_TIMEOUT_S = 10  # one connection attempt to the weights' host, when one is needed
 
@@ -19,8 +22,8 @@ def missing(cfgs) -> list:
     """The lines for what `cfgs` (the runs' configs) need and this machine lacks, in order."""
     lines, seen = [], set()
     for cfg in cfgs:
-        for item, check in ((("dataset", cfg.DATASET.ROOT, cfg.DATASET.NAME), _dataset_line),
-                            (("clip", _backbone(cfg)), _weights_line)):
+        dataset = ("dataset", cfg.DATASET.ROOT, cfg.DATASET.NAME, cfg.DATASET.get("FOLDER", ""))
+        for item, check in ((dataset, _dataset_line), (("clip", _backbone(cfg)), _weights_line)):
             if item not in seen:
                 seen.add(item)
                 line = check(*item[1:])
@@ -33,8 +36,10 @@ def _backbone(cfg) -> str:
     return cfg.MODEL.BACKBONE.PATH or cfg.MODEL.BACKBONE.NAME
 
 
-def _dataset_line(root, name):
+def _dataset_line(root, name, folder=""):
     """None when dataset `name` is laid out under `root` as its reader expects, else the line."""
+    if name == FOLDER_DATASET:
+        return _folder_line(root, folder)
     if name not in FACTS:  # not one of ours: its reader says what it lacks
         return None
     folder = dataset_dir(root, name)
@@ -47,6 +52,16 @@ def _dataset_line(root, name):
     if absent is None:
         return None
     return f"dataset {name}: {absent} not found; prepare it: {_prepare_command(name, root)}"
+
+
+def _folder_line(root, folder):
+    """None when a folder of one's own images passes the reader's checks that open no image
+    (the folder, its class folders, classnames.txt), else the reader's line."""
+    try:
+        list_folder(resolve_folder(root, folder))
+    except UserError as exc:
+        return f"dataset {exc}"
+    return None
 
 
 def _prepared_files(folder) -> tuple:
