@@ -76,7 +76,7 @@ def prepare(work, shape, classes, per_class_test):
     clip_file = os.path.join(work, "clip_vit.pt")
     model = build_random_clip(**shape)
     dims = clip_dims(model)
-    torch.save(model.half().state_dict(), clip_file)
+    torch.save(model.to(torch.float16).state_dict(), clip_file)
     probe = os.path.join(work, "python_probe")
     with open(probe, "w") as f:
         f.write(PROBE.format(python=sys.executable, root=ROOT))
@@ -135,7 +135,7 @@ def token_read_seconds(dims, work, views=64, rounds=5):
     store = FeatureStore(os.path.join(work, "tokens"), {"benchmark": "tokens"})
     width = (1 + dims["num_patches"]) * dims["embed_dim"] + dims["num_patches"]
     keys = [f"view{i}" for i in range(views)]
-    store.write("views", keys, torch.randn(views, width).half())
+    store.write("views", keys, torch.randn(views, width).to(torch.float16))
     times = []
     for _ in range(rounds):
         started = time.perf_counter()
