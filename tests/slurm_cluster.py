@@ -95,15 +95,21 @@ class LocalSlurm:
         self.env = dict(os.environ, SLURM_CONF=self.conf)
 
     def __enter__(self):
+        # a SIGTERM (a CI time limit, kill) becomes an interrupt, so that `with` and pytest's
+        # teardown run and the daemons stop instead of outliving the process
+        self.previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
         try:
             self.start()
         except BaseException:
-            self.stop()
+            self.__exit__()
             raise
         return self.env
 
     def __exit__(self, *exc):
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            signal.signal(signal.SIGTERM, self.previous_sigterm)
 
     # --------------------------------------------------------------------- start
     def start(self):
@@ -187,6 +193,10 @@ class LocalSlurm:
                             dirs_exist_ok=True)  # its log stays with the others
             shutil.rmtree(self.munge_dir, ignore_errors=True)
             self.munge_dir = None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _read_pid(path):

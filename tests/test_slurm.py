@@ -204,25 +204,9 @@ def cluster(tmp_path_factory):
     reason = unavailable()
     if reason:
         pytest.skip(reason)
-    def interrupted(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    # a pytest ended by SIGTERM (a CI time limit, kill) tears its fixtures down on an interrupt:
-    # the daemons stop instead of outliving it
-    previous = signal.signal(signal.SIGTERM, interrupted)
-    try:
-        with LocalSlurm(tmp_path_factory.mktemp("slurm")) as env:
-            saved = os.environ.get("SLURM_CONF")
-            os.environ["SLURM_CONF"] = env["SLURM_CONF"]
-            try:
-                yield env
-            finally:
-                if saved is None:
-                    os.environ.pop("SLURM_CONF", None)
-                else:
-                    os.environ["SLURM_CONF"] = saved
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with LocalSlurm(tmp_path_factory.mktemp("slurm")) as env, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", env["SLURM_CONF"])
+        yield env
 
 
 SPEC = """\

@@ -327,9 +327,8 @@ seeds: [1]
     assert err[1].startswith(f"missing: dataset {empty} has no class folders"), err
     assert len(err) == 3 and not out.exists()
     from textrefiner.sweep import preflight
-    assert preflight._folder_line("", str(photos)) is not None
-    assert preflight._folder_line("", os.path.join(demo["root"], "synthetic_shapes", "images")) \
-        is None
+    assert preflight._folder_line(str(photos)) is not None
+    assert preflight._folder_line(os.path.join(demo["root"], "synthetic_shapes", "images")) is None
 
 
 def test_two_sweeps_on_one_out_run_each_run_once(tmp_path):

@@ -11,8 +11,8 @@ import socket
 import urllib.parse
 
 from ..clip_backbone import OPENCLIP_PREFIX, clip_cache_dir, import_clip
-from ..data.datasets import FACTS, dataset_dir
-from ..data.folder import FOLDER_DATASET, list_folder, resolve_folder
+from ..data.datasets import FACTS, dataset_dir, dataset_root
+from ..data.folder import FOLDER_DATASET, list_folder
 from ..errors import UserError
 
 DOWNLOAD_CHECK_TIMEOUT_S = 10  # one connection attempt to the weights' host, when one is needed
@@ -22,8 +22,8 @@ def missing(cfgs) -> list:
     """The lines for what `cfgs` (the runs' configs) need and this machine lacks, in order."""
     lines, seen = [], set()
     for cfg in cfgs:
-        dataset = ("dataset", cfg.DATASET.ROOT, cfg.DATASET.NAME, cfg.DATASET.get("FOLDER", ""))
-        for item, check in ((dataset, _dataset_line), (("clip", _backbone(cfg)), _weights_line)):
+        for item, check in ((("dataset", dataset_root(cfg), cfg.DATASET.NAME), _dataset_line),
+                            (("clip", _backbone(cfg)), _weights_line)):
             if item not in seen:
                 seen.add(item)
                 line = check(*item[1:])
@@ -36,10 +36,11 @@ def _backbone(cfg) -> str:
     return cfg.MODEL.BACKBONE.PATH or cfg.MODEL.BACKBONE.NAME
 
 
-def _dataset_line(root, name, folder=""):
-    """None when dataset `name` is laid out under `root` as its reader expects, else the line."""
+def _dataset_line(root, name):
+    """None when dataset `name` is laid out under `root` (for ImageFolder: the folder itself) as
+    its reader expects, else the line."""
     if name == FOLDER_DATASET:
-        return _folder_line(root, folder)
+        return _folder_line(root)
     if name not in FACTS:  # not one of ours: its reader says what it lacks
         return None
     folder = dataset_dir(root, name)
@@ -54,11 +55,11 @@ def _dataset_line(root, name, folder=""):
     return f"dataset {name}: {absent} not found; prepare it: {_prepare_command(name, root)}"
 
 
-def _folder_line(root, folder):
+def _folder_line(folder):
     """None when a folder of one's own images passes the reader's checks that open no image
     (the folder, its class folders, classnames.txt), else the reader's line."""
     try:
-        list_folder(resolve_folder(root, folder))
+        list_folder(folder)
     except UserError as exc:
         return f"dataset {exc}"
     return None
