@@ -31,7 +31,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "open_clip_torch>=2.24", "submitit>=1.5", "onnx>=1.15",
+        "test": ["pytest", "pytest-xdist>=3.5", "open_clip_torch>=2.24", "submitit>=1.5", "onnx>=1.15",
                  "onnxruntime>=1.17", "transformers>=5.25", "safetensors"],
         # textrefiner-export: a trained run as an ONNX model, checked with ONNX Runtime
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],

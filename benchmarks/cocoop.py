@@ -13,7 +13,6 @@ time on CUDA. "cocoop_vs_cocoop_noise" times CoCoOp twice per round: its distanc
 noise floor. "refine_share" times the refiner's inference work alone (cache read + aggregation on
 a batch's E [B, C, d]) against the CoCoOp + TR forward of that batch.
 """
-import argparse
 import json
 import os
 import platform
@@ -25,38 +24,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: CPU t
 
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout without installing
-
+from common import SHAPES, bench_args, bench_parser  # noqa: E402  (benchmarks/common.py)
 from textrefiner.clip_backbone import build_random_clip  # noqa: E402
 from textrefiner.config import load_cfg  # noqa: E402
 from textrefiner.methods import CoCoOp, ZeroshotCLIP  # noqa: E402
 
-SHAPES = {
-    "vit_b16": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                    vision_patch_size=16, transformer_width=512, transformer_layers=12),
-    "small": dict(embed_dim=256, image_resolution=96, vision_layers=6, vision_width=384,
-                  vision_patch_size=16, transformer_width=256, transformer_layers=4),
-}
 VARIANTS = ("zs", "cocoop", "cocoop_tr", "cocoop_again")  # cocoop_again: the A/A control
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the small CLIP shape, 9 rounds")
-    p.add_argument("--classes", type=int, default=10, help="class count (default 10)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; quick 9)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", default=None, help="results file (default benchmarks/"
-                   "results_cocoop.json, quick: results_cocoop_quick.json)")
-    args = p.parse_args(argv)
-    args.shape = "small" if args.quick else "vit_b16"
-    args.repeats = args.repeats or (9 if args.quick else 5)
-    name = "results_cocoop_quick.json" if args.quick else "results_cocoop.json"
-    args.json = args.json or os.path.join(ROOT, "benchmarks", name)
-    return args
+    parser = bench_parser(__doc__, "cocoop", "the small CLIP shape, 9 rounds", classes=10,
+                          batch_size="default 8", repeats="default 5; quick 9")
+    return bench_args(parser, argv, batch_size=(8, 8), repeats=(5, 9))
 
 
 def build_models(args, device):

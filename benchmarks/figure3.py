@@ -16,7 +16,6 @@ extrapolated to --paper-classes (ImageNet's 1000, Figure 3's dataset) as a + b C
 this package's text encoder (each prompt trimmed to its longest's tokens), "cocoop_full" all 77
 positions, as CoCoOp's released code does (benchmarks/run.py's full-length encoder).
 """
-import argparse
 import json
 import os
 import platform
@@ -25,13 +24,11 @@ import sys
 import tempfile
 import time
 
-from cocoop import SHAPES, seconds  # benchmarks/cocoop.py (this folder is on sys.path)
+from cocoop import seconds  # benchmarks/cocoop.py (this folder is on sys.path)
+from common import SHAPES, bench_args, bench_parser
 from run import text_encoder  # benchmarks/run.py: the codebases' full-length text encoder
 
 import torch  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from textrefiner.clip_backbone import build_random_clip  # noqa: E402
 from textrefiner.config import load_cfg  # noqa: E402
@@ -56,23 +53,12 @@ TEACHER = dict(embed_dim=768, image_resolution=32, vision_layers=1, vision_width
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small CLIP and LLM layer, 5 rounds")
-    p.add_argument("--classes", type=int, default=10, help="classes of the timed batches (10)")
-    p.add_argument("--paper-classes", type=int, default=1000,
-                   help="class count CoCoOp is extrapolated to (ImageNet: 1000)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; quick 5)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", default=None, help="results file (default benchmarks/"
-                   "results_figure3.json, quick: results_figure3_quick.json)")
-    args = p.parse_args(argv)
-    args.shape = "small" if args.quick else "vit_b16"
+    parser = bench_parser(__doc__, "figure3", "small CLIP and LLM layer, 5 rounds", classes=10,
+                          batch_size="default 8", repeats="default 3; quick 5")
+    parser.add_argument("--paper-classes", type=int, default=1000,
+                        help="class count CoCoOp is extrapolated to (ImageNet: 1000)")
+    args = bench_args(parser, argv, batch_size=(8, 8), repeats=(3, 5))
     args.llm = "small" if args.quick else "7b"
-    args.repeats = args.repeats or (5 if args.quick else 3)
-    name = "results_figure3_quick.json" if args.quick else "results_figure3.json"
-    args.json = args.json or os.path.join(ROOT, "benchmarks", name)
     return args
 
 

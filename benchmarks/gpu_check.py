@@ -49,7 +49,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
-from run import VIT_B16  # noqa: E402  (benchmarks/run.py: the ViT-B/16 shape)
+from common import VIT_B16  # noqa: E402  (benchmarks/common.py: the ViT-B/16 shape)
 
 from textrefiner.checkpoint import read_checkpoint  # noqa: E402
 from textrefiner.clip_backbone import (amp_autocast, encode_image,  # noqa: E402

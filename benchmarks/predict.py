@@ -12,7 +12,6 @@ encoder (`encode_image`, the floor any classifier pays), and of the exported ONN
 Runtime against `Predictor.logits` on the CPU with the same thread count. CPU time of the process
 on a CPU device (the shared machine's load does not count), synchronised wall time on CUDA.
 """
-import argparse
 import json
 import os
 import platform
@@ -26,9 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: CPU t
 
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout without installing
-
+from common import SHAPES, bench_args, bench_parser  # noqa: E402  (benchmarks/common.py)
 from textrefiner.checkpoint import checkpoint_path, save_method_checkpoint  # noqa: E402
 from textrefiner.clip_backbone import encode_image, save_random_clip  # noqa: E402
 from textrefiner.config import load_cfg  # noqa: E402
@@ -36,28 +33,14 @@ from textrefiner.methods import CoOp  # noqa: E402
 from textrefiner.clip_backbone import load_clip  # noqa: E402
 from textrefiner.predict import Predictor  # noqa: E402
 
-from cocoop import SHAPES  # noqa: E402  (the same CLIP shapes; benchmarks/ is on the path)
-
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the small CLIP shape, batch 16")
-    p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=None, help="default 32 (quick: 16)")
-    p.add_argument("--batches", type=int, default=2, help="batches per timed pass")
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
-    p.add_argument("--json", default=None, help="results file (default benchmarks/"
-                   "results_predict.json, quick: results_predict_quick.json)")
-    args = p.parse_args(argv)
-    args.shape = "small" if args.quick else "vit_b16"
-    args.batch_size = args.batch_size or (16 if args.quick else 32)
-    name = "results_predict_quick.json" if args.quick else "results_predict.json"
-    args.json = args.json or os.path.join(ROOT, "benchmarks", name)
-    return args
+    parser = bench_parser(__doc__, "predict", "the small CLIP shape, batch 16", classes=100,
+                          batch_size="default 32; quick 16", repeats="default 7")
+    parser.add_argument("--batches", type=int, default=2, help="batches per timed pass")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    return bench_args(parser, argv, batch_size=(32, 16), repeats=(7, 7))
 
 
 def saved_run(folder, shape, n_classes):

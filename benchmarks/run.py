@@ -25,8 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout without installing
+from common import RN50, ROOT, SMALL, SMALL_RN, VIT_B16  # noqa: E402  (benchmarks/common.py)
 
 import textrefiner.clip_backbone as backbone  # noqa: E402
 from textrefiner.clip_backbone import build_random_clip, clip_dims  # noqa: E402
@@ -34,17 +33,6 @@ from textrefiner.config import load_cfg  # noqa: E402
 from textrefiner.losses import (regularization_loss, select_semantic_tokens,  # noqa: E402
                                 semantic_loss)
 from textrefiner.methods import CoOp, MaPLe, ZeroshotCLIP  # noqa: E402
-
-VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-               vision_patch_size=16, transformer_width=512, transformer_layers=12)
-SMALL = dict(embed_dim=256, image_resolution=96, vision_layers=6, vision_width=384,
-             vision_patch_size=16, transformer_width=256, transformer_layers=4)
-# The other backbone families, same text tower: CLIP's RN50, and OpenCLIP's ViT-B-16 config
-RN50 = dict(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64,
-            transformer_width=512, transformer_layers=12)
-SMALL_RN = dict(embed_dim=256, image_resolution=96, vision_layers=(1, 1, 1, 1), vision_width=32,
-                transformer_width=256, transformer_layers=4)
-
 
 def openclip_config(shape):
     """open_clip's CLIP config for a ViT shape of this file (OpenCLIP ViT-B-16 for VIT_B16)."""

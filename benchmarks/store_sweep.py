@@ -223,7 +223,7 @@ if __name__ == "__main__":
     parser.add_argument("--precision", default="fp16" if torch.cuda.is_available() else "fp32")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    from run import SMALL, VIT_B16  # noqa: E402
+    from common import SMALL, VIT_B16  # noqa: E402
 
     figures = store_section(SMALL if args.quick else VIT_B16, args.precision)
     print_store_table(figures)

@@ -3,7 +3,8 @@
 # whole time, as other work on a small machine would, then the suite runs again under
 # ATEN_CPU_CAPABILITY=default (ATen's scalar kernels, as an older or other CPU sums), the loops
 # still beside it. A test that races the clock or another process fails here before it fails in
-# someone's CI. Exit status: non-zero when either run failed.
+# someone's CI. Both runs include the slow end-to-end tests (--slow) and, as pytest.ini says, use
+# both cores (pytest-xdist). Exit status: non-zero when either run failed.
 #
 #   bash scripts/busy_tests.sh                                   # the whole suite, both runs
 #   bash scripts/busy_tests.sh tests/test_resume.py -k dassl     # pytest arguments
@@ -31,9 +32,9 @@ done
 echo "busy_tests: ${BUSY} busy loops beside the tests (pids ${loops[*]:-none})"
 
 status=0
-"$PYTHON" -m pytest -q "$@" || status=$?
+"$PYTHON" -m pytest -q --slow "$@" || status=$?
 if [[ $KERNELS == 1 ]]; then
     echo "busy_tests: again under ATEN_CPU_CAPABILITY=default"
-    ATEN_CPU_CAPABILITY=default "$PYTHON" -m pytest -q "$@" || status=$?
+    ATEN_CPU_CAPABILITY=default "$PYTHON" -m pytest -q --slow "$@" || status=$?
 fi
 exit "$status"

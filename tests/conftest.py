@@ -1,8 +1,27 @@
 """Shared fixtures: small random-weight CLIP checkpoints and configs, all on the CPU."""
 import os
 
+import atexit
+import shutil
+import tempfile
+
 # Idle OpenMP threads must not spin on a shared 2-core machine (set before torch loads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _private_home():
+    """The tests' own home folder, for this process and every process it starts: nothing they
+    write lands in the user's ~/.cache (split files of read-only folders, Hugging Face, CLIP,
+    matplotlib), and the suite runs the same for a user whose home is missing or read-only."""
+    home = tempfile.mkdtemp(prefix="textrefiner-tests-home-")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    for name, sub in (("HOME", ""), ("XDG_CACHE_HOME", ".cache"), ("XDG_CONFIG_HOME", ".config"),
+                      ("HF_HOME", ".cache/huggingface"), ("MPLCONFIGDIR", ".config/matplotlib")):
+        os.environ[name] = os.path.join(home, sub) if sub else home
+    os.environ.pop("TEXTREFINER_CACHE", None)  # the default, under the private home
+
+
+_private_home()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -116,3 +135,39 @@ def run_killed(argv, kill_at, cwd):
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:]
     assert f"TEXTREFINER_KILL_AT={kill_at}: killed process" in proc.stdout, proc.stdout[-3000:]
     return proc.stdout
+
+
+# ---------------------------------------------------------------- the slow end-to-end tests
+
+SLOW_NOTE = ("tests marked `slow` (end-to-end, minutes each) are left out of this run: "
+             "`python -m pytest -q -m slow` runs them (CI runs both), --slow runs everything")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the slow end-to-end tests (marked `slow`)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end test of a minute or more; left out "
+                            "of `python -m pytest -q` unless -m selects it or --slow is given")
+
+
+def _slow_left_out(config) -> bool:
+    """Slow tests run when asked for: by --slow, by a -m expression, or by naming a test."""
+    named = any("::" in arg for arg in config.args)
+    return not (config.getoption("--slow") or config.option.markexpr or named)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _slow_left_out(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if _slow_left_out(config) and not hasattr(config, "workerinput"):
+        terminalreporter.write_line(SLOW_NOTE)

@@ -461,34 +461,27 @@ print("ok")
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def fresh_interpreters(tmp_path_factory):
-    """Start both checks when this module starts, so that their imports of torch and clip run
-    beside the other tests; the two tests below collect the results."""
+    """Each check in a fresh interpreter, started once for the tests that ask for its result
+    (under pytest-xdist, only on the worker that runs them)."""
     root = tmp_path_factory.mktemp("compat")
     fake = root / "fake"
     (fake / "clip").mkdir(parents=True)
     (fake / "clip" / "__init__.py").write_text("FAKE = True\n")
-    runs = {}
-    for name, code, extra in (("no_pkg_resources", NO_PKG_RESOURCES, []),
-                              ("fake_clip", FAKE_CLIP, [str(fake)])):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([*extra, str(REPO_ROOT)]))
-        runs[name] = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=root,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
+    checks = {"no_pkg_resources": (NO_PKG_RESOURCES, []), "fake_clip": (FAKE_CLIP, [str(fake)])}
     results = {}
 
     def result(name):
         if name not in results:
-            out, err = runs[name].communicate(timeout=HANG_TIMEOUT)
-            results[name] = (out, err, runs[name].returncode)
+            code, extra = checks[name]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([*extra, str(REPO_ROOT)]))
+            proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                                  capture_output=True, text=True, timeout=HANG_TIMEOUT)
+            results[name] = (proc.stdout, proc.stderr, proc.returncode)
         return results[name]
 
-    yield result
-    for process in runs.values():
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    return result
 
 
 @pytest.mark.parametrize("blocker", ["meta_path", "none_entry"])

@@ -197,6 +197,7 @@ def readme_examples() -> list:
     return code_blocks(ways_in, ("bash",))
 
 
+@pytest.mark.slow
 def test_readme_examples_run_offline_on_the_demo_data(tmp_path):
     """Each example, as written, after the demo wrote its data (output/demo), in a fresh folder
     that has the repository's configs/; $DATA names the demo's data for the dry-run of a paper

@@ -23,7 +23,8 @@ from test_methods import base_clip, build, teacher_file, teachers  # noqa: F401
 from textrefiner.checkpoint import (checkpoint_path, load_method_checkpoint, read_checkpoint,
                                     save_method_checkpoint)
 from textrefiner.clip_backbone import load_clip
-from textrefiner.data.base import LEFT_AS_IT_IS, fewshot_cache_path, load_fewshot_cache
+from textrefiner.data.base import (FEWSHOT_ALLOW_LIST, LEFT_AS_IT_IS, fewshot_cache_path,
+                                   load_fewshot_cache)
 from textrefiner.demo import prepare
 from textrefiner.demo.weights import read_packed
 from textrefiner.errors import UserError
@@ -308,7 +309,7 @@ def test_hostile_fewshot_pickle_is_refused(tmp_path):
     marker = tmp_path / "marker"
     path = hostile_cache(tmp_path / "shot_2-seed_1.pkl", marker)
     with pytest.raises(RefusedFile) as info:
-        load_fewshot_pickle(path)
+        load_fewshot_pickle(path, FEWSHOT_ALLOW_LIST)
     assert not marker.exists() and info.value.kind == SYSTEM
 
 

@@ -88,7 +88,7 @@ def alive(pid):
 
 def test_busy_tests_runs_pytest_twice_beside_busy_loops_and_stops_them():
     env = dict(os.environ, PYTHON=sys.executable, BUSY="2", KERNELS="1")  # the defaults
-    selection = ["tests/test_faults.py", "-k", "values_read"]
+    selection = ["tests/test_faults.py", "-k", "values_read", "-n", "0"]  # one process: 3 tests
     proc = subprocess.run(["bash", "scripts/busy_tests.sh", *selection], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -194,6 +194,7 @@ def assert_same_outputs(runs_a, runs_b):
             assert all(torch.equal(state_a[k], state_b[k]) for k in state_a), (a.key, name)
 
 
+@pytest.mark.slow
 def test_demo_sweep_is_bit_identical_to_one_process_per_run(tmp_path):
     """The slow one: the demo through the warm executor (--jobs 2) and the same runs, each alone
     in a fresh `python -m textrefiner.train` process, one after another."""
@@ -331,6 +332,7 @@ seeds: [1]
     assert preflight._folder_line(os.path.join(demo["root"], "synthetic_shapes", "images")) is None
 
 
+@pytest.mark.slow
 def test_two_sweeps_on_one_out_run_each_run_once(tmp_path):
     """Two demo sweeps started together on one OUT: each run runs once (the other sweep waits
     for it, then skips it), and both end with one sweep's outputs, the README's numbers."""

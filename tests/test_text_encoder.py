@@ -17,8 +17,10 @@ from textrefiner.train import build_parser, setup_cfg
 
 from conftest import make_cfg
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.run import full_length_encode_text  # noqa: E402  (the original codebases' path)
+# benchmarks/run.py, imported as the benchmarks import each other (their folder on sys.path)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+from run import full_length_encode_text  # noqa: E402  (the original codebases' path)
 
 # End tokens at different positions; the last name makes L cross a multiple of 16.
 NAMES = ["red circle", "blue square with a thin border", "green_triangle",

@@ -5,8 +5,8 @@ Everything textrefiner reads that could hold a pickle comes through here:
 * torch files (checkpoints of ours and of the codebases, PromptKD teachers, MODEL.INIT_WEIGHTS,
   resume folders, CLIP state dicts, OpenCLIP weight files, the demo CLIP):
   `torch.load(weights_only=True)` plus `TORCH_ALLOW_LIST`, the few extra types such files hold;
-* few-shot caches (`split_fewshot/*.pkl`): a `pickle.Unpickler` that builds the Datum classes of
-  `fewshot_allow_list()` and nothing else;
+* few-shot caches (`split_fewshot/*.pkl`): a `pickle.Unpickler` that builds the classes its caller
+  allows (the Datum classes of `textrefiner.data.base.FEWSHOT_ALLOW_LIST`) and nothing else;
 * TorchScript archives (OpenAI's CLIP releases): they are programs (their code runs when
   `torch.jit.load` reads them), so only the files OpenAI published are loaded, recognised by the
   sha256 that their download address carries.
@@ -76,17 +76,6 @@ TORCH_ALLOW_LIST = [
     np.dtype,
     *_NP_DTYPE_CLASSES,
 ]
-
-
-def fewshot_allow_list() -> dict:
-    """(module, name) in a few-shot cache -> the class it is read as. Nothing else is built."""
-    from .data.base import DASSL_DATUM, Datum, _DasslDatumState
-    return {
-        # Dassl's Datum: the caches CoOp-style codebases write, and ours (read without Dassl)
-        DASSL_DATUM: _DasslDatumState,
-        # textrefiner's own Datum: the caches earlier versions of textrefiner wrote
-        (Datum.__module__, Datum.__qualname__): Datum,
-    }
 
 
 class RefusedFile(UserError):
@@ -211,12 +200,13 @@ class _RefusedGlobal(pickle.UnpicklingError):
     pass
 
 
-def load_fewshot_pickle(path: str):
-    """Unpickle a few-shot cache, building only the Datum classes of `fewshot_allow_list()`.
-    Raises RefusedFile for any other type; a damaged file raises what pickle raises."""
+def load_fewshot_pickle(path: str, allowed: dict):
+    """Unpickle a few-shot cache, building only the classes of `allowed` ({(module, name): class},
+    the Datum classes). Raises RefusedFile for any other type; a damaged file raises what pickle
+    raises."""
     with open(path, "rb") as f:
         try:
-            return _AllowListUnpickler(f, fewshot_allow_list()).load()
+            return _AllowListUnpickler(f, allowed).load()
         except _RefusedGlobal as exc:
             raise RefusedFile(f"it holds {exc}, which a few-shot cache never holds (only "
                               "Datum objects), and reading it could run code", str(exc)) from None

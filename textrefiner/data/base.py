@@ -204,6 +204,15 @@ class _DasslFormatPickler(pickle._Pickler):  # the Python pickler: its save_glob
         self.memoize(obj)
 
 
+# (module, name) in a few-shot cache -> the class it is read as; nothing else is built.
+FEWSHOT_ALLOW_LIST = {
+    # Dassl's Datum: the caches CoOp-style codebases write, and ours (read without Dassl)
+    DASSL_DATUM: _DasslDatumState,
+    # textrefiner's own Datum: the caches earlier versions of textrefiner wrote
+    (Datum.__module__, Datum.__qualname__): Datum,
+}
+
+
 # A cache file that exists but is not used, left as it is: only a file that we read as a few-shot
 # cache (ours, the codebases', or an earlier textrefiner's) is ever written over. What else is in a
 # shared dataset folder belongs to someone else: a hostile file is evidence to keep, a file of
@@ -224,7 +233,7 @@ def load_fewshot_cache(path, dataset_dir):
     if not os.path.exists(path):
         return None
     try:
-        data = load_fewshot_pickle(path)
+        data = load_fewshot_pickle(path, FEWSHOT_ALLOW_LIST)
         old_format = any(isinstance(item, Datum) for items in data.values() for item in items)
         cached = {key: [as_datum(item) for item in items] for key, items in data.items()}
     except RefusedFile as err:
