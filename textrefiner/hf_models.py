@@ -212,7 +212,7 @@ def read_preprocessing(folder: str):
 def activation(name: str, hidden_act: str, tower: str) -> nn.Module:
     """transformers' `hidden_act` as a module (exactly: GELU's erf form for "gelu")."""
     if hidden_act == "quick_gelu":
-        return nn.GELU()
+        return import_clip().model.QuickGELU()
     if hidden_act == "gelu":
         return nn.GELU()
     if hidden_act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
