@@ -31,7 +31,12 @@ SHAPES = {
              dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3,
                   num_attention_heads=4, image_size=40, patch_size=10, hidden_act="gelu",
                   layer_norm_eps=1e-6), 40),
+    "teacher": (dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=2),
+                dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=2, image_size=32, patch_size=8), 48),
 }
+EXACT = ["quick_gelu", "gelu"]
 
 
 def clip_tokenizer(folder, files="tokenizer.json"):
@@ -78,11 +83,16 @@ def save_hf_clip(folder, shape="quick_gelu", seed=0, preprocessor=True, tokenize
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {shape: save_hf_clip(root / shape, shape) for shape in SHAPES}
+    return {shape: save_hf_clip(root / shape, shape, seed=i) for i, shape in enumerate(SHAPES)}
 
 
 def reference(folder):
     return transformers.CLIPModel.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def features(output):
+    """get_*_features' tensor (transformers 5 returns it as its output's pooler_output)."""
+    return getattr(output, "pooler_output", output)
 
 
 def images_for(size, n=3):
@@ -90,7 +100,7 @@ def images_for(size, n=3):
 
 
 # ------------------------------------------------------------------------------ exactness
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", EXACT)
 def test_features_equal_transformers(folders, shape):
     """Global image features, the local tokens (ln_post and proj of the last hidden state, as
     transformers' pooled output is its CLS), the CLS attention, text features, logit scale."""
@@ -100,13 +110,11 @@ def test_features_equal_transformers(folders, shape):
     images = images_for(size)
     tokens = tokenize(["a photo of a red circle.", "blue square", "", TOKENIZER_PROBES[1]])
     with torch.no_grad():
-        expected = hf.get_image_features(pixel_values=images)
-        expected = getattr(expected, "pooler_output", expected)
+        expected = features(hf.get_image_features(pixel_values=images))
         out = encode_image(ours.visual, images, return_tokens=True)
         vision = hf.vision_model(pixel_values=images, output_attentions=True)
         local = hf.visual_projection(hf.vision_model.post_layernorm(vision.last_hidden_state))
-        text = hf.get_text_features(input_ids=tokens)
-        text = getattr(text, "pooler_output", text)
+        text = features(hf.get_text_features(input_ids=tokens))
         got_text = encode_text_tokens(ours, tokens)
     assert (out.features - expected).abs().max() <= 1e-5
     assert (encode_image(ours.visual, images).features - expected).abs().max() <= 1e-5
@@ -132,8 +140,7 @@ def test_legacy_eos_token_id_pools_where_transformers_does(tmp_path):
     hf, ours = reference(folder), load_clip(f"hf:{folder}")
     tokens = tokenize(TOKENIZER_PROBES)
     with torch.no_grad():
-        text = hf.get_text_features(input_ids=tokens)
-        text = getattr(text, "pooler_output", text)
+        text = features(hf.get_text_features(input_ids=tokens))
         assert (encode_text_tokens(ours, tokens) - text).abs().max() <= 1e-5
 
 
@@ -169,3 +176,173 @@ def test_pytorch_bin_and_vocab_files(tmp_path, folders):
     a, b = load_clip(f"hf:{folder}"), load_clip(f"hf:{folders['quick_gelu']}")
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
+
+
+# ------------------------------------------------------------------------------ finding it
+def test_repo_id_from_the_local_cache_offline(folders, tmp_path, monkeypatch):
+    """hf:<org>/<repo> is the cached snapshot (huggingface_hub's layout); nothing is fetched."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--shape-clip"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    os.symlink(folders["quick_gelu"], repo / "snapshots" / commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    a, b = load_clip("hf:someone/shape-clip"), load_clip(f"hf:{folders['quick_gelu']}")
+    assert a.name == "hf:someone/shape-clip"
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    with pytest.raises(UserError) as info:
+        load_clip("hf:someone/other-clip")
+    message = str(info.value)
+    assert "\n" not in message and "hf download someone/other-clip" in message
+    assert str(cache / "models--someone--other-clip") in message
+
+
+def test_sweep_preflight_names_a_missing_repo(tmp_path, monkeypatch, folders):
+    from textrefiner.sweep.preflight import _weights_line
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert _weights_line(f"hf:{folders['gelu']}") is None
+    assert "hf download org/missing" in _weights_line("hf:org/missing")
+    assert "neither a folder nor" in _weights_line("hf:./no/such/folder")
+
+
+# ------------------------------------------------------------------------------ refusals
+def edit_config(folder, change):
+    path = os.path.join(folder, "config.json")
+    with open(path) as handle:
+        config = json.load(handle)
+    change(config)
+    with open(path, "w") as handle:
+        json.dump(config, handle)
+
+
+REFUSED = [
+    ("siglip", lambda c: c.update(model_type="siglip"), "no class token"),
+    ("chinese_clip", lambda c: c.update(model_type="chinese_clip"), "non-CLIP text tower"),
+    ("vision_only", lambda c: c.update(model_type="clip_vision_model"), "no text tower"),
+    ("activation", lambda c: c["vision_config"].update(hidden_act="relu"), "'relu'"),
+    ("eos", lambda c: c["text_config"].update(eos_token_id=7), "pools at token id 7"),
+]
+
+
+@pytest.mark.parametrize("change, reason", [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_what_cannot_run_is_refused_with_one_line(tmp_path, change, reason):
+    folder = save_hf_clip(tmp_path / "m")
+    edit_config(folder, change)
+    with pytest.raises(UserError) as info:
+        load_clip(f"hf:{folder}")
+    message = str(info.value)
+    assert reason in message and "\n" not in message and "not supported" in message
+
+
+def test_other_tokenizers_and_missing_files_are_refused(tmp_path):
+    folder = save_hf_clip(tmp_path / "m", tokenizer="vocab")
+    with open(os.path.join(folder, "vocab.json")) as handle:
+        vocab = json.load(handle)
+    vocab["a</w>"], vocab["the</w>"] = vocab["the</w>"], vocab["a</w>"]
+    with open(os.path.join(folder, "vocab.json"), "w") as handle:
+        json.dump(vocab, handle)
+    with pytest.raises(UserError, match="tokenizer's vocabulary or merges"):
+        load_clip(f"hf:{folder}")
+    for name in ("vocab.json", "merges.txt"):
+        os.remove(os.path.join(folder, name))
+    with pytest.raises(UserError, match="has no tokenizer"):
+        load_clip(f"hf:{folder}")
+    os.remove(os.path.join(folder, "config.json"))
+    with pytest.raises(UserError, match="no config.json"):
+        load_clip(f"hf:{folder}")
+
+
+def test_extra_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    folder = save_hf_clip(tmp_path / "m")
+    path = os.path.join(folder, "model.safetensors")
+    state = load_file(path)
+    state["vision_model.head.probe"] = torch.zeros(3)
+    save_file(state, path)
+    with pytest.raises(UserError, match="vision_model.head.probe"):
+        load_clip(f"hf:{folder}")
+
+
+# ------------------------------------------------------------------------------ input settings
+def test_normalisation_and_size_come_from_the_folder(folders):
+    model = load_clip(f"hf:{folders['gelu']}")
+    assert model.image_mean == tuple(MEAN) and model.image_std == tuple(STD)
+    check_image_size(make_cfg("INPUT.SIZE", "(40, 40)", "INPUT.PIXEL_MEAN", str(MEAN),
+                              "INPUT.PIXEL_STD", str(STD)), model)
+    with pytest.raises(UserError) as info:
+        check_image_size(make_cfg("INPUT.SIZE", "(40, 40)"), model)
+    assert f"INPUT.PIXEL_MEAN {MEAN} and INPUT.PIXEL_STD {STD}" in str(info.value)
+    with pytest.raises(UserError, match=r"INPUT.SIZE \(40, 40\)"):
+        check_image_size(make_cfg("INPUT.PIXEL_MEAN", str(MEAN), "INPUT.PIXEL_STD", str(STD)),
+                         model)
+
+
+def test_feature_store_keys_differ_between_folders(folders, tmp_path):
+    """Two folders with the same weights and another activation never share features."""
+    import shutil
+    from textrefiner.feature_store import model_key
+    from textrefiner.data.transforms import build_transform
+    from contextlib import nullcontext
+    other = shutil.copytree(folders["quick_gelu"], tmp_path / "gelu_copy")
+    edit_config(str(other), lambda c: [c[t].update(hidden_act="gelu")
+                                       for t in ("text_config", "vision_config")])
+    transform = build_transform(make_cfg(), is_train=False)
+    keys = [model_key(load_clip(f"hf:{f}").visual, transform, "fp32", torch.device("cpu"),
+                      nullcontext) for f in (folders["quick_gelu"], other, folders["quick_gelu"])]
+    assert keys[0]["weights"] == keys[1]["weights"] and keys[0] != keys[1]
+    assert keys[0] == keys[2]
+
+
+# ------------------------------------------------------------------------------ every method
+SIZE = ("TRAINER.COCOOP.PREC", "fp32", "TRAINER.COCOOP.CTX_INIT", "a photo of a",
+        "TRAINER.PROMPTSRC.PREC", "fp32", "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", "2",
+        "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "2")
+
+
+@pytest.fixture(scope="module")
+def teacher(folders, tmp_path_factory):
+    from conftest import write_teacher_checkpoint
+    folder = tmp_path_factory.mktemp("hf_teacher") / "VLPromptLearner"
+    spec = f"hf:{folders['teacher']}"
+    return write_teacher_checkpoint(folder / "model-best.pth.tar", spec), spec
+
+
+def build(method, clip, refiner=False, teacher=None):
+    from textrefiner.methods import build_method
+    extra = ()
+    if method == "PromptKD":
+        extra = ("TRAINER.PROMPTKD.TEACHER_CKPT", teacher[0], "TRAINER.PROMPTKD.TEACHER_PATH",
+                 teacher[1], "TRAINER.PROMPTKD.N_CTX_VISION", "4")
+    cfg = make_cfg(*(SIZE + extra + (REFINER_ON if refiner else ())))
+    torch.manual_seed(0)
+    return build_method(method, cfg, CLASSNAMES, clip)
+
+
+def test_zero_shot_is_transformers_clip(folders):
+    """ZeroshotCLIP's logits: transformers' normalised features times its logit scale."""
+    hf, images = reference(folders["quick_gelu"]), images_for(32)
+    prompts = tokenize([f"a photo of a {c.replace('_', ' ')}." for c in CLASSNAMES])
+    with torch.no_grad():
+        image = F.normalize(features(hf.get_image_features(pixel_values=images)), dim=-1)
+        text = F.normalize(features(hf.get_text_features(input_ids=prompts)), dim=-1)
+        model = build("ZeroshotCLIP", load_clip(f"hf:{folders['quick_gelu']}")).eval()
+        assert (model(images) - hf.logit_scale.exp() * image @ text.t()).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
+@pytest.mark.parametrize("method", ["CoOp", "CoCoOp", "MaPLe", "PromptSRC", "PromptKD"])
+def test_every_method_trains_and_evaluates(folders, teacher, method, refiner):
+    model = build(method, load_clip(f"hf:{folders['quick_gelu']}"), refiner, teacher)
+    images = images_for(32)
+    model.train()
+    loss, _ = model.forward_train(images, torch.tensor([0, 2, 4]))
+    loss.backward()
+    grads = [p.grad for p in model.trainable_parameters().values()]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        logits = model(images)
+    assert logits.shape == (3, model.num_eval_classes) and torch.isfinite(logits).all()
