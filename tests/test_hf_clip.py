@@ -280,6 +280,20 @@ def test_normalisation_and_size_come_from_the_folder(folders):
                          model)
 
 
+def test_configs_take_the_folders_values_unless_they_set_them(folders):
+    from textrefiner.config import CONFIG_DIR, load_cfg
+    spec = f"hf:{folders['gelu']}"
+    cfg = load_cfg(opts=["MODEL.BACKBONE.NAME", spec])
+    assert cfg.INPUT.SIZE == (40, 40) and cfg.INPUT.PIXEL_MEAN == MEAN
+    assert cfg.INPUT.PIXEL_STD == STD
+    check_image_size(cfg, load_clip(spec))
+    cfg = load_cfg(f"{CONFIG_DIR}/trainers/CoOp/demo_cpu.yaml", opts=[
+        "MODEL.BACKBONE.NAME", spec, "INPUT.SIZE", "(40, 40)"])
+    assert cfg.INPUT.PIXEL_MEAN == [0.48145466, 0.4578275, 0.40821073]  # the config's
+    with pytest.raises(UserError, match="INPUT.PIXEL_MEAN"):
+        check_image_size(cfg, load_clip(spec))
+
+
 def test_feature_store_keys_differ_between_folders(folders, tmp_path):
     """Two folders with the same weights and another activation never share features."""
     import shutil
@@ -346,3 +360,75 @@ def test_every_method_trains_and_evaluates(folders, teacher, method, refiner):
     with torch.no_grad():
         logits = model(images)
     assert logits.shape == (3, model.num_eval_classes) and torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------------------ the programs
+def train_args(root, out, backbone, trainer="CoOp", refiner=True, opts=()):
+    from textrefiner.config import CONFIG_DIR
+    return (["--engine", "standalone", "--root", root, "--trainer", trainer, "--seed", "1",
+             "--dataset-config-file", f"{CONFIG_DIR}/datasets/synthetic_shapes.yaml",
+             "--config-file", f"{CONFIG_DIR}/trainers/CoOp/demo_cpu.yaml", "--output-dir", out]
+            + (["--refiner"] if refiner else [])
+            + ["MODEL.BACKBONE.NAME", backbone, "INPUT.PIXEL_MEAN", str(MEAN), "INPUT.PIXEL_STD",
+               str(STD), "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "1",
+               "TRAINER.REFINER.TOPK", str(TOPK), "USE_CUDA", "False", *opts])
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    from textrefiner.data import write_synthetic_dataset
+    root = str(tmp_path_factory.mktemp("hf_data"))
+    write_synthetic_dataset(root, num_classes=4, per_class_train=3, per_class_val=1,
+                            per_class_test=2, image_size=32)
+    return root
+
+
+def test_train_predict_export_and_feature_store(folders, shapes_root, tmp_path):
+    """textrefiner-train (CoOp + TextRefiner, with a feature store), textrefiner-predict's
+    Predictor, and textrefiner-export's ONNX model under ONNX Runtime (within 1e-4)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from textrefiner.export import main as export
+    from textrefiner.predict import Predictor
+    from textrefiner.train import main as train
+    run, store = tmp_path / "run", tmp_path / "store"
+    assert train(train_args(shapes_root, str(run), f"hf:{folders['quick_gelu']}",
+                            opts=["TEST.FEATURE_STORE", str(store)])) == 0
+    assert "* accuracy:" in (run / "log.txt").read_text()
+    stored = [os.path.join(d, f) for d, _, files in os.walk(store) for f in files
+              if f.endswith(".feat")]
+    assert stored
+    predictor = Predictor.from_run(str(run), device="cpu")
+    folder = os.path.join(shapes_root, "synthetic_shapes", "images")
+    paths = sorted(os.path.join(folder, d, f) for d in os.listdir(folder)
+                   for f in os.listdir(os.path.join(folder, d)))[:4]
+    batch = predictor.preprocess(paths)
+    output = tmp_path / "shapes.onnx"
+    assert export(["--model-dir", str(run), "--output", str(output)]) == 0
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    info = json.loads((tmp_path / "shapes.json").read_text())
+    assert info["mean"] == MEAN and info["std"] == STD
+    logits = torch.from_numpy(session.run([info["output"]], {info["input"]: batch.numpy()})[0])
+    assert (logits - predictor.logits(batch)).abs().max() < 1e-4
+
+
+def test_a_sweep_runs_on_it(folders, shapes_root, tmp_path):
+    """A sweep over zero-shot CLIP and CoOp + TextRefiner on an hf: backbone."""
+    from textrefiner.sweep import cli
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"""\
+protocol: base2new
+root: {shapes_root}
+datasets: [synthetic_shapes]
+config: demo_tiny
+engine: standalone
+seeds: [1]
+methods: [ZeroshotCLIP, CoOp+TR]
+overrides: {{MODEL.BACKBONE.NAME: "hf:{folders['quick_gelu']}", INPUT.PIXEL_MEAN: {MEAN},
+            INPUT.PIXEL_STD: {STD}, DATASET.NUM_SHOTS: 2, OPTIM.MAX_EPOCH: 1,
+            TRAINER.REFINER.TOPK: {TOPK}}}
+""")
+    assert cli.main([str(spec), "--out", str(tmp_path / "out")]) == 0
+    logs = [os.path.join(d, "log.txt") for d, _, files in os.walk(tmp_path / "out")
+            if "log.txt" in files]
+    assert logs and all("* accuracy:" in open(log).read() for log in logs)

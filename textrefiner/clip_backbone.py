@@ -201,6 +201,21 @@ def check_image_size(cfg, clip_model: nn.Module):
                         f"and INPUT.PIXEL_STD {list(std)}.")
 
 
+def fill_input_from_backbone(cfg, make_defaults):
+    """For an "hf:" backbone, the INPUT.SIZE, PIXEL_MEAN and PIXEL_STD that `cfg` leaves at
+    their defaults (`make_defaults()`'s: no config file or option set them) become the folder's
+    (`textrefiner.hf_models.input_settings`); values a config sets are kept, and
+    `check_image_size` stops a run whose values are not the folder's."""
+    backbone = cfg.MODEL.BACKBONE.get("PATH") or cfg.MODEL.BACKBONE.NAME
+    if not backbone.startswith(HF_PREFIX):
+        return
+    from .hf_models import input_settings
+    defaults = make_defaults()
+    for key, value in input_settings(backbone[len(HF_PREFIX):]).items():
+        if list(cfg.INPUT[key]) == list(defaults.INPUT[key]):
+            cfg.INPUT[key] = type(defaults.INPUT[key])(value)
+
+
 def _close(values, expected) -> bool:
     return len(values) == len(expected) and all(abs(a - b) < 1e-6 for a, b in zip(values, expected))
 

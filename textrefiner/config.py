@@ -12,7 +12,7 @@ import re
 import yaml
 from yacs.config import CfgNode as CN
 
-from .clip_backbone import PRECISIONS
+from .clip_backbone import PRECISIONS, fill_input_from_backbone
 from .errors import UserError
 from .methods.prompts import POSITIONS as CLASS_TOKEN_POSITIONS
 from .refiner import WRITE_RULES
@@ -465,7 +465,8 @@ def _merge_pairs(cfg, pairs, source):
 
 def load_cfg(config_file=None, dataset_config_file=None, opts=(), saved=None, **overrides):
     """Defaults -> extend -> `saved` -> dataset YAML -> method YAML -> `opts` -> `overrides`;
-    validated. `saved` is a configuration a run saved (`cfg.dump()`, in its checkpoints).
+    then, for an "hf:" backbone, its folder's input size and normalisation where none of those
+    set them (`fill_input_from_backbone`); validated. `saved` is a configuration a run saved (`cfg.dump()`, in its checkpoints).
 
     `opts` is the command line's list of `KEY VALUE` pairs. `overrides` are keyword pairs with
     `__` in place of dots, e.g. `load_cfg(f, OUTPUT_DIR="out", TRAINER__REFINER__ENABLED=True)`.
@@ -486,6 +487,7 @@ def load_cfg(config_file=None, dataset_config_file=None, opts=(), saved=None, **
         for key, value in overrides.items():
             pairs += [key.replace("__", "."), value]
         _merge_pairs(cfg, pairs, "keyword overrides")
+    fill_input_from_backbone(cfg, lambda: extend_cfg(get_cfg_default()))
     return validate_cfg(cfg)
 
 

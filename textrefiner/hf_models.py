@@ -38,7 +38,8 @@ CONTEXT_LENGTH = 77  # what clip.tokenize gives
 # (tests/test_hf_clip.py checks them against transformers').
 TEXT_DEFAULTS = {"num_attention_heads": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
                  "eos_token_id": 49407}
-VISION_DEFAULTS = {"num_attention_heads": 12, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+VISION_DEFAULTS = {"num_attention_heads": 12, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                   "image_size": 224}
 LEGACY_EOS = 2  # transformers then pools at the arg-max id, as here
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
                 "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -204,6 +205,24 @@ def read_preprocessing(folder: str):
     config = read_json(path)
     mean, std = config.get("image_mean"), config.get("image_std")
     return (tuple(mean) if mean else None), (tuple(std) if std else None)
+
+
+def input_settings(spec: str) -> dict:
+    """{INPUT key: value} the folder of "hf:<spec>" prescribes: SIZE (its vision config's
+    image_size), PIXEL_MEAN and PIXEL_STD (its preprocessor_config.json); {} when the folder
+    cannot be found or read (loading it says why)."""
+    try:
+        folder = resolve_folder(spec, "MODEL.BACKBONE.NAME")
+        size = {**VISION_DEFAULTS, **read_json(os.path.join(folder, "config.json")).get(
+            "vision_config", {})}["image_size"]
+        mean, std = read_preprocessing(folder)
+    except (UserError, OSError, ValueError):
+        return {}
+    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    settings = {"SIZE": size}
+    if mean and std:
+        settings.update(PIXEL_MEAN=list(mean), PIXEL_STD=list(std))
+    return settings
 
 
 # --------------------------------------------------------------------------------------------
