@@ -39,45 +39,30 @@ SHAPES = {
 EXACT = ["quick_gelu", "gelu"]
 
 
-def clip_tokenizer(folder, files="tokenizer.json"):
-    """CLIP's BPE (the `clip` package's vocabulary and merges) as transformers' CLIPTokenizer,
-    saved as tokenizer.json, or as vocab.json and merges.txt as older hub folders hold it."""
-    simple = import_clip().clip._tokenizer
-    merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
-    if files == "tokenizer.json":
-        transformers.CLIPTokenizer(vocab=dict(simple.encoder), merges=merges).save_pretrained(
-            folder)
-        return
-    with open(os.path.join(folder, "vocab.json"), "w") as handle:
-        json.dump(simple.encoder, handle)
-    with open(os.path.join(folder, "merges.txt"), "w") as handle:
-        handle.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-
-
 def save_hf_clip(folder, shape="quick_gelu", seed=0, preprocessor=True, tokenizer="tokenizer.json",
                  safe=True):
-    """A random transformers CLIPModel (every weight moved off its init) in `folder`."""
+    """A random transformers CLIPModel of SHAPES[shape] in `folder`, its tokenizer as
+    tokenizer.json (transformers 5 writes it) or as vocab.json and merges.txt (older folders)."""
     text, vision, projection = SHAPES[shape]
-    config = transformers.CLIPConfig(text_config=text, vision_config=vision,
-                                     projection_dim=projection)
-    torch.manual_seed(seed)
-    model = transformers.CLIPModel(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-        model.logit_scale.fill_(3.1)
-    model.save_pretrained(str(folder))
+    folder = hf_models.save_random_hf_clip(str(folder), text, vision, projection, seed)
+    if tokenizer == "tokenizer.json":
+        transformers.CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
+        for name in ("vocab.json", "merges.txt"):
+            os.remove(os.path.join(folder, name))
+    elif not tokenizer:
+        for name in ("vocab.json", "merges.txt"):
+            os.remove(os.path.join(folder, name))
     if not safe:  # older hub folders: a pickled state dict (transformers 5 writes safetensors)
+        from safetensors.torch import load_file
+        state = load_file(os.path.join(folder, "model.safetensors"))
         os.remove(os.path.join(folder, "model.safetensors"))
-        torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
-    if tokenizer:
-        clip_tokenizer(str(folder), tokenizer)
+        torch.save(state, os.path.join(folder, "pytorch_model.bin"))
     if preprocessor:
         size = vision["image_size"]
         transformers.CLIPImageProcessor(
             image_mean=MEAN, image_std=STD, size={"shortest_edge": size},
-            crop_size={"height": size, "width": size}).save_pretrained(str(folder))
-    return str(folder)
+            crop_size={"height": size, "width": size}).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")

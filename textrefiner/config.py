@@ -466,7 +466,8 @@ def _merge_pairs(cfg, pairs, source):
 def load_cfg(config_file=None, dataset_config_file=None, opts=(), saved=None, **overrides):
     """Defaults -> extend -> `saved` -> dataset YAML -> method YAML -> `opts` -> `overrides`;
     then, for an "hf:" backbone, its folder's input size and normalisation where none of those
-    set them (`fill_input_from_backbone`); validated. `saved` is a configuration a run saved (`cfg.dump()`, in its checkpoints).
+    set them (`fill_input_from_backbone`); validated. `saved` is a configuration a run saved
+    (`cfg.dump()`, in its checkpoints).
 
     `opts` is the command line's list of `KEY VALUE` pairs. `overrides` are keyword pairs with
     `__` in place of dots, e.g. `load_cfg(f, OUTPUT_DIR="out", TRAINER__REFINER__ENABLED=True)`.

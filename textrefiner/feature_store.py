@@ -9,8 +9,9 @@ entry is exactly the tensor the model computed (its dtype, its bits).
 
 Keys (a wrong hit must be impossible, so anything that could change a feature changes the key):
 * the model: a digest of the image encoder's state dict (names, dtypes, shapes, bytes), its
-  class and its module tree (what the weights leave out: activations, LayerNorm eps, head counts;
-  two transformers CLIPs with the same weights and another `hidden_act` differ there), the test transform (its repr: size, interpolation, crop, normalisation), the precision
+  class and its module tree (what the weights leave out: activations, LayerNorm eps, head
+  counts; two transformers CLIPs with the same weights and another `hidden_act` differ there),
+  the test transform (its repr: size, interpolation, crop, normalisation), the precision
   (PREC, the parameters' dtype, amp's autocast dtype), the device type (GPU name; on a CPU the
   thread count and kernel settings), and the torch and textrefiner versions. They name the
   folder `DIR/<model digest>/` (`key.json` in it spells them out);

@@ -356,3 +356,36 @@ def load_hf_clip(spec: str, precision: str, config_key: str) -> nn.Module:
     model.name = name
     model.image_mean, model.image_std = read_preprocessing(folder)
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Random folders (tests, benchmarks): transformers needed
+# --------------------------------------------------------------------------------------------
+def write_clip_tokenizer(folder: str):
+    """CLIP's BPE (the `clip` package's vocabulary and merges) as vocab.json and merges.txt, the
+    files transformers' CLIPTokenizer reads."""
+    tokenizer = import_clip().clip._tokenizer
+    merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
+        json.dump(tokenizer.encoder, handle)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+
+
+def save_random_hf_clip(folder: str, text: dict, vision: dict, projection_dim: int,
+                        seed: int = 0, scale: float = 0.05) -> str:
+    """A transformers CLIPModel of these text / vision config values with random weights (each
+    moved by `scale` x N(0, 1) off its initial value), saved with `save_pretrained` in `folder`
+    with CLIP's tokenizer files; returns the folder."""
+    import transformers
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                     projection_dim=projection_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.CLIPModel(config).eval()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(scale * torch.randn_like(param))
+    model.save_pretrained(folder)
+    write_clip_tokenizer(folder)
+    return folder
