@@ -187,7 +187,8 @@ def require_vit(visual: nn.Module, method: str):
 
 def check_image_size(cfg, clip_model: nn.Module):
     """INPUT.SIZE must be the CLIP's input resolution (CoOp asserts the same); for an OpenCLIP
-    model, INPUT.PIXEL_MEAN / PIXEL_STD must be the normalisation its weights were trained with."""
+    or transformers model, INPUT.PIXEL_MEAN / PIXEL_STD must be the normalisation its weights
+    were trained with."""
     size = input_resolution(clip_model.visual)
     if tuple(cfg.INPUT.SIZE) != (size, size):
         raise UserError(f"INPUT.SIZE is {tuple(cfg.INPUT.SIZE)} but this CLIP takes {size}x{size} "
@@ -201,19 +202,15 @@ def check_image_size(cfg, clip_model: nn.Module):
                         f"and INPUT.PIXEL_STD {list(std)}.")
 
 
-def fill_input_from_backbone(cfg, make_defaults):
-    """For an "hf:" backbone, the INPUT.SIZE, PIXEL_MEAN and PIXEL_STD that `cfg` leaves at
-    their defaults (`make_defaults()`'s: no config file or option set them) become the folder's
-    (`textrefiner.hf_models.input_settings`); values a config sets are kept, and
-    `check_image_size` stops a run whose values are not the folder's."""
+def backbone_input_defaults(cfg) -> dict:
+    """{INPUT key: value} an "hf:" backbone's folder prescribes (SIZE, PIXEL_MEAN, PIXEL_STD;
+    `textrefiner.hf_models.input_settings`), which `load_cfg` makes the defaults that config
+    files and options still override; {} for any other backbone."""
     backbone = cfg.MODEL.BACKBONE.get("PATH") or cfg.MODEL.BACKBONE.NAME
     if not backbone.startswith(HF_PREFIX):
-        return
+        return {}
     from .hf_models import input_settings
-    defaults = make_defaults()
-    for key, value in input_settings(backbone[len(HF_PREFIX):]).items():
-        if list(cfg.INPUT[key]) == list(defaults.INPUT[key]):
-            cfg.INPUT[key] = type(defaults.INPUT[key])(value)
+    return input_settings(backbone[len(HF_PREFIX):])
 
 
 def _close(values, expected) -> bool:
