@@ -197,6 +197,10 @@ def test_repo_id_from_the_local_cache_offline(folders, tmp_path, monkeypatch):
     a, b = load_clip("hf:someone/shape-clip"), load_clip(f"hf:{folders['quick_gelu']}")
     assert a.name == "hf:someone/shape-clip"
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    pinned = load_clip(f"hf:someone/shape-clip@{commit}")  # a revision: the snapshot it names
+    assert torch.equal(pinned.visual.proj, b.visual.proj)
+    with pytest.raises(UserError, match="hf download someone/shape-clip --revision v2"):
+        load_clip("hf:someone/shape-clip@v2")
     with pytest.raises(UserError) as info:
         load_clip("hf:someone/other-clip")
     message = str(info.value)
