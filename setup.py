@@ -31,14 +31,18 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist>=3.5", "open_clip_torch>=2.24", "submitit>=1.5", "onnx>=1.15",
-                 "onnxruntime>=1.17", "transformers>=5.25", "safetensors"],
+        "test": ["pytest", "pytest-xdist>=3.5", "open_clip_torch>=2.24", "submitit>=1.5",
+                 "onnx>=1.15", "onnxruntime>=1.17", "transformers>=5.25", "safetensors",
+                 "huggingface_hub"],
         # textrefiner-export: a trained run as an ONNX model, checked with ONNX Runtime
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         # textrefiner-sweep --executor slurm: sweeps as Slurm jobs
         "slurm": ["submitit>=1.5"],
         # OpenCLIP backbones: MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
         "openclip": ["open_clip_torch>=2.24"],
+        # transformers CLIPModels: MODEL.BACKBONE.NAME hf:<folder or org/repo> (safetensors
+        # weights; repo ids from the local Hugging Face cache); transformers itself is not needed
+        "hf": ["safetensors", "huggingface_hub"],
         # LLaMP (--trainer LLaMP): the LLM's decoder layers (its LoRA needs no peft here)
         "llamp": ["transformers>=5.25", "safetensors"],
         # Dassl.pytorch is not on PyPI: install it from its repository to use the Dassl engine.

@@ -42,6 +42,36 @@ def openclip_config(shape):
             "layers": shape["transformer_layers"]}
     return {"embed_dim": shape["embed_dim"], "vision_cfg": vision, "text_cfg": text}
 
+
+def hf_config(shape):
+    """transformers' CLIPConfig values (text, vision, projection_dim) for a ViT shape of this
+    file (openai/clip-vit-base-patch16 for VIT_B16)."""
+    text = {"hidden_size": shape["transformer_width"], "num_hidden_layers":
+            shape["transformer_layers"], "num_attention_heads": shape["transformer_width"] // 64,
+            "intermediate_size": 4 * shape["transformer_width"]}
+    vision = {"hidden_size": shape["vision_width"], "num_hidden_layers": shape["vision_layers"],
+              "num_attention_heads": shape["vision_width"] // 64, "intermediate_size":
+              4 * shape["vision_width"], "image_size": shape["image_resolution"],
+              "patch_size": shape["vision_patch_size"]}
+    return text, vision, shape["embed_dim"]
+
+
+class TransformersCLIP(torch.nn.Module):
+    """transformers' CLIPModel under the plain models' encode_image / encode_text / logit_scale."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.logit_scale = model.logit_scale
+
+    def encode_image(self, images):
+        out = self.model.get_image_features(pixel_values=images)
+        return getattr(out, "pooler_output", out)  # transformers 5 returns an output object
+
+    def encode_text(self, tokens):
+        out = self.model.get_text_features(input_ids=tokens)
+        return getattr(out, "pooler_output", out)
+
 # (result key, comparison, limit, what it means)
 TARGETS = [
     ("train_time_trim_vs_full_coop_tr@50", "<=", 0.55,
@@ -74,7 +104,7 @@ TARGETS = [
     ("sweep_same_accuracies", ">=", 1.0,
      "every demo run's accuracy the same through textrefiner-sweep as in its own process"),
 ]
-FAMILIES = ("openai_vit", "openai_resnet", "openclip_vit")
+FAMILIES = ("openai_vit", "openai_resnet", "openclip_vit", "hf_vit")
 
 METHOD_NOTES = """\
 How it is measured
@@ -100,9 +130,10 @@ How it is measured
   (profile_memory=True), summed in time order; the peak of that running sum (tensor bytes, the
   CPU counterpart of max_memory_allocated; not RSS). "total" adds the model's parameters and
   buffers (unique storages), so it is what the process needs for that model; the target uses it.
-- Backbones: per family (OpenAI ViT, OpenAI ResNet RN50, OpenCLIP ViT), random weights, eval,
-  no_grad, alternating rounds. Text: the project's trimmed encoder on the class prompts against
-  the plain model's own encode_text (clip's or open_clip's, 77 positions). Inference: CoOp+TR's
+- Backbones: per family (OpenAI ViT, OpenAI ResNet RN50, OpenCLIP ViT, transformers' CLIPModel
+  read through hf:<folder>), random weights, eval, no_grad, alternating rounds. Text: the
+  project's trimmed encoder on the class prompts against the plain model's own encode_text
+  (clip's, open_clip's, or transformers' get_text_features, 77 positions). Inference: CoOp+TR's
   forward (classifier computed once before timing) against the plain model's encode_image and a
   product with its normalised zero-shot text features.
 - Distributed (dist_*): benchmarks/distributed.py under torchrun, 2 CPU ranks (gloo), batch/2 per
@@ -490,19 +521,28 @@ def bench_memory_option(clip_model, args, device, batch, n_classes):
 # ------------------------------------------------------------------------------------ backbones
 def backbone_families(args, device):
     """[(family, the project's CLIP, the plain model whose encode_image/encode_text it is
-    compared with)]; the OpenCLIP row needs open_clip_torch."""
+    compared with)]; the OpenCLIP row needs open_clip_torch, the transformers row transformers."""
     vit = build_random_clip(**args.shape).float()
     resnet = build_random_clip(**(SMALL_RN if args.quick else RN50)).float()
     families = [("openai_vit", vit, vit), ("openai_resnet", resnet, resnet)]
     try:
         import open_clip
+        from textrefiner.openclip_models import OpenCLIP
+        torch.manual_seed(0)
+        plain = open_clip.model.CLIP(**openclip_config(args.shape)).eval()
+        families.append(("openclip_vit", OpenCLIP(plain, "benchmark"), plain))
     except ImportError:
         log("open_clip_torch is not installed: no OpenCLIP row")
-        return families
-    from textrefiner.openclip_models import OpenCLIP
-    torch.manual_seed(0)
-    plain = open_clip.model.CLIP(**openclip_config(args.shape)).eval()
-    families.append(("openclip_vit", OpenCLIP(plain, "benchmark"), plain))
+    try:
+        import transformers
+        from textrefiner.hf_models import save_random_hf_clip
+        with tempfile.TemporaryDirectory() as folder:
+            save_random_hf_clip(folder, *hf_config(args.shape))
+            ours = backbone.load_clip(f"hf:{folder}")
+            plain = transformers.CLIPModel.from_pretrained(folder).eval()
+        families.append(("hf_vit", ours, TransformersCLIP(plain)))
+    except ImportError:
+        log("transformers is not installed: no transformers row")
     return [(f, ours.to(device).eval(), plain.to(device).eval()) for f, ours, plain in families]
 
 

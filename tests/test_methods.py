@@ -223,6 +223,20 @@ def hand_mlp(mlp, x, batch_stats):
     return out.reshape(*x.shape[:-1], -1)
 
 
+def check_one_step(model, images, labels):
+    """One training step gives every trainable parameter a finite gradient; evaluation then gives
+    finite logits over the evaluation classes (the backbone tests' smoke check of each method)."""
+    model.train()
+    loss, _ = model.forward_train(images, labels)
+    loss.backward()
+    grads = [p.grad for p in model.trainable_parameters().values()]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        logits = model(images)
+    assert logits.shape == (len(images), model.num_eval_classes) and torch.isfinite(logits).all()
+
+
 def hand_refine(refiner, text, cache):
     detail = F.softmax(F.normalize(text, dim=-1) @ cache.t(), dim=1) @ cache
     return 0.2 * torch.cat([text, detail], dim=1) @ refiner.aggregator.linear.weight.t() + text

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 open_clip = pytest.importorskip("open_clip")
 
 from conftest import CLASSNAMES, make_cfg, write_teacher_checkpoint  # noqa: E402
-from test_methods import ATOL, REFINER_ON, TOPK, tokenize  # noqa: E402
+from test_methods import ATOL, REFINER_ON, TOPK, check_one_step, tokenize  # noqa: E402
 from textrefiner.clip_backbone import (TextEncoder, check_image_size, clip_dims,  # noqa: E402
                                        embed_tokens, encode_image, encode_text,
                                        encode_text_tokens, load_clip)
@@ -322,15 +322,7 @@ def test_features_without_prompts_equal_open_clip(pair, images):
 @pytest.mark.parametrize("method", ["CoOp", "CoCoOp", "MaPLe", "PromptSRC", "PromptKD"])
 def test_every_method_trains_and_evaluates(registered, teacher, images, method, refiner):
     model = build(method, load_clip(registered["tiny"]), refiner=refiner, teacher=teacher)
-    model.train()
-    loss, _ = model.forward_train(images, torch.tensor([0, 2, 4]))
-    loss.backward()
-    grads = [p.grad for p in model.trainable_parameters().values()]
-    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-    model.eval()
-    with torch.no_grad():
-        logits = model(images)
-    assert logits.shape == (3, model.num_eval_classes) and torch.isfinite(logits).all()
+    check_one_step(model, images, torch.tensor([0, 2, 4]))
 
 
 @pytest.mark.parametrize("engine", ["standalone", "dassl"])

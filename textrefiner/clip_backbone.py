@@ -10,8 +10,9 @@ Nothing here copies CLIP's model code. The encoders below walk the stock modules
 
 With no prompts and no tokens asked for, they compute exactly what the stock methods compute.
 
-Backbones: OpenAI's ViTs and ResNets (`ModifiedResNet`), and OpenCLIP models with CLIP's towers
-(`textrefiner.openclip_models`), which use the same module names. A ResNet has no blocks to
+Backbones: OpenAI's ViTs and ResNets (`ModifiedResNet`), OpenCLIP models with CLIP's towers
+(`textrefiner.openclip_models`), which use the same module names, and transformers' CLIPModels,
+converted into the stock classes (`textrefiner.hf_models`). A ResNet has no blocks to
 prompt; its local tokens are the dense reading of its attention pool (`encode_resnet_image`).
 """
 import os
@@ -30,6 +31,7 @@ from .seeding import BUILD_STATE
 
 PRECISIONS = ("fp16", "fp32", "amp")
 OPENCLIP_PREFIX = "openclip:"  # MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
+HF_PREFIX = "hf:"  # MODEL.BACKBONE.NAME hf:<folder or org/repo>, a transformers CLIPModel
 TEXT_LENGTH_MULTIPLE = 16  # see encode_text
 DOWNLOAD_TIMEOUT_S = 60
 RESNET_KEY = "visual.attnpool.positional_embedding"  # only ResNet CLIP state dicts have it
@@ -121,7 +123,8 @@ def _locate_weights(name_or_path: str, config_key: str) -> str:
 def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
               config_key: str = "MODEL.BACKBONE.PATH") -> nn.Module:
     """Load a CLIP model by name (through `clip`'s download cache) or from a local file, ViT or
-    ResNet; or an OpenCLIP model, "openclip:<model>/<pretrained tag or local file>".
+    ResNet; or an OpenCLIP model, "openclip:<model>/<pretrained tag or local file>"; or a
+    transformers CLIPModel, "hf:<folder or org/repo>" (`textrefiner.hf_models`).
 
     `precision` follows CoOp's PREC: "fp16" keeps CLIP's half-precision weights, "fp32" and "amp"
     convert them to float32. `config_key` names the setting a user should change when the weights
@@ -134,6 +137,9 @@ def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
         from .openclip_models import load_openclip
         return load_openclip(name_or_path[len(OPENCLIP_PREFIX):], precision, config_key).to(
             device).eval()
+    if name_or_path.startswith(HF_PREFIX):
+        from .hf_models import load_hf_clip
+        return load_hf_clip(name_or_path[len(HF_PREFIX):], precision, config_key).to(device)
     state_dict = _read_state_dict(_locate_weights(name_or_path, config_key))
     start = torch.get_rng_state()
     model = import_clip().model.build_model(state_dict)  # fp16 weights, eval mode
@@ -181,7 +187,8 @@ def require_vit(visual: nn.Module, method: str):
 
 def check_image_size(cfg, clip_model: nn.Module):
     """INPUT.SIZE must be the CLIP's input resolution (CoOp asserts the same); for an OpenCLIP
-    model, INPUT.PIXEL_MEAN / PIXEL_STD must be the normalisation its weights were trained with."""
+    or transformers model, INPUT.PIXEL_MEAN / PIXEL_STD must be the normalisation its weights
+    were trained with."""
     size = input_resolution(clip_model.visual)
     if tuple(cfg.INPUT.SIZE) != (size, size):
         raise UserError(f"INPUT.SIZE is {tuple(cfg.INPUT.SIZE)} but this CLIP takes {size}x{size} "
@@ -193,6 +200,17 @@ def check_image_size(cfg, clip_model: nn.Module):
         raise UserError(f"{clip_model.name} was trained on images normalised with mean "
                         f"{list(mean)} and std {list(std)}: set INPUT.PIXEL_MEAN {list(mean)} "
                         f"and INPUT.PIXEL_STD {list(std)}.")
+
+
+def backbone_input_defaults(cfg) -> dict:
+    """{INPUT key: value} an "hf:" backbone's folder prescribes (SIZE, PIXEL_MEAN, PIXEL_STD;
+    `textrefiner.hf_models.input_settings`), which `load_cfg` makes the defaults that config
+    files and options still override; {} for any other backbone."""
+    backbone = cfg.MODEL.BACKBONE.get("PATH") or cfg.MODEL.BACKBONE.NAME
+    if not backbone.startswith(HF_PREFIX):
+        return {}
+    from .hf_models import input_settings
+    return input_settings(backbone[len(HF_PREFIX):])
 
 
 def _close(values, expected) -> bool:

@@ -12,7 +12,7 @@ import re
 import yaml
 from yacs.config import CfgNode as CN
 
-from .clip_backbone import PRECISIONS
+from .clip_backbone import PRECISIONS, backbone_input_defaults
 from .errors import UserError
 from .methods.prompts import POSITIONS as CLASS_TOKEN_POSITIONS
 from .refiner import WRITE_RULES
@@ -465,14 +465,28 @@ def _merge_pairs(cfg, pairs, source):
 
 def load_cfg(config_file=None, dataset_config_file=None, opts=(), saved=None, **overrides):
     """Defaults -> extend -> `saved` -> dataset YAML -> method YAML -> `opts` -> `overrides`;
-    validated. `saved` is a configuration a run saved (`cfg.dump()`, in its checkpoints).
+    validated. For an "hf:" backbone, its folder's input size and normalisation replace the
+    defaults (`backbone_input_defaults`), so what a config file or option sets still wins (and
+    `check_image_size` stops a run where that contradicts the folder). `saved` is a configuration
+    a run saved (`cfg.dump()`, in its checkpoints).
 
     `opts` is the command line's list of `KEY VALUE` pairs. `overrides` are keyword pairs with
     `__` in place of dots, e.g. `load_cfg(f, OUTPUT_DIR="out", TRAINER__REFINER__ENABLED=True)`.
     Returns an unfrozen CfgNode. Raises ConfigError (a UserError) for unknown keys, wrong types,
     missing files and out-of-range values.
     """
-    cfg = extend_cfg(get_cfg_default())
+    sources = (config_file, dataset_config_file, opts, saved, overrides)
+    cfg = _merge_sources(extend_cfg(get_cfg_default()), *sources)
+    inputs = backbone_input_defaults(cfg)
+    if inputs:  # merged again over the folder's values, which only the defaults give way to
+        base = extend_cfg(get_cfg_default())
+        for key, value in inputs.items():
+            base.INPUT[key] = type(base.INPUT[key])(value)
+        cfg = _merge_sources(base, *sources)
+    return validate_cfg(cfg)
+
+
+def _merge_sources(cfg, config_file, dataset_config_file, opts, saved, overrides):
     if saved:
         _merge_saved(cfg, saved)
     if dataset_config_file:
@@ -486,7 +500,7 @@ def load_cfg(config_file=None, dataset_config_file=None, opts=(), saved=None, **
         for key, value in overrides.items():
             pairs += [key.replace("__", "."), value]
         _merge_pairs(cfg, pairs, "keyword overrides")
-    return validate_cfg(cfg)
+    return cfg
 
 
 # ---------------------------------------------------------------------------- command line

@@ -8,8 +8,10 @@ ones; the logits are those of a run without the store, bit for bit on the same m
 entry is exactly the tensor the model computed (its dtype, its bits).
 
 Keys (a wrong hit must be impossible, so anything that could change a feature changes the key):
-* the model: a digest of the image encoder's state dict (names, dtypes, shapes, bytes) and its
-  class, the test transform (its repr: size, interpolation, crop, normalisation), the precision
+* the model: a digest of the image encoder's state dict (names, dtypes, shapes, bytes), its
+  class and its module tree (what the weights leave out: activations, LayerNorm eps, head
+  counts; two transformers CLIPs with the same weights and another `hidden_act` differ there),
+  the test transform (its repr: size, interpolation, crop, normalisation), the precision
   (PREC, the parameters' dtype, amp's autocast dtype), the device type (GPU name; on a CPU the
   thread count and kernel settings), and the torch and textrefiner versions. They name the
   folder `DIR/<model digest>/` (`key.json` in it spells them out);
@@ -61,6 +63,14 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def modules_digest(module: torch.nn.Module) -> str:
+    """blake2b over the module tree: its repr (module classes, activations, LayerNorm eps) and
+    each attention's head count, which the repr does not show."""
+    heads = [f"{name}:{child.num_heads}" for name, child in module.named_modules()
+             if isinstance(child, torch.nn.MultiheadAttention)]
+    return hashlib.blake2b("\n".join([repr(module)] + heads).encode(), digest_size=20).hexdigest()
+
+
 def device_name(device: torch.device) -> str:
     """The device type, and for a GPU its model (kernels, hence last bits, differ between them)."""
     if device.type == "cuda":
@@ -92,6 +102,7 @@ def model_key(image_encoder: torch.nn.Module, transform, precision: str, device:
         "output": "PromptMethod.encode_images(images).features",
         "encoder": f"{type(image_encoder).__module__}.{type(image_encoder).__qualname__}",
         "weights": weights_digest(image_encoder),
+        "modules": modules_digest(image_encoder),
         "transform": repr(transform),
         "precision": precision,
         "parameter_dtype": str(parameter.dtype),

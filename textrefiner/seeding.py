@@ -92,7 +92,8 @@ def clip_build_shapes(clip_model) -> dict:
 
 def rewind_to_clip_build(clip_model) -> bool:
     """Set the global torch generator to the state `load_clip` built `clip_model` from. False (and
-    nothing done) for a CLIP built otherwise (OpenCLIP), which no codebase builds."""
+    nothing done) for a CLIP built otherwise (OpenCLIP, transformers), which no codebase
+    builds."""
     start = getattr(clip_model, BUILD_STATE, None)
     if start is None:
         return False

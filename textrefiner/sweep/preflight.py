@@ -10,7 +10,7 @@ import os
 import socket
 import urllib.parse
 
-from ..clip_backbone import OPENCLIP_PREFIX, clip_cache_dir, import_clip
+from ..clip_backbone import HF_PREFIX, OPENCLIP_PREFIX, clip_cache_dir, import_clip
 from ..data.datasets import FACTS, dataset_dir, dataset_root
 from ..data.folder import FOLDER_DATASET, list_folder
 from ..errors import UserError
@@ -91,6 +91,9 @@ def _weights_line(name_or_path):
     """None when the CLIP weights can be had, else the line."""
     if name_or_path.startswith(OPENCLIP_PREFIX) or os.path.isfile(name_or_path):
         return None  # OpenCLIP's own hub and cache decide; a file is there
+    if name_or_path.startswith(HF_PREFIX):  # a folder, or a repo in the local cache
+        from ..hf_models import missing_line
+        return missing_line(name_or_path[len(HF_PREFIX):], "MODEL.BACKBONE.NAME")
     models = import_clip().clip._MODELS
     if name_or_path not in models:
         return (f"CLIP weights {name_or_path}: neither a file nor a CLIP model name "
