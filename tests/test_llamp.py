@@ -6,6 +6,7 @@ Against LLaMP's code (`test_step_and_evaluation_equal_llamp_code`): needs a chec
 zhaohengz/LLaMP in TEXTREFINER_CODEBASES and, in TEXTREFINER_LLAMP_PYTHON, an interpreter with its
 pinned transformers 4.35.0, peft 0.4.0 and accelerate 0.24.1 (docs/llamp.md says how to make one).
 """
+import math
 import os
 import subprocess
 import sys
@@ -395,3 +396,165 @@ def test_files_that_do_not_fit_are_one_clear_line(tiny, tmp_path):
     cfg.TRAINER.LLAMP.FILES_DIR = str(tmp_path)
     with pytest.raises(UserError, match="release_past_key_value.pt does not exist"):
         build_method("LLaMP", cfg, BASE, build_random_clip(**CLIP_SIZES))
+
+
+# ------------------------------------------------------------------ LLaMP's schedule, clipping, bf16
+def two_group_optimizer(lr=2e-4, lora_lr=2e-5):
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))]
+    return torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "lr": lora_lr}],
+                             lr=lr)
+
+
+def rates(optimizer):
+    return [group["lr"] for group in optimizer.param_groups]
+
+
+# the rates of the last epoch: 10 epochs end at 0.5 (1 + cos(0.45 pi)) = 0.578 of them; 20 at
+# 0.0062 of them, below the floors, so at the floors
+@pytest.mark.parametrize("epochs, last", [(10, [2e-4 * 0.5782172325201155,
+                                                2e-5 * 0.5782172325201155]),
+                                          (20, [1e-5, 5e-6])])
+def test_schedule_at_known_points(epochs, last):
+    """train_llamp.py's numbers worked out by hand: the floors (1e-5; LoRA max(2e-5 / 2e-4 * 1e-5,
+    5e-6) = 5e-6) until a tenth into epoch 0, then the full rates, then epoch e at
+    0.5 (1 + cos(pi e / 20)) of them, never below the floors."""
+    from textrefiner.methods.llamp import LLaMPSchedule
+    optimizer = two_group_optimizer()
+    schedule = LLaMPSchedule(optimizer, 2e-4, epochs)
+    assert schedule.horizon == 21
+    assert rates(optimizer) == pytest.approx([1e-5, 5e-6], rel=1e-12)
+    schedule.before_batch(0, 2, 30)          # batch 2 of 30: not yet
+    schedule.before_batch(1, 3, 30)          # a tenth into epoch 1: nothing
+    assert rates(optimizer) == pytest.approx([1e-5, 5e-6], rel=1e-12)
+    schedule.before_batch(0, 3, 30)
+    assert rates(optimizer) == pytest.approx([2e-4, 2e-5], rel=1e-12)
+    schedule.step()                          # after epoch 0
+    assert rates(optimizer) == pytest.approx([2e-4 * 0.9938441702975689,   # cos(pi / 20)
+                                              2e-5 * 0.9938441702975689], rel=1e-12)
+    for _ in range(2, epochs):
+        schedule.step()
+    assert rates(optimizer) == pytest.approx(last, rel=1e-12)
+
+
+def test_schedule_steps_before_the_first_batch_when_an_epoch_has_fewer_than_ten():
+    from textrefiner.methods.llamp import LLaMPSchedule
+    optimizer = two_group_optimizer()
+    schedule = LLaMPSchedule(optimizer, 2e-4, 20)
+    schedule.before_batch(0, 0, 3)
+    assert rates(optimizer) == pytest.approx([2e-4, 2e-5], rel=1e-12)
+    schedule.step()
+    assert rates(optimizer)[0] == pytest.approx(2e-4 * 0.5 * (1 + math.cos(math.pi / 20)))
+
+
+def test_schedule_choice(tiny):
+    from textrefiner.methods.llamp import LLaMPSchedule
+    model = build(tiny)
+    cfg = make_cfg(tiny)
+    optimizer = two_group_optimizer()
+    cfg.OPTIM.LR_SCHEDULER = "cosine"
+    assert isinstance(model.lr_scheduler(optimizer, cfg.OPTIM), LLaMPSchedule)
+    cfg.OPTIM.LR_SCHEDULER = "single_step"
+    assert model.lr_scheduler(optimizer, cfg.OPTIM) is None      # Dassl's
+    cfg.OPTIM.LR_SCHEDULER, cfg.OPTIM.WARMUP_EPOCH = "cosine", 1
+    with pytest.raises(UserError, match="OPTIM.WARMUP_EPOCH 0"):
+        model.lr_scheduler(optimizer, cfg.OPTIM)
+    assert model.max_grad_norm == 1.0
+
+
+def test_other_methods_keep_dassls_schedule_and_no_clipping():
+    from textrefiner.methods import METHODS
+    from textrefiner.methods.base import PromptMethod
+    for name, cls in METHODS.items():
+        if name != "LLaMP":
+            assert cls.max_grad_norm is None, name
+            assert cls.lr_scheduler is PromptMethod.lr_scheduler, name   # None: Dassl's
+
+
+def test_backward_and_step_clips_the_norm_over_all_groups():
+    """Both groups' gradients together scaled to norm 1 (deepspeed's gradient_clipping), then
+    the step; a norm below 1 is left alone."""
+    from textrefiner.engine.optim import backward_and_step
+    for scale, clipped in ((10.0, True), (0.01, False)):
+        a = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        b = torch.nn.Parameter(torch.tensor([3.0]))
+        optimizer = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=1.0)
+        loss = scale * (a.sum() + 2 * b.sum())          # gradients scale * [1, 1] and scale * [2]
+        backward_and_step(loss, optimizer, max_grad_norm=1.0)
+        grad = scale * torch.tensor([1.0, 1.0, 2.0])
+        if clipped:
+            grad = grad / (grad.norm() + 1e-6)
+        torch.testing.assert_close(a.detach(), torch.tensor([1.0, 2.0]) - grad[:2])
+        torch.testing.assert_close(b.detach(), torch.tensor([3.0]) - 0.5 * grad[2:])
+
+
+def test_bf16_where_the_device_has_it(monkeypatch):
+    from textrefiner.clip_backbone import amp_autocast, autocast_dtype, compute_note
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert autocast_dtype("bf16", cpu) is None
+    with amp_autocast("bf16", cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    assert "float32" in compute_note("bf16", cpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype("bf16", cuda) is torch.bfloat16
+    assert compute_note("bf16", cuda) == "bf16: bfloat16 autocast on cuda"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert autocast_dtype("bf16", cuda) is None
+    assert autocast_dtype("amp", cuda) is torch.float16      # other precisions unchanged
+    assert autocast_dtype("amp", cpu) is torch.bfloat16
+    assert autocast_dtype("fp32", cuda) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(),
+                    reason="needs a CUDA device with bfloat16")
+def test_bf16_trains_in_bfloat16_on_cuda(tiny):
+    from textrefiner.clip_backbone import amp_autocast
+    device = torch.device("cuda")
+    model = build(tiny, PREC="bf16").to(device)
+    model.train()
+    seen = []
+    handle = model.image_encoder.register_forward_hook(lambda m, i, o: seen.append(
+        (o[0] if isinstance(o, tuple) else o).dtype))
+    images = torch.randn(2, 3, 32, 32, device=device)
+    with amp_autocast("bf16", device):
+        loss, _ = model.forward_train(images, torch.tensor([0, 2], device=device))
+    handle.remove()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.bfloat16 in seen
+
+
+ENGINE_RUN = ("DATALOADER.TRAIN_X.BATCH_SIZE", "1", "OPTIM.MAX_EPOCH", "2")  # 10 batches an epoch
+
+
+@pytest.fixture(scope="module", params=engines())
+def engine_run(request, demo, tiny, demo_files, tmp_path_factory):
+    """A 2-epoch run of `--trainer LLaMP` (10 batches an epoch, so the extra step comes before
+    batch 1): each step's group rates and gradient norm, seen by the optimiser before it steps."""
+    from textrefiner.train import main
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad.flatten() for g in optimizer.param_groups for p in g["params"]
+                 if p.grad is not None]
+        seen.append((rates(optimizer), float(torch.cat(grads).norm())))
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        out = tmp_path_factory.mktemp("schedule")
+        assert main(llamp_command(demo, tiny, demo_files, out, request.param)
+                    + list(ENGINE_RUN)) == 0
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_engines_train_on_llamps_schedule_with_clipping(engine_run):
+    lrs = [step[0] for step in engine_run]
+    assert len(lrs) == 20
+    late = 0.5 * (1 + math.cos(math.pi / 20))
+    expected = [[1e-5, 5e-6]] + [[2e-4, 2e-5]] * 9 + [[2e-4 * late, 2e-5 * late]] * 10
+    for got, want in zip(lrs, expected):
+        assert got == pytest.approx(want, rel=1e-12)
+    norms = [step[1] for step in engine_run]
+    assert max(norms) <= 1.0 + 1e-5
+    assert any(abs(n - 1.0) < 1e-4 for n in norms)   # clipping did act
