@@ -540,6 +540,15 @@ ENGINE_RUN = ("DATALOADER.TRAIN_X.BATCH_SIZE", "1", "OPTIM.MAX_EPOCH", "2")  # 1
 def engine_run(request, demo, tiny, demo_files, tmp_path_factory):
     """A 2-epoch run of `--trainer LLaMP` (10 batches an epoch, so the extra step comes before
     batch 1): each step's group rates and gradient norm, seen by the optimiser before it steps."""
+    out = tmp_path_factory.mktemp("schedule")
+    command = llamp_command(demo, tiny, demo_files, out, request.param) + list(ENGINE_RUN)
+    return {"engine": request.param, "steps": recorded_steps(command)}
+
+
+def recorded_steps(command, status=0):
+    """Run textrefiner-train `command`; each optimiser step's group rates and gradient norm."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
     from textrefiner.train import main
     seen = []
 
@@ -548,27 +557,38 @@ def engine_run(request, demo, tiny, demo_files, tmp_path_factory):
                  if p.grad is not None]
         seen.append((rates(optimizer), float(torch.cat(grads).norm())))
 
-    from torch.optim.optimizer import register_optimizer_step_pre_hook
     handle = register_optimizer_step_pre_hook(record)
     try:
-        out = tmp_path_factory.mktemp("schedule")
-        assert main(llamp_command(demo, tiny, demo_files, out, request.param)
-                    + list(ENGINE_RUN)) == 0
+        assert main(command) == status
     finally:
         handle.remove()
     return seen
 
 
 def test_engines_train_on_llamps_schedule_with_clipping(engine_run):
-    lrs = [step[0] for step in engine_run]
+    lrs = [step[0] for step in engine_run["steps"]]
     assert len(lrs) == 20
     late = 0.5 * (1 + math.cos(math.pi / 20))
     expected = [[1e-5, 5e-6]] + [[2e-4, 2e-5]] * 9 + [[2e-4 * late, 2e-5 * late]] * 10
     for got, want in zip(lrs, expected):
         assert got == pytest.approx(want, rel=1e-12)
-    norms = [step[1] for step in engine_run]
+    norms = [step[1] for step in engine_run["steps"]]
     assert max(norms) <= 1.0 + 1e-5
     assert any(abs(n - 1.0) < 1e-4 for n in norms)   # clipping did act
+
+
+def test_resumed_run_continues_llamps_schedule(demo, tiny, demo_files, tmp_path, engine_run):
+    """Epoch 1 of a run resumed after epoch 0 trains at the uninterrupted run's rates (its LoRA
+    group's own rate no obstacle to resuming); a changed OPTIM.LR is still refused."""
+    command = llamp_command(demo, tiny, demo_files, tmp_path, engine_run["engine"]) + list(
+        ENGINE_RUN) + ["TEST.NO_TEST", "True"]
+    assert len(recorded_steps(command + ["OPTIM.MAX_EPOCH", "1"])) == 10
+    assert recorded_steps(command + ["OPTIM.LR", "0.0001"], status=2) == []
+    resumed = [step[0] for step in recorded_steps(command)]
+    expected = [step[0] for step in engine_run["steps"][10:]]
+    assert len(resumed) == 10
+    for got, want in zip(resumed, expected):
+        assert got == pytest.approx(want, rel=1e-12, abs=0)
 
 
 # ------------------------------------------------------------------ against LLaMP's train_llamp.py
@@ -596,7 +616,7 @@ def llamp_schedules(tmp_path_factory):
 
 def test_engines_rates_equal_llamp_code(llamp_schedules, engine_run):
     """Every step of the engines' 2-epoch run, both groups: the rate train_llamp.py sets."""
-    ours = [step[0] for step in engine_run]
+    ours = [step[0] for step in engine_run["steps"]]
     theirs = llamp_schedules[0]
     assert len(ours) == len(theirs) == 20
     for got, want in zip(ours, theirs):
