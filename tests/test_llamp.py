@@ -704,3 +704,27 @@ def test_training_steps_equal_llamp_train_loop(tiny, tmp_path):
     # the clipping here (gradient norms 450 to 1340 there) 0.37 and 3.4e-4.
     assert max(loss_diffs) <= 2e-5
     assert max(weight_diffs.values()) <= 3e-5, weight_diffs
+
+
+def test_torchrun_trains_as_one_process_with_llamps_schedule_and_clipping(demo, tiny, demo_files,
+                                                                           tmp_path):
+    """Two ranks of batch 2 (DISTRIBUTED.EXACT) end where one process of batch 4 ends: the
+    schedule's extra step and the clipping (after the ranks' gradients are summed) included.
+    LoRA dropout 0: each rank draws the masks of its share, which one process draws otherwise."""
+    from test_distributed import assert_same_run, torchrun
+
+    from textrefiner.train import main
+    one, many = tmp_path / "one", tmp_path / "many"
+
+    def command(out, batch):
+        return llamp_command(demo, tiny, demo_files, out, "standalone") + [
+            "USE_CUDA", "False", "OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE",
+            str(batch), "TRAINER.LLAMP.LORA_DROPOUT", "0.0"]
+
+    assert main(command(one, 4)) == 0
+    torchrun(command(many, 2))
+    assert_same_run(one, many, epoch=2, folder="LLaMP")
+    for out in (one, many):
+        saved = torch.load(out / "LLaMP" / "model.pth.tar-2", weights_only=False)["scheduler"]
+        assert saved["_last_lr"] == pytest.approx([2e-4 * 0.5 * (1 + math.cos(math.pi / 10)),
+                                                   2e-5 * 0.5 * (1 + math.cos(math.pi / 10))])
