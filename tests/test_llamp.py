@@ -409,7 +409,7 @@ def test_files_that_do_not_fit_are_one_clear_line(tiny, tmp_path):
         build_method("LLaMP", cfg, BASE, build_random_clip(**CLIP_SIZES))
 
 
-# ------------------------------------------------------------------ LLaMP's schedule, clipping, bf16
+# ----------------------------------------------------------------- LLaMP's schedule, clipping, bf16
 def two_group_optimizer(lr=2e-4, lora_lr=2e-5):
     params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))]
     return torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "lr": lora_lr}],
@@ -418,6 +418,58 @@ def two_group_optimizer(lr=2e-4, lora_lr=2e-5):
 
 def rates(optimizer):
     return [group["lr"] for group in optimizer.param_groups]
+
+
+def llamp_rates_written_out(epochs, batches, lr=2e-4, lora_lr=2e-5):
+    """Each training step's group rates in train_llamp.py, written out here from its code (not
+    taken from textrefiner.methods.llamp): per group its get_cosine_schedule_lambda_with_warmup(
+    min_lr, base_lr, num_warmup_steps=1, num_training_steps=max(max_epochs, 20) + 1), min_lrs
+    [1e-5, max(lora_lr / lr * 1e-5, 5e-6)] (one group without LoRA: lora_lr None), its LambdaLR
+    stepped by `train` before batch len(trainloader) // 10 of epoch 0 and after every epoch."""
+    warmup, total = 1, max(epochs, 20) + 1
+    groups = [(lr, 1e-5)] + ([] if lora_lr is None else
+                             [(lora_lr, max(lora_lr / lr * 1e-5, 5e-6))])
+
+    def rate(step, base_lr, min_lr):
+        if step < warmup:
+            return base_lr * max(min_lr / base_lr, float(step) / float(max(1, warmup)))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return base_lr * max(min_lr / base_lr, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0
+                                                                       * progress)))
+    steps, step = [], 0
+    for epoch in range(epochs):
+        for idx in range(batches):
+            if epoch == 0 and idx == batches // 10:
+                step += 1
+            steps.append([rate(step, base_lr, min_lr) for base_lr, min_lr in groups])
+        step += 1
+    return steps
+
+
+def schedule_rates(epochs, batches, lr=2e-4, lora_lr=2e-5):
+    """LLaMPSchedule's group rates at each step, driven as the engines drive it."""
+    from textrefiner.methods.llamp import LLaMPSchedule
+    optimizer = (two_group_optimizer(lr, lora_lr) if lora_lr is not None else
+                 torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr))
+    return driven_rates(LLaMPSchedule(optimizer, lr, epochs), optimizer, epochs, batches)
+
+
+def driven_rates(schedule, optimizer, epochs, batches):
+    """Each step's group rates with `schedule` driven as the engines drive it."""
+    from textrefiner.engine.optim import before_batch
+    seen = []
+    for epoch in range(epochs):
+        for batch in range(batches):
+            before_batch(schedule, epoch, batch, batches)
+            seen.append(rates(optimizer))
+        schedule.step()
+    return seen
+
+
+def assert_same_rates(got, want):
+    assert len(got) == len(want)
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert a == pytest.approx(b, rel=1e-12, abs=0), f"step {step}"
 
 
 # the rates of the last epoch: 10 epochs end at 0.5 (1 + cos(0.45 pi)) = 0.578 of them; 20 at
@@ -455,6 +507,27 @@ def test_schedule_steps_before_the_first_batch_when_an_epoch_has_fewer_than_ten(
     assert rates(optimizer) == pytest.approx([2e-4, 2e-5], rel=1e-12)
     schedule.step()
     assert rates(optimizer)[0] == pytest.approx(2e-4 * 0.5 * (1 + math.cos(math.pi / 20)))
+
+
+# (epochs, batches an epoch, LoRA rate): ImageNet's 10 and the others' 20 epochs; fewer than 10
+# batches (the extra step before batch 0); more than 20 epochs (a longer horizon); a LoRA rate
+# whose floor is above 5e-6; no LoRA group
+WRITTEN_OUT = [(10, 25, 2e-5), (20, 25, 2e-5), (20, 7, 2e-5), (25, 12, 2e-5), (3, 30, 1e-3),
+               (4, 10, None)]
+
+
+@pytest.mark.parametrize("epochs, batches, lora_lr", WRITTEN_OUT)
+def test_schedule_equals_llamps_formula_at_every_step(epochs, batches, lora_lr):
+    """Every step of whole runs, each group: the rate of train_llamp.py's formula written out in
+    this test (llamp_rates_written_out)."""
+    want = llamp_rates_written_out(epochs, batches, lora_lr=lora_lr)
+    assert_same_rates(schedule_rates(epochs, batches, lora_lr=lora_lr), want)
+    # the issue's reading of it, as a check of this one: the floors until a tenth into epoch 0
+    groups = len(want[0])
+    assert want[batches // 10] == pytest.approx([2e-4, lora_lr][:groups], rel=1e-12)
+    if batches >= 10:
+        floors = [1e-5, max((lora_lr or 0) / 2e-4 * 1e-5, 5e-6)][:groups]
+        assert want[batches // 10 - 1] == pytest.approx(floors, rel=1e-12)
 
 
 def test_schedule_choice(tiny):
@@ -533,62 +606,118 @@ def test_bf16_trains_in_bfloat16_on_cuda(tiny):
     assert torch.isfinite(loss) and torch.bfloat16 in seen
 
 
+@pytest.mark.parametrize("method", ["LLaMP", "LLaMP+TR"])
+def test_sweep_runs_train_on_llamps_schedule_clipped_in_bf16(tmp_path, method):
+    """A sweep's LLaMP runs (ImageNet's 10 epochs, DTD's 20), as textrefiner-train reads their
+    command lines: LLaMP's schedule at every step (its formula, 25 batches an epoch), clipping at
+    1.0, PREC bf16."""
+    from textrefiner.methods import method_class
+    from textrefiner.sweep.spec import expand, parse_spec
+    from textrefiner.train import build_parser, setup_cfg
+    spec = parse_spec({"datasets": ["imagenet", "dtd"], "methods": [method], "seeds": [1]})
+    runs = [r for r in expand(spec, tmp_path, root="/data") if "/train_base/" in r.key]
+    assert len(runs) == 2
+    for run in runs:
+        cfg = setup_cfg(build_parser().parse_args(run.argv))
+        epochs = cfg.OPTIM.MAX_EPOCH
+        assert (epochs, cfg.TRAINER.REFINER.ENABLED) == (10 if "imagenet" in run.key else 20,
+                                                         method.endswith("+TR"))
+        cls = method_class(cfg.TRAINER.NAME)
+        assert cls.max_grad_norm == 1.0 and cfg.TRAINER.LLAMP.PREC == "bf16"
+        optimizer = two_group_optimizer(cfg.OPTIM.LR, cfg.TRAINER.LLAMP.LORA_LR)
+        schedule = cls.lr_scheduler(None, optimizer, cfg.OPTIM)  # reads no state of the model
+        assert_same_rates(driven_rates(schedule, optimizer, epochs, 25),
+                          llamp_rates_written_out(epochs, 25))
+
+
+def test_bf16_on_the_cpu_computes_in_float32(demo, tiny, demo_files, tmp_path):
+    """PREC bf16 (the configs') on the CPU: float32, as the log says; the gradient norms of its
+    10 steps are PREC fp32's bit for bit, where amp (bfloat16 autocast on the CPU) changes them."""
+    def run(precision):
+        out = tmp_path / precision
+        command = llamp_command(demo, tiny, demo_files, out, "standalone") + [
+            "USE_CUDA", "False", "DATALOADER.TRAIN_X.BATCH_SIZE", "1", "TEST.NO_TEST", "True",
+            "TRAINER.LLAMP.PREC", precision]
+        norms = [step[2][0] for step in recorded_steps(command)]
+        return norms, (out / "log.txt").read_text(encoding="utf-8")
+
+    bf16, log = run("bf16")
+    assert len(bf16) == 10 and "bf16: float32 on cpu" in log
+    fp32, _ = run("fp32")
+    amp, _ = run("amp")
+    assert bf16 == fp32 and amp != fp32
+
+
 ENGINE_RUN = ("DATALOADER.TRAIN_X.BATCH_SIZE", "1", "OPTIM.MAX_EPOCH", "2")  # 10 batches an epoch
 
 
-@pytest.fixture(scope="module", params=engines())
+@pytest.fixture(scope="module", params=[(engine, refiner) for engine in engines()
+                                        for refiner in (False, True)],
+                ids=lambda p: p[0] + ("-refiner" if p[1] else "-plain"))
 def engine_run(request, demo, tiny, demo_files, tmp_path_factory):
     """A 2-epoch run of `--trainer LLaMP` (10 batches an epoch, so the extra step comes before
-    batch 1): each step's group rates and gradient norm, seen by the optimiser before it steps."""
+    batch 1), with and without --refiner: each step's rates and gradient norms (recorded_steps)."""
+    engine, refiner = request.param
     out = tmp_path_factory.mktemp("schedule")
-    command = llamp_command(demo, tiny, demo_files, out, request.param) + list(ENGINE_RUN)
-    return {"engine": request.param, "steps": recorded_steps(command)}
+    command = llamp_command(demo, tiny, demo_files, out, engine, refiner=refiner) + list(
+        ENGINE_RUN)
+    return {"engine": engine, "refiner": refiner, "steps": recorded_steps(command), "out": out}
 
 
 def recorded_steps(command, status=0):
-    """Run textrefiner-train `command`; each optimiser step's group rates and gradient norm."""
+    """Run textrefiner-train `command`; for each optimiser step: the group rates, the gradient
+    norm over all the optimiser's parameters as it steps, and the norm that
+    torch.nn.utils.clip_grad_norm_ found before clipping with its max_norm (None: not called)."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     from textrefiner.train import main
-    seen = []
+    seen, clipped = [], []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recorded_clip(parameters, max_norm, *args, **kwargs):
+        norm = clip(parameters, max_norm, *args, **kwargs)
+        clipped.append((float(norm), max_norm))
+        return norm
 
     def record(optimizer, args, kwargs):
         grads = [p.grad.flatten() for g in optimizer.param_groups for p in g["params"]
                  if p.grad is not None]
-        seen.append((rates(optimizer), float(torch.cat(grads).norm())))
+        before = clipped.pop() if clipped else None
+        seen.append((rates(optimizer), float(torch.cat(grads).norm()), before))
 
     handle = register_optimizer_step_pre_hook(record)
+    torch.nn.utils.clip_grad_norm_ = recorded_clip
     try:
         assert main(command) == status
     finally:
+        torch.nn.utils.clip_grad_norm_ = clip
         handle.remove()
+    assert not clipped
     return seen
 
 
 def test_engines_train_on_llamps_schedule_with_clipping(engine_run):
-    lrs = [step[0] for step in engine_run["steps"]]
-    assert len(lrs) == 20
-    late = 0.5 * (1 + math.cos(math.pi / 20))
-    expected = [[1e-5, 5e-6]] + [[2e-4, 2e-5]] * 9 + [[2e-4 * late, 2e-5 * late]] * 10
-    for got, want in zip(lrs, expected):
-        assert got == pytest.approx(want, rel=1e-12)
-    norms = [step[1] for step in engine_run["steps"]]
-    assert max(norms) <= 1.0 + 1e-5
-    assert any(abs(n - 1.0) < 1e-4 for n in norms)   # clipping did act
+    """Each step's group rates are those of train_llamp.py's formula (written out here); every
+    step clips the norm over all trained weights (both groups, TextRefiner's too) to 1.0: the
+    tiny model's gradients have norms far above 1, and each step's norm as the optimiser steps is
+    the one before clipping times 1 / (norm + 1e-6), torch's and deepspeed's factor."""
+    steps = engine_run["steps"]
+    assert_same_rates([step[0] for step in steps], llamp_rates_written_out(2, 10))
+    for _, after, (before, max_norm) in steps:
+        assert max_norm == 1.0 and before > 10.0
+        assert after == pytest.approx(before / (before + 1e-6), rel=1e-5)
 
 
 def test_resumed_run_continues_llamps_schedule(demo, tiny, demo_files, tmp_path, engine_run):
     """Epoch 1 of a run resumed after epoch 0 trains at the uninterrupted run's rates (its LoRA
     group's own rate no obstacle to resuming); a changed OPTIM.LR is still refused."""
-    command = llamp_command(demo, tiny, demo_files, tmp_path, engine_run["engine"]) + list(
-        ENGINE_RUN) + ["TEST.NO_TEST", "True"]
+    command = llamp_command(demo, tiny, demo_files, tmp_path, engine_run["engine"],
+                            refiner=engine_run["refiner"]) + list(ENGINE_RUN) + [
+                                "TEST.NO_TEST", "True"]
     assert len(recorded_steps(command + ["OPTIM.MAX_EPOCH", "1"])) == 10
     assert recorded_steps(command + ["OPTIM.LR", "0.0001"], status=2) == []
     resumed = [step[0] for step in recorded_steps(command)]
-    expected = [step[0] for step in engine_run["steps"][10:]]
-    assert len(resumed) == 10
-    for got, want in zip(resumed, expected):
-        assert got == pytest.approx(want, rel=1e-12, abs=0)
+    assert_same_rates(resumed, [step[0] for step in engine_run["steps"][10:]])
 
 
 # ------------------------------------------------------------------ against LLaMP's train_llamp.py
@@ -616,31 +745,16 @@ def llamp_schedules(tmp_path_factory):
 
 def test_engines_rates_equal_llamp_code(llamp_schedules, engine_run):
     """Every step of the engines' 2-epoch run, both groups: the rate train_llamp.py sets."""
-    ours = [step[0] for step in engine_run["steps"]]
-    theirs = llamp_schedules[0]
-    assert len(ours) == len(theirs) == 20
-    for got, want in zip(ours, theirs):
-        assert got == pytest.approx(want, rel=1e-12, abs=0)
+    assert len(llamp_schedules[0]) == 20
+    assert_same_rates([step[0] for step in engine_run["steps"]], llamp_schedules[0])
 
 
 @pytest.mark.parametrize("index", [1, 2], ids=["10_epochs", "20_epochs"])
 def test_schedule_equals_llamp_code_over_whole_runs(llamp_schedules, index):
     """LLaMPSchedule stepped as the engines step it, over all epochs: train_llamp.py's rates."""
-    from textrefiner.engine.optim import before_batch
-    from textrefiner.methods.llamp import LLaMPSchedule
     epochs, batches = SCHEDULES[index]
-    optimizer = two_group_optimizer()
-    schedule = LLaMPSchedule(optimizer, 2e-4, epochs)
-    ours = []
-    for epoch in range(epochs):
-        for batch in range(batches):
-            before_batch(schedule, epoch, batch, batches)
-            ours.append(rates(optimizer))
-        schedule.step()
-    theirs = llamp_schedules[index]
-    assert len(ours) == len(theirs) == epochs * batches
-    for got, want in zip(ours, theirs):
-        assert got == pytest.approx(want, rel=1e-12, abs=0)
+    assert len(llamp_schedules[index]) == epochs * batches
+    assert_same_rates(schedule_rates(epochs, batches), llamp_schedules[index])
 
 
 def test_training_steps_equal_llamp_train_loop(tiny, tmp_path):
@@ -687,9 +801,8 @@ def test_training_steps_equal_llamp_train_loop(tiny, tmp_path):
     for epoch in range(2):
         trainer.run_epoch(epoch)
 
-    assert len(lrs) == len(theirs["lrs"]) == 4
-    for got, want in zip(lrs, theirs["lrs"]):
-        assert got == pytest.approx(want, rel=1e-12, abs=0)
+    assert len(theirs["lrs"]) == 4
+    assert_same_rates(lrs, theirs["lrs"])
     loss_diffs = [abs(ours["loss"] - float(t["loss_total"])) / float(t["loss_total"])
                   for ours, t in zip(losses, theirs["losses"])]
     final = from_llamp_state(theirs["final"], lambda name: True)

@@ -124,8 +124,8 @@ def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
     ResNet; or an OpenCLIP model, "openclip:<model>/<pretrained tag or local file>".
 
     `precision` follows CoOp's PREC: "fp16" keeps CLIP's half-precision weights, "fp32", "amp"
-    and "bf16" convert them to float32. `config_key` names the setting a user should change when the weights
-    cannot be found (it appears in the error message). Returns the model in eval mode on
+    and "bf16" convert them to float32. `config_key` names the setting a user should change when
+    the weights cannot be found (it appears in the error message). Returns the model in eval mode on
     `device`, its weights float16 for "fp16" and float32 otherwise (`model.dtype` says which).
     """
     if precision not in PRECISIONS:
