@@ -7,8 +7,9 @@ packages (transformers 4.35, peft 0.4; see docs/llamp.md):
 train_llamp.py imports deepspeed and LLaMP's data code at the top, so it is not imported: its
 functions (`get_cosine_schedule_with_warmup` and its lambda, `build_optimizer_parameters`, `train`)
 and the statements of its `main` that build the optimiser and the schedule are read from the file
-and run as they are. Its deepspeed engine is replaced by `PlainEngine`: deepspeed 0.9.5 (its pin)
-builds its ZeRO-2 bf16 engine on a CUDA device and NCCL only, and the test runs on a CPU.
+and run as they are. Its deepspeed engine is replaced by `PlainEngine`, as the test runs on a CPU:
+deepspeed 0.9.5 (its pin) puts its ZeRO-2 bf16 engine on CUDA with NCCL unless DS_ACCELERATOR=cpu,
+which requires Intel's intel_extension_for_pytorch (not among LLaMP's pins).
 
 WORK_DIR/train_setup.pt holds {"schedules": [{"args", "batches"}], "steps": None or the inputs of
 tests/llamp_codebase_step.py plus "args" and "batches"}; WORK_DIR/train_codebase.pt gets, per
