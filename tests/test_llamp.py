@@ -819,18 +819,20 @@ def test_training_steps_equal_llamp_train_loop(tiny, tmp_path):
     assert max(weight_diffs.values()) <= 3e-5, weight_diffs
 
 
+@pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
 def test_torchrun_trains_as_one_process_with_llamps_schedule_and_clipping(demo, tiny, demo_files,
-                                                                           tmp_path):
-    """Two ranks of batch 2 (DISTRIBUTED.EXACT) end where one process of batch 4 ends: the
-    schedule's extra step and the clipping (after the ranks' gradients are summed) included.
-    LoRA dropout 0: each rank draws the masks of its share, which one process draws otherwise."""
+                                                                           tmp_path, refiner):
+    """Two ranks of batch 2 (DISTRIBUTED.EXACT) end where one process of batch 4 ends, with and
+    without TextRefiner: the schedule's extra step and the clipping (after the ranks' gradients
+    are summed) included. LoRA dropout 0: each rank draws the masks of its share, which one
+    process draws otherwise."""
     from test_distributed import assert_same_run, torchrun
 
     from textrefiner.train import main
     one, many = tmp_path / "one", tmp_path / "many"
 
     def command(out, batch):
-        return llamp_command(demo, tiny, demo_files, out, "standalone") + [
+        return llamp_command(demo, tiny, demo_files, out, "standalone", refiner=refiner) + [
             "USE_CUDA", "False", "OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE",
             str(batch), "TRAINER.LLAMP.LORA_DROPOUT", "0.0"]
 
