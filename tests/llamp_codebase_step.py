@@ -15,10 +15,9 @@ import sys
 import torch
 
 
-def main(work, checkout):
-    sys.path.insert(0, checkout)
-    os.chdir(checkout)  # its modules import flags.py and read relative paths
-    setup = torch.load(os.path.join(work, "setup.pt"), weights_only=False)
+def llamp_model(setup):
+    """LLaMP's model on the test's CLIP, tokenizer, LLM and files, from seed `init_seed` (run from
+    LLaMP's checkout, on sys.path)."""
     import transformers
     from safetensors.torch import load_file
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
@@ -57,6 +56,14 @@ def main(work, checkout):
         for name, param in model.named_parameters():
             if "lora_B" in name and name.startswith("lora_model."):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model
+
+
+def main(work, checkout):
+    sys.path.insert(0, checkout)
+    os.chdir(checkout)  # its modules import flags.py and read relative paths
+    setup = torch.load(os.path.join(work, "setup.pt"), weights_only=False)
+    model = llamp_model(setup)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     prompts = []

@@ -6,6 +6,7 @@ Against LLaMP's code (`test_step_and_evaluation_equal_llamp_code`): needs a chec
 zhaohengz/LLaMP in TEXTREFINER_CODEBASES and, in TEXTREFINER_LLAMP_PYTHON, an interpreter with its
 pinned transformers 4.35.0, peft 0.4.0 and accelerate 0.24.1 (docs/llamp.md says how to make one).
 """
+import math
 import os
 import subprocess
 import sys
@@ -156,21 +157,32 @@ def llamp_checkout():
     return found[0]
 
 
-def run_codebase(tiny, clip, images, labels, tmp_path):
-    checkout = llamp_checkout()
+def codebase_setup(tiny, clip, tmp_path) -> dict:
+    """What LLaMP's model is built from in tests/llamp_codebase_step.py: the CLIP in transformers'
+    layout, the tokenizer, the LLM, the files, the class names, its flags and seeds."""
     tokenizer_files = write_clip_tokenizer_files(str(tmp_path / "tokenizer"))
-    setup = {"clip_config": hf_clip_configs(clip), "clip_state": openai_to_hf_clip(
+    return {"clip_config": hf_clip_configs(clip), "clip_state": openai_to_hf_clip(
         clip.state_dict()), "tokenizer_files": tokenizer_files, "llm": tiny["llm"],
         "llm_sizes": LLM_SIZES, "files": tiny["files"],
-        "classnames": {"base": BASE, "new": NEW}, "args": LLAMP_ARGS, "images": images,
-        "labels": labels, "init_seed": 3, "step_seed": 5}
-    torch.save(setup, tmp_path / "setup.pt")
+        "classnames": {"base": BASE, "new": NEW}, "args": LLAMP_ARGS, "init_seed": 3,
+        "step_seed": 5}
+
+
+def run_llamp_script(script, work, setup_name, setup, result_name):
+    """Run tests/<script> on LLaMP's checkout in the pinned interpreter; its result file."""
+    checkout = llamp_checkout()
+    torch.save(setup, os.path.join(work, setup_name))
     env = {**os.environ, "PYTHONPATH": "", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([LLAMP_PYTHON, os.path.join(HERE, "llamp_codebase_step.py"),
-                           str(tmp_path), checkout], env=env, capture_output=True, text=True,
-                          timeout=HANG_TIMEOUT)
+    done = subprocess.run([LLAMP_PYTHON, os.path.join(HERE, script), str(work), checkout],
+                          env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert done.returncode == 0, done.stderr[-4000:]
-    return torch.load(tmp_path / "codebase.pt", weights_only=False)
+    return torch.load(os.path.join(work, result_name), weights_only=False)
+
+
+def run_codebase(tiny, clip, images, labels, tmp_path):
+    llamp_checkout()
+    setup = {**codebase_setup(tiny, clip, tmp_path), "images": images, "labels": labels}
+    return run_llamp_script("llamp_codebase_step.py", tmp_path, "setup.pt", setup, "codebase.pt")
 
 
 def test_step_and_evaluation_equal_llamp_code(tiny, tmp_path):
@@ -395,3 +407,439 @@ def test_files_that_do_not_fit_are_one_clear_line(tiny, tmp_path):
     cfg.TRAINER.LLAMP.FILES_DIR = str(tmp_path)
     with pytest.raises(UserError, match="release_past_key_value.pt does not exist"):
         build_method("LLaMP", cfg, BASE, build_random_clip(**CLIP_SIZES))
+
+
+# ----------------------------------------------------------------- LLaMP's schedule, clipping, bf16
+def two_group_optimizer(lr=2e-4, lora_lr=2e-5):
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))]
+    return torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "lr": lora_lr}],
+                             lr=lr)
+
+
+def rates(optimizer):
+    return [group["lr"] for group in optimizer.param_groups]
+
+
+def llamp_rates_written_out(epochs, batches, lr=2e-4, lora_lr=2e-5):
+    """Each training step's group rates in train_llamp.py, written out here from its code (not
+    taken from textrefiner.methods.llamp): per group its get_cosine_schedule_lambda_with_warmup(
+    min_lr, base_lr, num_warmup_steps=1, num_training_steps=max(max_epochs, 20) + 1), min_lrs
+    [1e-5, max(lora_lr / lr * 1e-5, 5e-6)] (one group without LoRA: lora_lr None), its LambdaLR
+    stepped by `train` before batch len(trainloader) // 10 of epoch 0 and after every epoch."""
+    warmup, total = 1, max(epochs, 20) + 1
+    groups = [(lr, 1e-5)] + ([] if lora_lr is None else
+                             [(lora_lr, max(lora_lr / lr * 1e-5, 5e-6))])
+
+    def rate(step, base_lr, min_lr):
+        if step < warmup:
+            return base_lr * max(min_lr / base_lr, float(step) / float(max(1, warmup)))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return base_lr * max(min_lr / base_lr, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0
+                                                                       * progress)))
+    steps, step = [], 0
+    for epoch in range(epochs):
+        for idx in range(batches):
+            if epoch == 0 and idx == batches // 10:
+                step += 1
+            steps.append([rate(step, base_lr, min_lr) for base_lr, min_lr in groups])
+        step += 1
+    return steps
+
+
+def schedule_rates(epochs, batches, lr=2e-4, lora_lr=2e-5):
+    """LLaMPSchedule's group rates at each step, driven as the engines drive it."""
+    from textrefiner.methods.llamp import LLaMPSchedule
+    optimizer = (two_group_optimizer(lr, lora_lr) if lora_lr is not None else
+                 torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr))
+    return driven_rates(LLaMPSchedule(optimizer, lr, epochs), optimizer, epochs, batches)
+
+
+def driven_rates(schedule, optimizer, epochs, batches):
+    """Each step's group rates with `schedule` driven as the engines drive it."""
+    from textrefiner.engine.optim import before_batch
+    seen = []
+    for epoch in range(epochs):
+        for batch in range(batches):
+            before_batch(schedule, epoch, batch, batches)
+            seen.append(rates(optimizer))
+        schedule.step()
+    return seen
+
+
+def assert_same_rates(got, want):
+    assert len(got) == len(want)
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert a == pytest.approx(b, rel=1e-12, abs=0), f"step {step}"
+
+
+# the rates of the last epoch: 10 epochs end at 0.5 (1 + cos(0.45 pi)) = 0.578 of them; 20 at
+# 0.0062 of them, below the floors, so at the floors
+@pytest.mark.parametrize("epochs, last", [(10, [2e-4 * 0.5782172325201155,
+                                                2e-5 * 0.5782172325201155]),
+                                          (20, [1e-5, 5e-6])])
+def test_schedule_at_known_points(epochs, last):
+    """train_llamp.py's numbers worked out by hand: the floors (1e-5; LoRA max(2e-5 / 2e-4 * 1e-5,
+    5e-6) = 5e-6) until a tenth into epoch 0, then the full rates, then epoch e at
+    0.5 (1 + cos(pi e / 20)) of them, never below the floors."""
+    from textrefiner.methods.llamp import LLaMPSchedule
+    optimizer = two_group_optimizer()
+    schedule = LLaMPSchedule(optimizer, 2e-4, epochs)
+    assert schedule.horizon == 21
+    assert rates(optimizer) == pytest.approx([1e-5, 5e-6], rel=1e-12)
+    schedule.before_batch(0, 2, 30)          # batch 2 of 30: not yet
+    schedule.before_batch(1, 3, 30)          # a tenth into epoch 1: nothing
+    assert rates(optimizer) == pytest.approx([1e-5, 5e-6], rel=1e-12)
+    schedule.before_batch(0, 3, 30)
+    assert rates(optimizer) == pytest.approx([2e-4, 2e-5], rel=1e-12)
+    schedule.step()                          # after epoch 0
+    assert rates(optimizer) == pytest.approx([2e-4 * 0.9938441702975689,   # cos(pi / 20)
+                                              2e-5 * 0.9938441702975689], rel=1e-12)
+    for _ in range(2, epochs):
+        schedule.step()
+    assert rates(optimizer) == pytest.approx(last, rel=1e-12)
+
+
+def test_schedule_steps_before_the_first_batch_when_an_epoch_has_fewer_than_ten():
+    from textrefiner.methods.llamp import LLaMPSchedule
+    optimizer = two_group_optimizer()
+    schedule = LLaMPSchedule(optimizer, 2e-4, 20)
+    schedule.before_batch(0, 0, 3)
+    assert rates(optimizer) == pytest.approx([2e-4, 2e-5], rel=1e-12)
+    schedule.step()
+    assert rates(optimizer)[0] == pytest.approx(2e-4 * 0.5 * (1 + math.cos(math.pi / 20)))
+
+
+# (epochs, batches an epoch, LoRA rate): ImageNet's 10 and the others' 20 epochs; fewer than 10
+# batches (the extra step before batch 0); more than 20 epochs (a longer horizon); a LoRA rate
+# whose floor is above 5e-6; no LoRA group
+WRITTEN_OUT = [(10, 25, 2e-5), (20, 25, 2e-5), (20, 7, 2e-5), (25, 12, 2e-5), (3, 30, 1e-3),
+               (4, 10, None)]
+
+
+@pytest.mark.parametrize("epochs, batches, lora_lr", WRITTEN_OUT)
+def test_schedule_equals_llamps_formula_at_every_step(epochs, batches, lora_lr):
+    """Every step of whole runs, each group: the rate of train_llamp.py's formula written out in
+    this test (llamp_rates_written_out)."""
+    want = llamp_rates_written_out(epochs, batches, lora_lr=lora_lr)
+    assert_same_rates(schedule_rates(epochs, batches, lora_lr=lora_lr), want)
+    # the issue's reading of it, as a check of this one: the floors until a tenth into epoch 0
+    groups = len(want[0])
+    assert want[batches // 10] == pytest.approx([2e-4, lora_lr][:groups], rel=1e-12)
+    if batches >= 10:
+        floors = [1e-5, max((lora_lr or 0) / 2e-4 * 1e-5, 5e-6)][:groups]
+        assert want[batches // 10 - 1] == pytest.approx(floors, rel=1e-12)
+
+
+def test_schedule_choice(tiny):
+    from textrefiner.methods.llamp import LLaMPSchedule
+    model = build(tiny)
+    cfg = make_cfg(tiny)
+    optimizer = two_group_optimizer()
+    cfg.OPTIM.LR_SCHEDULER = "cosine"
+    assert isinstance(model.lr_scheduler(optimizer, cfg.OPTIM), LLaMPSchedule)
+    cfg.OPTIM.LR_SCHEDULER = "single_step"
+    assert model.lr_scheduler(optimizer, cfg.OPTIM) is None      # Dassl's
+    cfg.OPTIM.LR_SCHEDULER, cfg.OPTIM.WARMUP_EPOCH = "cosine", 1
+    with pytest.raises(UserError, match="OPTIM.WARMUP_EPOCH 0"):
+        model.lr_scheduler(optimizer, cfg.OPTIM)
+    assert model.max_grad_norm == 1.0
+
+
+def test_other_methods_keep_dassls_schedule_and_no_clipping():
+    from textrefiner.methods import METHODS
+    from textrefiner.methods.base import PromptMethod
+    for name, cls in METHODS.items():
+        if name != "LLaMP":
+            assert cls.max_grad_norm is None, name
+            assert cls.lr_scheduler is PromptMethod.lr_scheduler, name   # None: Dassl's
+
+
+def test_backward_and_step_clips_the_norm_over_all_groups():
+    """Both groups' gradients together scaled to norm 1 (deepspeed's gradient_clipping), then
+    the step; a norm below 1 is left alone."""
+    from textrefiner.engine.optim import backward_and_step
+    for scale, clipped in ((10.0, True), (0.01, False)):
+        a = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        b = torch.nn.Parameter(torch.tensor([3.0]))
+        optimizer = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=1.0)
+        loss = scale * (a.sum() + 2 * b.sum())          # gradients scale * [1, 1] and scale * [2]
+        backward_and_step(loss, optimizer, max_grad_norm=1.0)
+        grad = scale * torch.tensor([1.0, 1.0, 2.0])
+        if clipped:
+            grad = grad / (grad.norm() + 1e-6)
+        torch.testing.assert_close(a.detach(), torch.tensor([1.0, 2.0]) - grad[:2])
+        torch.testing.assert_close(b.detach(), torch.tensor([3.0]) - 0.5 * grad[2:])
+
+
+def test_bf16_where_the_device_has_it(monkeypatch):
+    from textrefiner.clip_backbone import amp_autocast, autocast_dtype, compute_note
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert autocast_dtype("bf16", cpu) is None
+    with amp_autocast("bf16", cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    assert "float32" in compute_note("bf16", cpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype("bf16", cuda) is torch.bfloat16
+    assert compute_note("bf16", cuda) == "bf16: bfloat16 autocast on cuda"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert autocast_dtype("bf16", cuda) is None
+    assert autocast_dtype("amp", cuda) is torch.float16      # other precisions unchanged
+    assert autocast_dtype("amp", cpu) is torch.bfloat16
+    assert autocast_dtype("fp32", cuda) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(),
+                    reason="needs a CUDA device with bfloat16")
+def test_bf16_trains_in_bfloat16_on_cuda(tiny):
+    from textrefiner.clip_backbone import amp_autocast
+    device = torch.device("cuda")
+    model = build(tiny, PREC="bf16").to(device)
+    model.train()
+    seen = []
+    handle = model.image_encoder.register_forward_hook(lambda m, i, o: seen.append(
+        (o[0] if isinstance(o, tuple) else o).dtype))
+    images = torch.randn(2, 3, 32, 32, device=device)
+    with amp_autocast("bf16", device):
+        loss, _ = model.forward_train(images, torch.tensor([0, 2], device=device))
+    handle.remove()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.bfloat16 in seen
+
+
+@pytest.mark.parametrize("method", ["LLaMP", "LLaMP+TR"])
+def test_sweep_runs_train_on_llamps_schedule_clipped_in_bf16(tmp_path, method):
+    """A sweep's LLaMP runs (ImageNet's 10 epochs, DTD's 20), as textrefiner-train reads their
+    command lines: LLaMP's schedule at every step (its formula, 25 batches an epoch), clipping at
+    1.0, PREC bf16."""
+    from textrefiner.methods import method_class
+    from textrefiner.sweep.spec import expand, parse_spec
+    from textrefiner.train import build_parser, setup_cfg
+    spec = parse_spec({"datasets": ["imagenet", "dtd"], "methods": [method], "seeds": [1]})
+    runs = [r for r in expand(spec, tmp_path, root="/data") if "/train_base/" in r.key]
+    assert len(runs) == 2
+    for run in runs:
+        cfg = setup_cfg(build_parser().parse_args(run.argv))
+        epochs = cfg.OPTIM.MAX_EPOCH
+        assert (epochs, cfg.TRAINER.REFINER.ENABLED) == (10 if "imagenet" in run.key else 20,
+                                                         method.endswith("+TR"))
+        cls = method_class(cfg.TRAINER.NAME)
+        assert cls.max_grad_norm == 1.0 and cfg.TRAINER.LLAMP.PREC == "bf16"
+        optimizer = two_group_optimizer(cfg.OPTIM.LR, cfg.TRAINER.LLAMP.LORA_LR)
+        schedule = cls.lr_scheduler(None, optimizer, cfg.OPTIM)  # reads no state of the model
+        assert_same_rates(driven_rates(schedule, optimizer, epochs, 25),
+                          llamp_rates_written_out(epochs, 25))
+
+
+def test_bf16_on_the_cpu_computes_in_float32(demo, tiny, demo_files, tmp_path):
+    """PREC bf16 (the configs') on the CPU: float32, as the log says; the gradient norms of its
+    10 steps are PREC fp32's bit for bit, where amp (bfloat16 autocast on the CPU) changes them."""
+    def run(precision):
+        out = tmp_path / precision
+        command = llamp_command(demo, tiny, demo_files, out, "standalone") + [
+            "USE_CUDA", "False", "DATALOADER.TRAIN_X.BATCH_SIZE", "1", "TEST.NO_TEST", "True",
+            "TRAINER.LLAMP.PREC", precision]
+        norms = [step[2][0] for step in recorded_steps(command)]
+        return norms, (out / "log.txt").read_text(encoding="utf-8")
+
+    bf16, log = run("bf16")
+    assert len(bf16) == 10 and "bf16: float32 on cpu" in log
+    fp32, _ = run("fp32")
+    amp, _ = run("amp")
+    assert bf16 == fp32 and amp != fp32
+
+
+ENGINE_RUN = ("DATALOADER.TRAIN_X.BATCH_SIZE", "1", "OPTIM.MAX_EPOCH", "2")  # 10 batches an epoch
+
+
+@pytest.fixture(scope="module", params=[(engine, refiner) for engine in engines()
+                                        for refiner in (False, True)],
+                ids=lambda p: p[0] + ("-refiner" if p[1] else "-plain"))
+def engine_run(request, demo, tiny, demo_files, tmp_path_factory):
+    """A 2-epoch run of `--trainer LLaMP` (10 batches an epoch, so the extra step comes before
+    batch 1), with and without --refiner: each step's rates and gradient norms (recorded_steps)."""
+    engine, refiner = request.param
+    out = tmp_path_factory.mktemp("schedule")
+    command = llamp_command(demo, tiny, demo_files, out, engine, refiner=refiner) + list(
+        ENGINE_RUN)
+    return {"engine": engine, "refiner": refiner, "steps": recorded_steps(command), "out": out}
+
+
+def recorded_steps(command, status=0):
+    """Run textrefiner-train `command`; for each optimiser step: the group rates, the gradient
+    norm over all the optimiser's parameters as it steps, and the norm that
+    torch.nn.utils.clip_grad_norm_ found before clipping with its max_norm (None: not called)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from textrefiner.train import main
+    seen, clipped = [], []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recorded_clip(parameters, max_norm, *args, **kwargs):
+        norm = clip(parameters, max_norm, *args, **kwargs)
+        clipped.append((float(norm), max_norm))
+        return norm
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad.flatten() for g in optimizer.param_groups for p in g["params"]
+                 if p.grad is not None]
+        before = clipped.pop() if clipped else None
+        seen.append((rates(optimizer), float(torch.cat(grads).norm()), before))
+
+    handle = register_optimizer_step_pre_hook(record)
+    torch.nn.utils.clip_grad_norm_ = recorded_clip
+    try:
+        assert main(command) == status
+    finally:
+        torch.nn.utils.clip_grad_norm_ = clip
+        handle.remove()
+    assert not clipped
+    return seen
+
+
+def test_engines_train_on_llamps_schedule_with_clipping(engine_run):
+    """Each step's group rates are those of train_llamp.py's formula (written out here); every
+    step clips the norm over all trained weights (both groups, TextRefiner's too) to 1.0: the
+    tiny model's gradients have norms far above 1, and each step's norm as the optimiser steps is
+    the one before clipping times 1 / (norm + 1e-6), torch's and deepspeed's factor."""
+    steps = engine_run["steps"]
+    assert_same_rates([step[0] for step in steps], llamp_rates_written_out(2, 10))
+    for _, after, (before, max_norm) in steps:
+        assert max_norm == 1.0 and before > 10.0
+        assert after == pytest.approx(before / (before + 1e-6), rel=1e-5)
+
+
+def test_resumed_run_continues_llamps_schedule(demo, tiny, demo_files, tmp_path, engine_run):
+    """Epoch 1 of a run resumed after epoch 0 trains at the uninterrupted run's rates (its LoRA
+    group's own rate no obstacle to resuming); a changed OPTIM.LR is still refused."""
+    command = llamp_command(demo, tiny, demo_files, tmp_path, engine_run["engine"],
+                            refiner=engine_run["refiner"]) + list(ENGINE_RUN) + [
+                                "TEST.NO_TEST", "True"]
+    assert len(recorded_steps(command + ["OPTIM.MAX_EPOCH", "1"])) == 10
+    assert recorded_steps(command + ["OPTIM.LR", "0.0001"], status=2) == []
+    resumed = [step[0] for step in recorded_steps(command)]
+    assert_same_rates(resumed, [step[0] for step in engine_run["steps"][10:]])
+
+
+# ------------------------------------------------------------------ against LLaMP's train_llamp.py
+def llamp_flags(epochs):
+    return LLAMP_ARGS + ["--lr_scheduler", "cosine", "--max_epochs", str(epochs)]
+
+
+# (epochs, batches an epoch) of the schedules compared with train_llamp.py's: the engines' short
+# run, then ImageNet's 10 epochs and the others' 20, 25 batches (the extra step before batch 2)
+SCHEDULES = [(2, 10), (10, 25), (20, 25)]
+
+
+@pytest.fixture(scope="module")
+def llamp_schedules(tmp_path_factory):
+    """Each step's group rates in train_llamp.py's own code (its main's optimiser and schedule,
+    driven by its `train` loop) for SCHEDULES, from tests/llamp_codebase_train.py."""
+    llamp_checkout()
+    work = tmp_path_factory.mktemp("llamp_train")
+    setup = {"schedules": [{"args": llamp_flags(e), "batches": n} for e, n in SCHEDULES],
+             "steps": None}
+    result = run_llamp_script("llamp_codebase_train.py", work, "train_setup.pt", setup,
+                              "train_codebase.pt")
+    return result["schedules"]
+
+
+def test_engines_rates_equal_llamp_code(llamp_schedules, engine_run):
+    """Every step of the engines' 2-epoch run, both groups: the rate train_llamp.py sets."""
+    assert len(llamp_schedules[0]) == 20
+    assert_same_rates([step[0] for step in engine_run["steps"]], llamp_schedules[0])
+
+
+@pytest.mark.parametrize("index", [1, 2], ids=["10_epochs", "20_epochs"])
+def test_schedule_equals_llamp_code_over_whole_runs(llamp_schedules, index):
+    """LLaMPSchedule stepped as the engines step it, over all epochs: train_llamp.py's rates."""
+    epochs, batches = SCHEDULES[index]
+    assert len(llamp_schedules[index]) == epochs * batches
+    assert_same_rates(schedule_rates(epochs, batches), llamp_schedules[index])
+
+
+def test_training_steps_equal_llamp_train_loop(tiny, tmp_path):
+    """Two epochs of two batches: train_llamp.py's `train` loop with its optimiser, schedule and
+    clipping at 1.0 on its model (deepspeed's engine replaced by a plain one, see
+    tests/llamp_codebase_train.py) against the standalone engine's `run_epoch` on ours, from the
+    same weights and inputs (images rounded to bfloat16, as its loop casts them)."""
+    from textrefiner.engine.standalone import Logger, StandaloneTrainer
+    from textrefiner.methods.llamp import from_llamp_state
+    llamp_checkout()
+    clip = build_random_clip(**CLIP_SIZES)
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        images = torch.randn(2, 3, 32, 32, generator=generator).bfloat16().float()
+        batches.append([images, images, torch.randint(3, (2,), generator=generator)])
+    setup = {"schedules": [], "steps": {**codebase_setup(tiny, clip, tmp_path),
+                                        "args": llamp_flags(2), "batches": batches}}
+    theirs = run_llamp_script("llamp_codebase_train.py", tmp_path, "train_setup.pt", setup,
+                              "train_codebase.pt")["steps"]
+    assert max(theirs["norms"]) > 1.0      # so that the clipping counts
+
+    cfg = make_cfg(tiny)
+    cfg.OPTIM.NAME, cfg.OPTIM.LR, cfg.OPTIM.WEIGHT_DECAY = "adamw", 2e-4, 5e-5
+    cfg.OPTIM.MAX_EPOCH, cfg.OPTIM.LR_SCHEDULER, cfg.OPTIM.WARMUP_EPOCH = 2, "cosine", 0
+    model = build(tiny, clip)
+    model.load_checkpoint_state({"net": theirs["initial"]}, "LLaMP's state")
+    trainer = object.__new__(StandaloneTrainer)  # the engine's own epoch loop and step
+    trainer.__dict__.update(cfg=cfg, model=model, device=torch.device("cpu"), world=1,
+                            exact=False, rank=0, precision=cfg.TRAINER.LLAMP.PREC,
+                            log=Logger(enabled=False), _no_bar=True, writer=None)
+    trainer._build_optimisation()
+    trainer.train_loader = lambda epoch: [{"img": b[0], "label": b[2]} for b in batches]
+    losses, lrs = [], []
+    step = trainer.train_step
+
+    def recorded_step(batch):
+        lrs.append(rates(trainer.optim))
+        losses.append(step(batch))
+        return losses[-1]
+
+    trainer.train_step = recorded_step
+    torch.manual_seed(setup["steps"]["step_seed"])
+    for epoch in range(2):
+        trainer.run_epoch(epoch)
+
+    assert len(theirs["lrs"]) == 4
+    assert_same_rates(lrs, theirs["lrs"])
+    loss_diffs = [abs(ours["loss"] - float(t["loss_total"])) / float(t["loss_total"])
+                  for ours, t in zip(losses, theirs["losses"])]
+    final = from_llamp_state(theirs["final"], lambda name: True)
+    start = from_llamp_state(theirs["initial"], lambda name: True)
+    weight_diffs = {n: float((p.detach() - final[n].reshape(p.shape)).abs().max())
+                    for n, p in model.trainable_parameters().items()}
+    moved = {n: float((final[n] - start[n]).abs().max()) for n in weight_diffs}
+    print("loss differences (relative):", loss_diffs, "weights:", max(weight_diffs.values()),
+          "largest move:", max(moved.values()))
+    # Seen: losses within 4.2e-6 relative, weights within 5.9e-6 (Adam's steps of up to 9e-4
+    # magnify the first step's gradient differences, which tests the one step above); without
+    # the clipping here (gradient norms 450 to 1340 there) 0.37 and 3.4e-4.
+    assert max(loss_diffs) <= 2e-5
+    assert max(weight_diffs.values()) <= 3e-5, weight_diffs
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["plain", "refiner"])
+def test_torchrun_trains_as_one_process_with_llamps_schedule_and_clipping(demo, tiny, demo_files,
+                                                                           tmp_path, refiner):
+    """Two ranks of batch 2 (DISTRIBUTED.EXACT) end where one process of batch 4 ends, with and
+    without TextRefiner: the schedule's extra step and the clipping (after the ranks' gradients
+    are summed) included. LoRA dropout 0: each rank draws the masks of its share, which one
+    process draws otherwise."""
+    from test_distributed import assert_same_run, torchrun
+
+    from textrefiner.train import main
+    one, many = tmp_path / "one", tmp_path / "many"
+
+    def command(out, batch):
+        return llamp_command(demo, tiny, demo_files, out, "standalone", refiner=refiner) + [
+            "USE_CUDA", "False", "OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE",
+            str(batch), "TRAINER.LLAMP.LORA_DROPOUT", "0.0"]
+
+    assert main(command(one, 4)) == 0
+    torchrun(command(many, 2))
+    assert_same_run(one, many, epoch=2, folder="LLaMP")
+    for out in (one, many):
+        saved = torch.load(out / "LLaMP" / "model.pth.tar-2", weights_only=False)["scheduler"]
+        assert saved["_last_lr"] == pytest.approx([2e-4 * 0.5 * (1 + math.cos(math.pi / 10)),
+                                                   2e-5 * 0.5 * (1 + math.cos(math.pi / 10))])

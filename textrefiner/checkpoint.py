@@ -152,7 +152,8 @@ def same_folder(a: str, b: str) -> bool:
 def check_resumable_lr(checkpoint: dict, lr: float, path: str):
     """Resuming restores the saved schedule, whose learning rate would silently override a new
     OPTIM.LR (e.g. one lowered after the training loss became NaN)."""
-    saved = (checkpoint.get("scheduler") or {}).get("base_lrs") or []
+    # the first group's: a method's other groups have rates of their own (LLaMP's LoRA)
+    saved = ((checkpoint.get("scheduler") or {}).get("base_lrs") or [])[:1]
     if any(not math.isclose(base, lr, rel_tol=1e-6) for base in saved):
         raise UserError(f"{path} was trained with OPTIM.LR {saved[0]:g}, but this command sets "
                         f"{lr:g}, and resuming keeps the saved rate: train into a new --output-dir "

@@ -29,7 +29,7 @@ from .errors import UserError
 from .safe_load import is_torchscript, load_torch_file, load_torchscript_state_dict
 from .seeding import BUILD_STATE
 
-PRECISIONS = ("fp16", "fp32", "amp")
+PRECISIONS = ("fp16", "fp32", "amp", "bf16")
 OPENCLIP_PREFIX = "openclip:"  # MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
 HF_PREFIX = "hf:"  # MODEL.BACKBONE.NAME hf:<folder or org/repo>, a transformers CLIPModel
 TEXT_LENGTH_MULTIPLE = 16  # see encode_text
@@ -126,9 +126,9 @@ def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
     ResNet; or an OpenCLIP model, "openclip:<model>/<pretrained tag or local file>"; or a
     transformers CLIPModel, "hf:<folder or org/repo>" (`textrefiner.hf_models`).
 
-    `precision` follows CoOp's PREC: "fp16" keeps CLIP's half-precision weights, "fp32" and "amp"
-    convert them to float32. `config_key` names the setting a user should change when the weights
-    cannot be found (it appears in the error message). Returns the model in eval mode on
+    `precision` follows CoOp's PREC: "fp16" keeps CLIP's half-precision weights, "fp32", "amp"
+    and "bf16" convert them to float32. `config_key` names the setting a user should change when
+    the weights cannot be found (it appears in the error message). Returns the model in eval mode on
     `device`, its weights float16 for "fp16" and float32 otherwise (`model.dtype` says which).
     """
     if precision not in PRECISIONS:
@@ -149,10 +149,31 @@ def load_clip(name_or_path: str, precision: str = "fp32", device="cpu",
     return model.to(device).eval()
 
 
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """What torch.autocast computes in for PREC `precision` on `device`, None when it is off:
+    "amp" float16 on CUDA and bfloat16 on the CPU; "bf16" (LLaMP's) bfloat16 on a CUDA device
+    that has it, otherwise float32 (off)."""
+    if precision == "amp":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def compute_note(precision: str, device: torch.device) -> str:
+    """What PREC `precision` computes in on `device`, for the engines' logs."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is not None:
+        return f"{precision}: {str(dtype).replace('torch.', '')} autocast on {device.type}"
+    if precision == "bf16":
+        return f"bf16: float32 on {device.type} (bfloat16 only on CUDA devices that have it)"
+    return precision
+
+
 def amp_autocast(precision: str, device: torch.device):
-    """torch.autocast for PREC "amp" (float16 on CUDA, bfloat16 on the CPU); off otherwise."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=precision == "amp")
+    """torch.autocast in `autocast_dtype(precision, device)`; off where that is None."""
+    dtype = autocast_dtype(precision, device)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def amp_grad_scaler(precision: str, device: torch.device):

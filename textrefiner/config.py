@@ -192,7 +192,7 @@ _EXTENSIONS = {
         },
         # LLaMP's base-to-new recipe (its scripts/launch/launch.sh); textrefiner.methods.llamp
         "LLAMP": {
-            "PREC": "fp32",
+            "PREC": "bf16",  # deepspeed's bf16: bfloat16 where the device has it, else float32
             "LLM": "meta-llama/Llama-2-7b-chat-hf",  # local folder or hub name
             "FILES_DIR": "",  # folder of the two cached files; empty = the dataset's folder
             "NUM_DECODER_LAYERS": 1,

@@ -20,11 +20,12 @@ from textrefiner.checkpoint import (LATEST_MARKER, carry_best_checkpoint, check_
                                     missing_best_error, no_checkpoint_to_resume,
                                     restored_best_result, run_record, save_method_checkpoint)
 from textrefiner.clip_backbone import (amp_autocast, amp_grad_scaler, check_image_size,
-                                    load_clip)
+                                       compute_note, load_clip)
 from textrefiner.config import ConfigError, validate_cfg
 from textrefiner.data import DATASETS, build_loader
 from textrefiner.engine.optim import build_scheduler as standalone_scheduler
-from textrefiner.engine.optim import check_loss, explained_step_errors
+from textrefiner.engine.optim import (backward_and_step, before_batch, check_loss,
+                                      explained_step_errors)
 from textrefiner.errors import UserError
 from textrefiner.feature_store import labels_of, maybe_stored_evaluation
 from textrefiner.methods import build_method, method_class
@@ -118,7 +119,8 @@ class MethodTrainer(TrainerX):
     def build_model(self):
         cfg = self.cfg
         backbone = cfg.MODEL.BACKBONE.PATH or cfg.MODEL.BACKBONE.NAME
-        print(f"Loading CLIP (backbone: {backbone}, precision: {self.precision})")
+        print(f"Loading CLIP (backbone: {backbone}, precision: "
+              f"{compute_note(self.precision, self.device)})")
         clip_model = load_clip(backbone, self.precision, config_key="MODEL.BACKBONE.PATH")
         check_image_size(cfg, clip_model)
         print(f"Building {self.method_name}"
@@ -133,7 +135,8 @@ class MethodTrainer(TrainerX):
         print(f"# trainable params: {sum(p.numel() for p in params):,}")
         groups = self.model.optimizer_groups(trainable)
         self.optim = build_optimizer(None, cfg.OPTIM, param_groups=groups) if params else None
-        self.sched = build_scheduler(self.optim, cfg.OPTIM) if params else None
+        self.sched = (self.model.lr_scheduler(self.optim, cfg.OPTIM)
+                      or build_scheduler(self.optim, cfg.OPTIM)) if params else None
         self.register_model(self.registered_name, self.model, self.optim, self.sched)
         self.scaler = amp_grad_scaler(self.precision, self.device)
 
@@ -142,18 +145,17 @@ class MethodTrainer(TrainerX):
         return batch["img"].to(self.device), batch["label"].to(self.device)
 
     def forward_backward(self, batch):
+        before_batch(self.sched, self.epoch, self.batch_idx, self.num_batches)
         images, labels = self.parse_batch_train(batch)
         with amp_autocast(self.precision, self.device):
             loss, parts = self.model.forward_train(images, labels)
         check_loss(loss, self.precision)
         with explained_step_errors(self.precision, self.optim):
-            if self.scaler is None:
+            if self.scaler is None and self.model.max_grad_norm is None:
                 self.model_backward_and_update(loss)
             else:
                 self.model_zero_grad()
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optim)
-                self.scaler.update()
+                backward_and_step(loss, self.optim, self.scaler, self.model.max_grad_norm)
         faults.after_step(self.epoch + 1, self.batch_idx + 1)  # TEXTREFINER_KILL_AT, for tests
         summary = {"loss": loss.item()}
         summary.update({name: float(value) for name, value in parts.items()})

@@ -56,6 +56,34 @@ def build_scheduler(optimizer, ocfg) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, ocfg))
 
 
+def before_batch(scheduler, epoch: int, batch_idx: int, num_batches: int):
+    """Both engines call this before each training batch: a method's own schedule may step
+    within an epoch (LLaMP's steps once a tenth into the first); Dassl's schedules do not."""
+    hook = getattr(scheduler, "before_batch", None)
+    if hook is not None:
+        hook(epoch, batch_idx, num_batches)
+
+
+def backward_and_step(loss, optimizer, scaler=None, max_grad_norm=None):
+    """Backward pass and optimiser step (the caller zeroes the gradients). With `max_grad_norm`
+    the gradient norm over the optimiser's parameters is clipped to it first, as
+    torch.nn.utils.clip_grad_norm_ (amp's scaled gradients are unscaled before)."""
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+    if max_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+
+
 def _divergence_advice(precision: str) -> str:
     fp16 = " or use PREC fp32/amp instead of fp16" if precision == "fp16" else ""
     return "lower OPTIM.LR" + fp16

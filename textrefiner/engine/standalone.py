@@ -24,7 +24,7 @@ from ..checkpoint import (carry_best_checkpoint, check_resumable_lr, checkpoint_
                           load_init_weights, load_method_checkpoint, missing_best_error,
                           no_checkpoint_to_resume, restored_best_result, run_record,
                           save_method_checkpoint)
-from ..clip_backbone import (amp_autocast, amp_grad_scaler, check_image_size,
+from ..clip_backbone import (amp_autocast, amp_grad_scaler, check_image_size, compute_note,
                              load_clip)
 from ..data import build_dataset, build_loader
 from ..data.transforms import build_transform
@@ -37,7 +37,8 @@ from ..methods import method_class
 from ..seeding import (check_resumable_seed, one_loader_pass, restore_from_checkpoint,
                        set_seed)
 from .evaluator import Classification
-from .optim import build_optimizer, build_scheduler, check_loss, explained_step_errors
+from .optim import (backward_and_step, before_batch, build_optimizer, build_scheduler,
+                    check_loss, explained_step_errors)
 
 class Logger:
     """Prints to the console and, once `open` is called, also appends to `log.txt`.
@@ -121,7 +122,7 @@ class StandaloneTrainer:
         if not backbone:
             raise UserError("No CLIP backbone: set MODEL.BACKBONE.NAME (e.g. ViT-B/16) or "
                             "MODEL.BACKBONE.PATH (a local CLIP file).")
-        self.log(f"Loading CLIP ({backbone}, {self.precision})")
+        self.log(f"Loading CLIP ({backbone}, {compute_note(self.precision, self.device)})")
         clip_model = load_clip(backbone, self.precision)
         check_image_size(cfg, clip_model)
         self.log(f"Building {trainer_name}"
@@ -137,7 +138,8 @@ class StandaloneTrainer:
         if trainable:
             self.optim = build_optimizer(self.model.optimizer_groups(trainable),
                                          self.cfg.OPTIM)
-            self.sched = build_scheduler(self.optim, self.cfg.OPTIM)
+            self.sched = (self.model.lr_scheduler(self.optim, self.cfg.OPTIM)
+                          or build_scheduler(self.optim, self.cfg.OPTIM))
         self.scaler = amp_grad_scaler(self.precision, self.device)
         self.step_module = TrainStep(self.model)
         if self.world > 1 and trainable:
@@ -265,8 +267,9 @@ class StandaloneTrainer:
         bar = tqdm(loader, desc=f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}]",
                    disable=self._no_bar, leave=False, dynamic_ncols=True)
         totals, count, started = {}, 0, time.time()
-        lr = self.optim.param_groups[0]["lr"]
         for batch_idx, batch in enumerate(bar):
+            before_batch(self.sched, epoch, batch_idx, len(loader))
+            lr = self.optim.param_groups[0]["lr"]
             parts = self.train_step(batch)
             faults.after_step(epoch + 1, batch_idx + 1)  # TEXTREFINER_KILL_AT, for tests
             count += 1
@@ -301,13 +304,7 @@ class StandaloneTrainer:
         check_loss(reported, self.precision)
         self.optim.zero_grad(set_to_none=True)
         with explained_step_errors(self.precision, self.optim):
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optim)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optim.step()
+            backward_and_step(loss, self.optim, self.scaler, self.model.max_grad_norm)
         summary = {"loss": float(reported.detach())}
         summary.update({k: float(v) for k, v in parts.items()})
         return summary

@@ -69,6 +69,7 @@ class PromptMethod(nn.Module):
     # How its original codebase saves it (textrefiner.codebase_checkpoints); None: as the
     # checkpoint name implies (a submodule of that name registered alone, else the whole model)
     codebase_layout = None
+    max_grad_norm = None  # both engines clip the gradient norm to this when set (LLaMP: 1.0)
 
     def __init__(self, cfg, classnames: Sequence[str], clip_model: nn.Module):
         super().__init__()
@@ -220,6 +221,12 @@ class PromptMethod(nn.Module):
         """What the optimiser gets for `trainable_parameters()`: one group at OPTIM.LR by default
         (LLaMP gives its LoRA weights a learning rate of their own)."""
         return list(params.values())
+
+    def lr_scheduler(self, optimizer, ocfg):
+        """The method's own learning-rate schedule over `optimizer`, or None for OPTIM's (Dassl's,
+        stepped after each epoch). Both engines step it after each epoch and, when it has one,
+        call its `before_batch(epoch, batch_idx, num_batches)` before each training batch."""
+        return None
 
     def checkpoint_state(self) -> Dict[str, torch.Tensor]:
         """Trainable weights plus refiner buffers (cache, BatchNorm statistics)."""

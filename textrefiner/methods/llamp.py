@@ -39,6 +39,8 @@ import json
 import math
 import os
 import re
+import warnings
+from functools import partial
 from typing import Dict, List, Optional
 
 import torch
@@ -291,6 +293,44 @@ def _kaiming(*shape) -> nn.Parameter:
     return nn.Parameter(tensor)
 
 
+# train_llamp.py's learning-rate floors: 1e-5 for the main group; the LoRA group's is as far
+# below its rate, but at least 5e-6
+LR_FLOOR, LORA_LR_FLOOR = 1e-5, 5e-6
+MIN_HORIZON = 20  # its cosine runs over max(epochs, 20) + 1 steps
+
+
+def llamp_lr_factor(step: int, floor: float, horizon: int) -> float:
+    """train_llamp.py's cosine with one warm-up step (its get_cosine_schedule_with_warmup, one
+    half-cycle), as a multiple of a group's rate, never below `floor` (the group's floor over its
+    rate): step 0 at the floor, step 1 at the full rate, then a cosine reaching 0 at `horizon`."""
+    if step < 1:
+        return max(floor, float(step))
+    progress = (step - 1) / max(1, horizon - 1)
+    return max(floor, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+class LLaMPSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """LLaMP's schedule, as train_llamp.py steps it: once after each epoch and once before batch
+    len(loader) // 10 of epoch 0, so the first tenth of epoch 0 trains at the floors and epoch
+    e >= 1 at step e + 1, over a horizon of max(epochs, 20) + 1 steps (ImageNet's 10 epochs end
+    near half the rate). Groups after the first are LoRA groups with LLaMP's floor for them."""
+
+    def __init__(self, optimizer, lr: float, max_epoch: int):
+        self.horizon = max(max_epoch, MIN_HORIZON) + 1
+        rates = [group["lr"] for group in optimizer.param_groups]
+        floors = [LR_FLOOR] + [max(rate / lr * LR_FLOOR, LORA_LR_FLOOR) for rate in rates[1:]]
+        super().__init__(optimizer, [partial(llamp_lr_factor, floor=floor / rate,
+                                             horizon=self.horizon)
+                                     for floor, rate in zip(floors, rates)])
+
+    def before_batch(self, epoch: int, batch_idx: int, num_batches: int):
+        if epoch == 0 and batch_idx == num_batches // 10:
+            with warnings.catch_warnings():  # with fewer than 10 batches: before the first step
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step",
+                                        UserWarning)
+                self.step()
+
+
 class LLaMP(PromptMethod):
     """LLaMP (Zheng et al., CVPR 2024), the module docstring's equations: class embeddings
     E_t [C, d] per template t from LLM-written prompts (float32, or CLIP's dtype for PREC fp16),
@@ -303,6 +343,7 @@ class LLaMP(PromptMethod):
                           "text_proj.", "llm_prompt_bias.", "visual_prompts", "vision_lora.",
                           "logit_scale")
     prompts_vision_blocks = True
+    max_grad_norm = 1.0  # deepspeed's gradient_clipping in its zero2_a100_40g.json
 
     def __init__(self, cfg, classnames, clip_model):
         require_llamp_packages()
@@ -425,6 +466,16 @@ class LLaMP(PromptMethod):
         lora = [p for n, p in params.items() if n.startswith("vision_lora.")]
         rest = [p for n, p in params.items() if not n.startswith("vision_lora.")]
         return [{"params": rest}] + ([{"params": lora, "lr": self.lora_lr}] if lora else [])
+
+    def lr_scheduler(self, optimizer, ocfg):
+        """OPTIM.LR_SCHEDULER cosine is LLaMP's own (`LLaMPSchedule`); other schedules are
+        Dassl's."""
+        if ocfg.LR_SCHEDULER != "cosine":
+            return None
+        if ocfg.WARMUP_EPOCH > 0:
+            raise UserError("LLaMP's cosine schedule has its own warm-up step: set "
+                            "OPTIM.WARMUP_EPOCH 0 (or another OPTIM.LR_SCHEDULER).")
+        return LLaMPSchedule(optimizer, ocfg.LR, ocfg.MAX_EPOCH)
 
     # ---------------------------------------------------------------- text side
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
