@@ -33,6 +33,9 @@ from .methods.cocoop import CoCoOp
 from .predict import (Predictor, _as_image, _ImageFiles, _readable, _report_skipped,
                       add_run_args, image_files)
 
+__all__ = ["Explanation", "explain_images", "explain_image", "draw_image_explanation",
+           "refiner_off", "attribute_purity", "class_entry_match", "similar_order"]
+
 NEAREST = 8      # patches kept per cache entry
 DEFAULT_TOPK = 5  # semantic patches marked when the run has no refiner (the published TOPK)
 
@@ -201,17 +204,17 @@ def class_entry_match(explanation: Explanation, attributes: torch.Tensor,
 
 # ---------------------------------------------------------------------------- one batch
 @contextlib.contextmanager
-def refiner_off(model):
-    """The model with its refiner switched off (E instead of Ehat) and nothing else; the
-    classifier cached for evaluation is recomputed on entry and on exit."""
-    refiner = model.refiner
-    model.refiner = None
-    model.invalidate_eval_cache()
+def refiner_off(model, classifier: Optional[torch.Tensor] = None):
+    """The model with its refiner switched off (E instead of Ehat) and nothing else. Its cached
+    evaluation classifier becomes `classifier` (E computed earlier under this context; None: E
+    is computed on first use) and is restored on exit, so neither E nor Ehat is recomputed
+    needlessly."""
+    refiner, cached = model.refiner, model._classifier
+    model.refiner, model._classifier = None, classifier
     try:
         yield model
     finally:
-        model.refiner = refiner
-        model.invalidate_eval_cache()
+        model.refiner, model._classifier = refiner, cached
 
 
 def classifier_space(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -222,14 +225,16 @@ def classifier_space(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _shared_classifiers(model):
-    """(E, Ehat) [C, d] (LLaMP: [T, C, d]) shared by all images, or (None, None) for CoCoOp,
-    whose classes depend on the image."""
+    """(E, Ehat, E as the model caches it) shared by all images: [C, d] (LLaMP: [T, C, d]; the
+    cache holds every class where PromptKD scores a slice of them), or Nones for CoCoOp, whose
+    classes depend on the image."""
     if isinstance(model, CoCoOp):
-        return None, None
+        return None, None, None
     refined = model.class_embeddings()
     with refiner_off(model):
         plain = model.class_embeddings()
-    return plain, refined
+        cache = model._classifier
+    return plain, refined, cache
 
 
 @torch.no_grad()
@@ -237,8 +242,9 @@ def explain_batch(model, images: torch.Tensor, topk: int, shared=None) -> dict:
     """The per-image numbers of one preprocessed batch [B, 3, H, W] (on the model's device): a
     dict of tensors named as `Explanation`'s fields, plus "scores" [B, 1+N, M] (the aligned
     tokens' cosines with the entries, with TextRefiner) and "read_weights" [C, M] summed over
-    this batch's images (CoCoOp) or None. `shared` is `_shared_classifiers(model)`."""
-    plain_text, refined_text = shared if shared is not None else _shared_classifiers(model)
+    this batch's images (CoCoOp) or None. `shared` is `_shared_classifiers(model)`, computed
+    once for all batches."""
+    plain_text, refined_text, plain_cache = shared or _shared_classifiers(model)
     out = model.encode_images(images, return_tokens=True)
     features = F.normalize(out.features, dim=-1)
     refiner = model.refiner
@@ -255,7 +261,7 @@ def explain_batch(model, images: torch.Tensor, topk: int, shared=None) -> dict:
             read = refiner.cache.read_weights(plain_text).float().sum(dim=0)
     else:
         batch["logits"] = model.forward_features(out.features)
-        with refiner_off(model):
+        with refiner_off(model, plain_cache):
             batch["logits_plain"] = model.forward_features(out.features)
     predicted = batch["logits"].argmax(dim=1)
     batch["patch_similarity"] = _patch_similarity(
