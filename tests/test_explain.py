@@ -6,12 +6,14 @@ The demo's CoOp + TR run (its recipe, base classes, seed 1) is trained once per 
 other methods are checked on random-weight CLIPs (conftest)."""
 import copy
 import importlib.util
+import io
 import os
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from conftest import CLASSNAMES, make_cfg
 from textrefiner.checkpoint import read_checkpoint
@@ -20,7 +22,7 @@ from textrefiner.data import build_transform
 from textrefiner.data.synthetic import COLORS, SHAPES
 from textrefiner.demo import prepare_pretrained
 from textrefiner.explain import (attribute_purity, class_entry_match, draw_image_explanation,
-                                 explain_images, main, similar_order, split_images)
+                                 explain_image, explain_images, main, similar_order, split_images)
 from textrefiner.explain_report import write_report
 from textrefiner.losses import select_semantic_tokens
 from textrefiner.methods import build_method
@@ -253,6 +255,13 @@ def test_a_run_without_textrefiner_gets_per_image_pictures(demo, clip_path, tmp_
     assert not ex.has_refiner and ex.read_weights is None
     assert torch.equal(ex.logits, ex.logits_plain)
     assert ex.semantic_patches.shape == (6, 5)   # the published top-k
+    # One in-memory image, as a web page would explain it: the same numbers, and its picture.
+    with Image.open(paths[2]) as image:
+        one = explain_image(predictor, image.convert("RGB"))
+    torch.testing.assert_close(one.logits, ex.logits[2:3], atol=ATOL, rtol=0)
+    assert torch.equal(one.semantic_patches, ex.semantic_patches[2:3])
+    png = draw_image_explanation(one)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(png)).size[0] > 800
     index = write_report(ex, str(tmp_path / "report"), per_image=3)
     page = open(index, encoding="utf-8").read()
     assert "need a run trained with --refiner" in page

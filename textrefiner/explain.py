@@ -84,6 +84,7 @@ class Explanation:
     nearest: Optional[torch.Tensor] = None
     nearest_similarity: Optional[torch.Tensor] = None
     display: Optional[Callable] = None  # PIL image -> PIL image as the model saw it (pictures)
+    sources: Optional[list] = None  # the PIL images, where they were given in memory (pictures)
 
     @property
     def has_refiner(self) -> bool:
@@ -398,6 +399,9 @@ def explain_images(predictor: Predictor, images, labels=None, nearest: int = NEA
         classnames=list(predictor.classnames), paths=kept, labels=found, image_size=sizes,
         grid=(rows, n_patches // rows), display=_display_or_none(predictor), **{k: parts[k] for k in (
             "logits", "logits_plain", "cls_attention", "semantic_patches", "patch_similarity")})
+    if not isinstance(images, torch.Tensor) and not all(isinstance(p, (str, os.PathLike))
+                                                        for p in images):
+        explanation.sources = list(images)
     if refiner is not None:
         explanation.entries = refiner.cache.entries.float().cpu()
         explanation.read_weights = _read_weights(refiner, shared, collector)
@@ -447,9 +451,10 @@ def draw_image_explanation(explanation: Explanation, index: int = 0, image=None,
                            dpi: int = 100) -> bytes:
     """The per-image picture of image `index` as PNG bytes: the image with its top-k semantic
     patches marked, its CLS-attention map, each patch's similarity to the predicted class's
-    (refined) embedding, and its top classes with and without refinement. `image` (a PIL image
-    or a path) is needed where `explanation.paths[index]` is "" (an in-memory image); it is
-    shown resized and cropped as the model saw it."""
+    (refined) embedding, and its top classes with and without refinement. The image is read
+    from its path, or taken from the PIL images `explain_images` was given; `image` (a PIL
+    image or a path) is needed only where it was given as a tensor. It is shown resized and
+    cropped as the model saw it."""
     from .explain_report import image_figure_png
 
     return image_figure_png(explanation, index, image, dpi)

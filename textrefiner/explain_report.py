@@ -40,22 +40,24 @@ def _png(fig, dpi=100) -> bytes:
 class _Images:
     """The images as the model saw them (PIL, input size), read once each on demand."""
 
-    def __init__(self, explanation: Explanation, given=None):
+    def __init__(self, explanation: Explanation):
         self.explanation = explanation
-        self.given = given or {}
         self.seen = {}
 
     def __getitem__(self, index: int) -> Image.Image:
         if index not in self.seen:
-            self.seen[index] = _as_seen(self.explanation, index, self.given.get(index))
+            self.seen[index] = _as_seen(self.explanation, index)
         return self.seen[index]
 
 
 def _as_seen(explanation: Explanation, index: int, image=None) -> Image.Image:
     source = image if image is not None else explanation.paths[index]
+    if not source and explanation.sources is not None:
+        source = explanation.sources[index]
     if not isinstance(source, Image.Image):
         if not source:
-            raise ValueError(f"image {index} was given in memory: pass it as `image` to draw it")
+            raise ValueError(f"image {index} was given as a tensor: pass it as `image` (a PIL "
+                             "image) to draw it")
         with Image.open(source) as img:
             source = img.convert("RGB")
     shown = explanation.display(source) if explanation.display is not None else source
@@ -79,6 +81,30 @@ def entry_strip(explanation: Explanation, entry: int, images: _Images) -> Image.
     for i, (image, row, col, _) in enumerate(boxes):
         strip.paste(_patch(images[image], row, col, explanation.grid), (i * (TILE + 2) + 1, 1))
     return strip
+
+
+def atlas_png(explanation: Explanation, images: _Images, entries=None) -> Image.Image:
+    """One picture of the cache: a row per entry (all, or `entries` in that order) with its
+    patch-token count, the class that reads it most, and its nearest patches."""
+    from PIL import ImageFont
+
+    entries = range(explanation.entries.shape[0]) if entries is None else entries
+    font = ImageFont.load_default(size=13)
+    counts = explanation.token_counts()
+    reader = explanation.read_weights.max(dim=0)
+    strips = [entry_strip(explanation, e, images) for e in entries]
+    label_width, row = 300, TILE + 6
+    atlas = Image.new("RGB", (label_width + max(s.width for s in strips), row * len(strips)),
+                      "white")
+    draw = ImageDraw.Draw(atlas)
+    for i, (entry, strip) in enumerate(zip(entries, strips)):
+        name = _short(explanation.classnames[int(reader.indices[entry])], 22)
+        draw.text((6, i * row + 8), f"entry {entry}: {int(counts[entry])} tokens", fill="black",
+                  font=font)
+        draw.text((6, i * row + 28), f"read most by {name} ({float(reader.values[entry]):.3f})",
+                  fill="#444444", font=font)
+        atlas.paste(strip, (label_width, i * row + 2))
+    return atlas
 
 
 # ---------------------------------------------------------------------------- per image
@@ -240,11 +266,12 @@ def spread_over_classes(explanation: Explanation, count: int):
 
 
 def write_report(explanation: Explanation, folder: str, title: str = "run", per_image: int = 12,
-                 changed: int = 8, progress: bool = False, given_images=None) -> str:
-    """Write the report folder (index.html and its PNGs); returns the path of index.html.
-    given_images: {index: PIL image} for images given in memory."""
+                 changed: int = 8, progress: bool = False) -> str:
+    """Write the report folder (index.html and its PNGs) for an explanation of image files or
+    PIL images; returns the path of index.html. per_image: images drawn in the per-image
+    section; changed: changed images drawn each way."""
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    images = _Images(explanation, given_images)
+    images = _Images(explanation)
     page = _Page(explanation, folder, title)
     if explanation.has_refiner:
         page.cache_atlas(images)
@@ -309,6 +336,7 @@ class _Page:
             rows.append(f"<tr><td>{entry}</td><td>{int(counts[entry])} ({share:.1f}%)</td>"
                         f"<td>{names}</td><td><img src='{strip}' alt='entry {entry}'></td></tr>")
         usage = self.save("usage.png", usage_png(ex))
+        atlas = self.save_image("atlas.png", atlas_png(ex, images))
         used = int((counts > 0).sum())
         self.sections.append(
             "<h2 id='atlas'>The cache atlas</h2>"
@@ -317,7 +345,8 @@ class _Page:
             f"tokens of these images are assigned to it ({used} of {len(counts)} entries take "
             "any), and the classes that read it most (their Eq. 5 weight; uniform would be "
             f"1/{len(counts)} = {1 / len(counts):.3f}).</p>"
-            f"<img src='{usage}' alt='entry usage'>"
+            f"<img src='{usage}' alt='entry usage'><h3>All entries in one picture</h3>"
+            f"<img src='{atlas}' alt='cache atlas'><h3>Entry by entry</h3>"
             "<table><tr><th>entry</th><th>patch tokens</th><th>read most by</th>"
             "<th>nearest patches</th></tr>" + "".join(rows) + "</table>")
 
