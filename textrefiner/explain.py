@@ -66,6 +66,10 @@ class Explanation:
             write assigns it); cls_assignment [I] the same for the CLS token;
         nearest [M, n] the n patches (flat index image * N + patch) whose aligned tokens are most
             similar to each entry, best first; nearest_similarity [M, n] those cosines.
+    For the pictures: display (a PIL image -> as the model saw it, resized and cropped) and
+    sources (the PIL images, where they were given in memory).
+    Derived: predictions and predictions_plain [I] (argmax of the two scores), has_refiner,
+    num_patches (N), and the methods below.
     """
     classnames: List[str]
     paths: List[str]
