@@ -4,8 +4,10 @@ shape), and its report opens in a real browser.
 
 The demo's CoOp + TR run (its recipe, base classes, seed 1) is trained once per session; the
 other methods are checked on random-weight CLIPs (conftest)."""
+import contextlib
 import copy
 import importlib.util
+import json
 import io
 import os
 import shutil
@@ -16,14 +18,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import CLASSNAMES, make_cfg
-from textrefiner.checkpoint import read_checkpoint
+from textrefiner.checkpoint import checkpoint_path, read_checkpoint, save_method_checkpoint
 from textrefiner.clip_backbone import load_clip
 from textrefiner.data import build_transform
 from textrefiner.data.synthetic import COLORS, SHAPES
 from textrefiner.demo import prepare_pretrained
-from textrefiner.explain import (attribute_purity, class_entry_match, draw_image_explanation,
-                                 explain_image, explain_images, main, similar_order, split_images)
-from textrefiner.explain_report import write_report
+from textrefiner.explain import (attribute_purity, class_entry_match, classifier_space,
+                                 draw_image_explanation, explain_image, explain_image_figure,
+                                 explain_images, main, refiner_off, similar_order, split_images)
 from textrefiner.losses import select_semantic_tokens
 from textrefiner.methods import build_method
 from textrefiner.predict import Predictor, run_checkpoint
@@ -142,6 +144,33 @@ def test_a_class_top_entry_holds_patches_of_its_own_colour_or_shape(explained):
     assert match.mean() > chance.mean() + 0.08
 
 
+def test_one_image_figure_and_numbers_for_a_web_page(predictor, explained):
+    """What a page showing one prediction calls: the picture and its numbers, for a PIL image,
+    equal to the same image's numbers in the whole set's explanation."""
+    i = int(explained.changed()[2][0]) if len(explained.changed()[2]) else 0
+    with Image.open(explained.paths[i]) as image:
+        figure = explain_image_figure(predictor, image.convert("RGB"), int(explained.labels[i]))
+    assert Image.open(io.BytesIO(figure.png)).size[0] > 800
+    numbers = json.loads(json.dumps(figure.numbers))                # plain Python throughout
+    names = explained.classnames
+    assert numbers["label"] == names[explained.labels[i]] and numbers["has_refiner"]
+    assert numbers["predicted"] == names[explained.predictions[i]]
+    assert numbers["predicted_plain"] == names[explained.predictions_plain[i]]
+    refined, plain = explained.logits[i].softmax(dim=0), explained.logits_plain[i].softmax(dim=0)
+    top = refined.topk(5).indices.tolist()
+    assert [row["class"] for row in numbers["top"]] == [names[c] for c in top]
+    assert [row["probability"] for row in numbers["top"]] == pytest.approx(
+        refined[top].tolist(), abs=1e-5)
+    assert [row["probability_plain"] for row in numbers["top"]] == pytest.approx(
+        plain[top].tolist(), abs=1e-5)
+    columns = explained.grid[1]
+    assert numbers["semantic_patches"] == [[p // columns, p % columns]
+                                           for p in explained.semantic_patches[i].tolist()]
+    assert torch.tensor(numbers["cls_attention"]).flatten().tolist() == pytest.approx(
+        explained.cls_attention[i].tolist(), abs=1e-5)
+    assert torch.tensor(numbers["patch_similarity"]).shape == explained.grid
+
+
 def test_per_class_accuracy_and_changed_images(explained):
     refined, plain, count = explained.per_class_accuracy()
     for c in range(len(explained.classnames)):
@@ -219,7 +248,12 @@ def test_every_method_explains_with_the_evaluators_scores(case, request):
         model.invalidate_eval_cache()
     classnames = model.classnames
     predictor = Predictor(model, None, classnames, device="cpu", batch_size=2)
-    ex = explain_images(predictor, images, nearest=4)
+    with _counting(model, "encode_images") as encoded, _counting(model, "classifier") as built:
+        ex = explain_images(predictor, images, nearest=4)
+    # Each image encoded once (3 batches of 2, 2, 1); E and Ehat built once for all batches.
+    assert [call[0].shape[0] for call in encoded] == [2, 2, 1]
+    assert len(built) == (0 if case == "CoCoOp" else 2)
+    _assert_attention_similarity_and_reads(case, model, images, ex)
     with torch.no_grad():
         expected = model(images).float()
         plain_model = copy.deepcopy(model)
@@ -236,8 +270,61 @@ def test_every_method_explains_with_the_evaluators_scores(case, request):
     assert ex.nearest.shape == (model.refiner.cache.entries.shape[0], 4)
     assert int(ex.token_counts().sum()) == 5 * n_patches
     assert (ex.patch_similarity.abs() <= 1 + 1e-5).all()
+    probabilities = ex.probabilities()
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(5))
+    if case == "LLaMP":  # its scores are probabilities already: not passed through a softmax again
+        assert ex.scores_are_probabilities and torch.equal(probabilities, ex.logits)
     png = draw_image_explanation(ex, 0, image=_pil(images[0]))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@contextlib.contextmanager
+def _counting(model, name):
+    """The positional arguments of every call of model.`name` while inside."""
+    calls, original = [], getattr(model, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+    setattr(model, name, counted)
+    try:
+        yield calls
+    finally:
+        delattr(model, name)
+
+
+@torch.no_grad()
+def _assert_attention_similarity_and_reads(case, model, images, ex):
+    """Recomputed on all images at once: the attention is the encoder's; the patch similarity is
+    the patch tokens' cosine with the predicted class's refined embedding, in the space where
+    the CLS token is the image feature and meets the classifier (its cosine, scaled, is the
+    predicted logit); the read weights are Eq. 5's softmax over the entries of the plain E."""
+    out = model.encode_images(images, return_tokens=True)
+    torch.testing.assert_close(ex.cls_attention, out.cls_attention.float(), atol=ATOL, rtol=0)
+    tokens = F.normalize(classifier_space(model, out.tokens).float(), dim=-1)     # [B, 1+N, d]
+    features = F.normalize(out.features.float(), dim=-1)
+    torch.testing.assert_close(tokens[:, 0], features, atol=ATOL, rtol=0)
+    rows = torch.arange(len(images))
+    if case == "CoCoOp":
+        plain = model.batch_text_features(F.normalize(out.features, dim=-1))     # [B, C, d]
+        refined = model.refined(plain)
+    else:
+        refined = model.class_embeddings()
+        with refiner_off(model):
+            plain = model.class_embeddings()
+        if case == "LLaMP":  # templates [T, C, d]: their mean direction
+            refined = F.normalize(F.normalize(refined, dim=-1).mean(dim=0), dim=-1)
+        refined = refined.expand(len(images), -1, -1)
+    chosen = refined.float()[rows, ex.predictions]                                 # [B, d]
+    similarity = torch.einsum("bnd,bd->bn", tokens, F.normalize(chosen, dim=-1))
+    torch.testing.assert_close(ex.patch_similarity, similarity[:, 1:], atol=ATOL, rtol=0)
+    if case != "LLaMP":  # LLaMP's scores are a mean of softmaxes over templates
+        logit = model.logit_scale.exp().float() * (tokens[:, 0] * chosen).sum(dim=-1)
+        torch.testing.assert_close(logit, ex.logits[rows, ex.predictions], atol=1e-4, rtol=1e-5)
+    entries = model.refiner.cache.entries.float()
+    reads = (F.normalize(plain.float(), dim=-1) @ entries.t()).softmax(dim=-1)
+    reads = reads.mean(dim=0) if reads.dim() == 3 else reads   # CoCoOp's images, LLaMP's templates
+    torch.testing.assert_close(ex.read_weights, reads, atol=ATOL, rtol=0)
 
 
 def _pil(tensor):
@@ -245,8 +332,8 @@ def _pil(tensor):
     return to_pil_image((tensor - tensor.min()) / (tensor.max() - tensor.min()))
 
 
-def test_a_run_without_textrefiner_gets_per_image_pictures(demo, clip_path, tmp_path):
-    cfg = make_cfg()
+def test_a_run_without_textrefiner_gets_per_image_pictures(demo, clip_path, tmp_path, capsys):
+    cfg = make_cfg("MODEL.BACKBONE.PATH", clip_path, "TRAINER.NAME", "CoOp")
     model = build_method("CoOp", cfg, CLASSNAMES, load_clip(clip_path, "fp32")).eval()
     predictor = Predictor(model, build_transform(cfg, is_train=False), CLASSNAMES, device="cpu")
     folder = os.path.join(demo["root"], "synthetic_shapes", "images")
@@ -262,10 +349,17 @@ def test_a_run_without_textrefiner_gets_per_image_pictures(demo, clip_path, tmp_
     assert torch.equal(one.semantic_patches, ex.semantic_patches[2:3])
     png = draw_image_explanation(one)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(io.BytesIO(png)).size[0] > 800
-    index = write_report(ex, str(tmp_path / "report"), per_image=3)
-    page = open(index, encoding="utf-8").read()
+    # The command on the saved run says what the report lacks, and the page says it too.
+    run = tmp_path / "run"
+    save_method_checkpoint(model, checkpoint_path(str(run), model.checkpoint_name, 1), 0,
+                           classnames=CLASSNAMES, config=cfg.dump())
+    assert main(["--model-dir", str(run), *paths, "--output-dir", str(tmp_path / "report"),
+                 "--per-image", "3", "--device", "cpu"]) == 0
+    assert "this run has no TextRefiner" in capsys.readouterr().err
+    page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
     assert "need a run trained with --refiner" in page
     assert page.count("images/image_") == 3 and "class_reads.png" not in page
+    assert len(os.listdir(tmp_path / "report" / "images")) == 3
 
 
 # ---------------------------------------------------------------------------- the report

@@ -19,7 +19,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +30,12 @@ from .errors import UserError
 from .losses import semantic_patch_indices
 from .methods.base import image_text_logits
 from .methods.cocoop import CoCoOp
+from .methods.llamp import LLaMP
 from .predict import (Predictor, _as_image, _ImageFiles, _readable, _report_skipped,
                       add_run_args, image_files)
 
-__all__ = ["Explanation", "explain_images", "explain_image", "draw_image_explanation",
-           "refiner_off", "attribute_purity", "class_entry_match", "similar_order"]
+__all__ = ["Explanation", "ImageFigure", "explain_images", "explain_image",
+           "explain_image_figure", "draw_image_explanation", "refiner_off", "attribute_purity", "class_entry_match", "similar_order"]
 
 NEAREST = 8      # patches kept per cache entry
 DEFAULT_TOPK = 5  # semantic patches marked when the run has no refiner (the published TOPK)
@@ -50,7 +51,8 @@ class Explanation:
         classnames [C] names; paths [I] the image files ("" for in-memory images);
         labels [I] int64 class index, -1 where unknown;
         image_size (H, W) of the model's input; grid (rows, columns) of patches, rows x columns = N;
-        logits [I, C] the evaluator's scores (refiner on where the run has one);
+        logits [I, C] the evaluator's scores (refiner on where the run has one): logits, or
+            for LLaMP its probabilities (mean over templates of a softmax; `scores_are_probabilities`);
         logits_plain [I, C] the same images' scores with the refiner switched off and nothing
             else (equal to `logits` without a refiner);
         cls_attention [I, N] the last block's CLS-to-patch attention (a ResNet: its attention
@@ -69,7 +71,7 @@ class Explanation:
     For the pictures: display (a PIL image -> as the model saw it, resized and cropped) and
     sources (the PIL images, where they were given in memory).
     Derived: predictions and predictions_plain [I] (argmax of the two scores), has_refiner,
-    num_patches (N), and the methods below.
+    num_patches (N), and the methods below (`probabilities`, `image_numbers`, ...).
     """
     classnames: List[str]
     paths: List[str]
@@ -89,6 +91,7 @@ class Explanation:
     nearest_similarity: Optional[torch.Tensor] = None
     display: Optional[Callable] = None  # PIL image -> PIL image as the model saw it (pictures)
     sources: Optional[list] = None  # the PIL images, where they were given in memory (pictures)
+    scores_are_probabilities: bool = False  # LLaMP: logits hold probabilities already
 
     @property
     def has_refiner(self) -> bool:
@@ -107,6 +110,39 @@ class Explanation:
     def predictions_plain(self) -> torch.Tensor:
         """[I] int64 predicted class, refiner off."""
         return self.logits_plain.argmax(dim=1)
+
+    def probabilities(self, plain: bool = False) -> torch.Tensor:
+        """[I, C] class probabilities with refinement (plain: without), rows summing to 1: the
+        softmax of the logits (LLaMP's scores are probabilities already)."""
+        scores = self.logits_plain if plain else self.logits
+        return scores if self.scores_are_probabilities else scores.softmax(dim=-1)
+
+    def image_numbers(self, index: int = 0, top: int = 5) -> dict:
+        """Image `index`'s numbers as plain Python (JSON-ready), what its picture shows: "path",
+        "label" (class name or None), "predicted" and "predicted_plain" (class names, with and
+        without refinement), "top" (the `top` classes by probability with refinement: a list of
+        {"class", "probability", "probability_plain"}), "grid" [rows, columns],
+        "semantic_patches" [k] of [row, column] (decreasing CLS attention), "cls_attention" and
+        "patch_similarity" (rows x columns nested lists), "has_refiner"."""
+        refined, plain = self.probabilities()[index], self.probabilities(plain=True)[index]
+        label, columns = int(self.labels[index]), self.grid[1]
+        names = self.classnames
+
+        def grid(values):
+            return values.reshape(self.grid).tolist()
+        return {
+            "path": self.paths[index], "label": names[label] if label >= 0 else None,
+            "predicted": names[int(self.predictions[index])],
+            "predicted_plain": names[int(self.predictions_plain[index])],
+            "top": [{"class": names[c], "probability": float(refined[c]),
+                     "probability_plain": float(plain[c])}
+                    for c in refined.topk(min(top, len(names))).indices.tolist()],
+            "grid": list(self.grid),
+            "semantic_patches": [list(divmod(p, columns))
+                                 for p in self.semantic_patches[index].tolist()],
+            "cls_attention": grid(self.cls_attention[index]),
+            "patch_similarity": grid(self.patch_similarity[index]),
+            "has_refiner": self.has_refiner}
 
     def token_counts(self) -> torch.Tensor:
         """[M] int64 patch tokens of these images assigned to each entry."""
@@ -401,7 +437,8 @@ def explain_images(predictor: Predictor, images, labels=None, nearest: int = NEA
     found = _labels(labels, images, kept, predictor.classnames)
     explanation = Explanation(
         classnames=list(predictor.classnames), paths=kept, labels=found, image_size=sizes,
-        grid=(rows, n_patches // rows), display=_display_or_none(predictor), **{k: parts[k] for k in (
+        grid=(rows, n_patches // rows), display=_display_or_none(predictor),
+        scores_are_probabilities=isinstance(model, LLaMP), **{k: parts[k] for k in (
             "logits", "logits_plain", "cls_attention", "semantic_patches", "patch_similarity")})
     if not isinstance(images, torch.Tensor) and not all(isinstance(p, (str, os.PathLike))
                                                         for p in images):
@@ -448,6 +485,28 @@ def _labels(labels, images, kept, classnames) -> torch.Tensor:
 def explain_image(predictor: Predictor, image, label: int = -1) -> Explanation:
     """`explain_images` for one image (a path or a PIL image): an `Explanation` with I = 1."""
     return explain_images(predictor, [image], labels=[label])
+
+
+class ImageFigure(NamedTuple):
+    """`explain_image_figure`'s result: png, the per-image picture (PNG bytes); numbers, its
+    numbers as plain Python (`Explanation.image_numbers`); explanation, every tensor (I = 1)."""
+    png: bytes
+    numbers: dict
+    explanation: Explanation
+
+
+def explain_image_figure(predictor: Predictor, image, label: int = -1, top: int = 5,
+                         dpi: int = 100) -> ImageFigure:
+    """One image's picture and numbers, for a page that shows one prediction: `image` (a path
+    or a PIL image) through `explain_images`, drawn by `draw_image_explanation`. label: its
+    class index where known (-1 unknown); top: classes listed in the numbers.
+
+    It encodes the image once, computes E beside Ehat, and for that batch swaps the model's
+    refiner out and back (`refiner_off`): a server must not run other predictions on the same
+    model object at the same time (hold one lock around both)."""
+    explanation = explain_image(predictor, image, label)
+    return ImageFigure(draw_image_explanation(explanation, 0, dpi=dpi),
+                       explanation.image_numbers(0, top), explanation)
 
 
 # ---------------------------------------------------------------------------- pictures
@@ -521,6 +580,10 @@ def run(args) -> int:
     print(f"textrefiner-explain: {len(paths)} images", file=sys.stderr)
     explanation = explain_images(predictor, paths, labels, nearest=args.nearest,
                                  workers=args.workers, progress=True)
+    if not explanation.has_refiner:
+        print("textrefiner-explain: this run has no TextRefiner: the report has the per-image "
+              "pictures; the cache atlas, class reads and what refinement changed need a run "
+              "trained with --refiner.", file=sys.stderr)
     index = write_report(explanation, output, title=args.model_dir or "run",
                          per_image=args.per_image, changed=args.changed, progress=True)
     print(f"textrefiner-explain: report written to {index}", file=sys.stderr)

@@ -84,13 +84,16 @@ def entry_strip(explanation: Explanation, entry: int, images: _Images) -> Image.
 
 
 def atlas_png(explanation: Explanation, images: _Images, entries=None) -> Image.Image:
-    """One picture of the cache: a row per entry (all, or `entries` in that order) with its
-    patch-token count, the class that reads it most, and its nearest patches."""
+    """One picture of the cache: a row per entry (all, the most-written first, or `entries` in
+    that order) with its patch-token count, the class that reads it most, and its nearest
+    patches. An entry no token of these images is assigned to is labelled so in grey: its
+    nearest patches are merely the least far."""
     from PIL import ImageFont
 
-    entries = range(explanation.entries.shape[0]) if entries is None else entries
-    font = ImageFont.load_default(size=13)
     counts = explanation.token_counts()
+    if entries is None:
+        entries = torch.sort(counts, descending=True, stable=True).indices.tolist()
+    font = ImageFont.load_default(size=13)
     reader = explanation.read_weights.max(dim=0)
     strips = [entry_strip(explanation, e, images) for e in entries]
     label_width, row = 300, TILE + 6
@@ -99,10 +102,12 @@ def atlas_png(explanation: Explanation, images: _Images, entries=None) -> Image.
     draw = ImageDraw.Draw(atlas)
     for i, (entry, strip) in enumerate(zip(entries, strips)):
         name = _short(explanation.classnames[int(reader.indices[entry])], 22)
-        draw.text((6, i * row + 8), f"entry {entry}: {int(counts[entry])} tokens", fill="black",
-                  font=font)
+        written = int(counts[entry]) > 0
+        draw.text((6, i * row + 8), f"entry {entry}: {int(counts[entry])} tokens"
+                  + ("" if written else " (none assigned)"),
+                  fill="black" if written else "#999999", font=font)
         draw.text((6, i * row + 28), f"read most by {name} ({float(reader.values[entry]):.3f})",
-                  fill="#444444", font=font)
+                  fill="#444444" if written else "#999999", font=font)
         atlas.paste(strip, (label_width, i * row + 2))
     return atlas
 
@@ -142,9 +147,19 @@ def image_figure_png(explanation: Explanation, index: int, image=None, dpi: int 
              limit=float(similarity.abs().max()))
     _class_bars(axes[3], explanation, index)
     truth = f"true: {names[label]}" if label >= 0 else "true: unknown"
-    where = os.path.basename(explanation.paths[index]) or f"image {index}"
-    fig.suptitle(f"{where}  |  {truth}  |  predicted: {names[predicted]}", fontsize=10)
+    plain = int(explanation.predictions_plain[index])
+    verdict = f"predicted: {names[predicted]}" + (
+        f" (without refinement: {names[plain]})" if plain != predicted else "")
+    fig.suptitle(f"{_where(explanation, index)}  |  {truth}  |  {verdict}", fontsize=10)
     return _png(fig, dpi)
+
+
+def _where(explanation: Explanation, index: int) -> str:
+    """The image's file with its folder (datasets repeat file names across class folders)."""
+    path = explanation.paths[index]
+    if not path:
+        return f"image {index}"
+    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
 
 
 def _overlay(ax, seen, values, grid, cmap, title, plt, limit=None):
@@ -161,8 +176,8 @@ def _overlay(ax, seen, values, grid, cmap, title, plt, limit=None):
 
 
 def _class_bars(ax, explanation: Explanation, index: int):
-    refined = explanation.logits[index].softmax(dim=0)
-    plain = explanation.logits_plain[index].softmax(dim=0)
+    refined = explanation.probabilities()[index]
+    plain = explanation.probabilities(plain=True)[index]
     top = torch.unique(torch.cat([refined.topk(min(THUMB_CLASSES, len(refined))).indices,
                                   plain.topk(min(THUMB_CLASSES, len(plain))).indices]))
     top = top[torch.argsort(refined[top], descending=True)][:THUMB_CLASSES + 2].flip(0)
@@ -248,7 +263,7 @@ def accuracy_png(explanation: Explanation) -> bytes:
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("accuracy (%)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: bars reach 100
     ax.set_title("Per-class accuracy on the same images, refiner on and off", fontsize=10)
     return _png(fig)
 
@@ -345,7 +360,8 @@ class _Page:
             f"tokens of these images are assigned to it ({used} of {len(counts)} entries take "
             "any), and the classes that read it most (their Eq. 5 weight; uniform would be "
             f"1/{len(counts)} = {1 / len(counts):.3f}).</p>"
-            f"<img src='{usage}' alt='entry usage'><h3>All entries in one picture</h3>"
+            f"<img src='{usage}' alt='entry usage'><h3>All entries in one picture (the "
+            "most-written first)</h3>"
             f"<img src='{atlas}' alt='cache atlas'><h3>Entry by entry</h3>"
             "<table><tr><th>entry</th><th>patch tokens</th><th>read most by</th>"
             "<th>nearest patches</th></tr>" + "".join(rows) + "</table>")
@@ -365,7 +381,8 @@ class _Page:
             "<h2 id='reads'>Class reads</h2><p>Each class's read weights over the entries (the "
             "softmax of Eq. 5; a row sums to 1); rows and columns ordered so that similar ones "
             "sit together. Below, each class's top entries with their nearest patches.</p>"
-            f"<img src='{heatmap}' alt='class reads'><table><tr><th>class</th><th>1st</th>"
+            f"<img src='{heatmap}' alt='class reads'><table class='reads'><tr><th>class</th>"
+            "<th>1st</th>"
             "<th>2nd</th><th>3rd</th></tr>" + "".join(rows) + "</table>")
 
     def what_changed(self, images: _Images, limit: int, progress: bool):
@@ -420,6 +437,9 @@ table {{ border-collapse: collapse; margin: 0.5em 0; }}
 td, th {{ border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: middle;
          font-size: 0.9em; }}
 img.wide {{ display: block; max-width: 100%; margin: 0.4em 0; }}
+table.reads {{ width: 100%; table-layout: fixed; }}
+table.reads th:first-child {{ width: 9em; }}
+table.reads img {{ width: 100%; }}
 .note {{ background: #fff3cd; padding: 0.6em; }}
 </style></head><body>
 <p><a href="#atlas">cache atlas</a> · <a href="#reads">class reads</a> ·
