@@ -26,16 +26,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .clip_backbone import amp_autocast
-from .errors import UserError
+from .errors import UserError, run_command
 from .losses import semantic_patch_indices
 from .methods.base import image_text_logits
 from .methods.cocoop import CoCoOp
 from .methods.llamp import LLaMP
-from .predict import (Predictor, _as_image, _ImageFiles, _readable, _report_skipped,
+from .predict import (Predictor, _ImageFiles, _readable, _report_skipped,
                       add_run_args, image_files)
 
 __all__ = ["Explanation", "ImageFigure", "explain_images", "explain_image",
-           "explain_image_figure", "draw_image_explanation", "refiner_off", "attribute_purity", "class_entry_match", "similar_order"]
+           "explain_image_figure", "draw_image_explanation", "refiner_off", "attribute_purity",
+           "class_entry_match", "similar_order"]
 
 NEAREST = 8      # patches kept per cache entry
 DEFAULT_TOPK = 5  # semantic patches marked when the run has no refiner (the published TOPK)
@@ -52,7 +53,8 @@ class Explanation:
         labels [I] int64 class index, -1 where unknown;
         image_size (H, W) of the model's input; grid (rows, columns) of patches, rows x columns = N;
         logits [I, C] the evaluator's scores (refiner on where the run has one): logits, or
-            for LLaMP its probabilities (mean over templates of a softmax; `scores_are_probabilities`);
+            for LLaMP probabilities (a mean over templates of softmaxes;
+            `scores_are_probabilities`);
         logits_plain [I, C] the same images' scores with the refiner switched off and nothing
             else (equal to `logits` without a refiner);
         cls_attention [I, N] the last block's CLS-to-patch attention (a ResNet: its attention
@@ -591,15 +593,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"textrefiner-explain: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("textrefiner-explain: interrupted", file=sys.stderr)
-        return 130
+    return run_command("textrefiner-explain", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from .checkpoint import CODEBASE_FOLDERS, checkpoint_path, read_checkpoint
 from .clip_backbone import amp_autocast, check_image_size, load_clip
 from .config import apply_refiner_args, load_cfg
 from .data.transforms import build_transform
-from .errors import UserError
+from .errors import UserError, run_command
 from .methods import METHODS, method_class
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -443,15 +443,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"textrefiner-predict: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("textrefiner-predict: interrupted", file=sys.stderr)
-        return 130
+    return run_command("textrefiner-predict", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
