@@ -26,6 +26,7 @@ from textrefiner.demo import prepare_pretrained
 from textrefiner.explain import (attribute_purity, class_entry_match, classifier_space,
                                  draw_image_explanation, explain_image, explain_image_figure,
                                  explain_images, main, refiner_off, similar_order, split_images)
+from textrefiner.explain_report import write_report
 from textrefiner.losses import select_semantic_tokens
 from textrefiner.methods import build_method
 from textrefiner.predict import Predictor, run_checkpoint
@@ -276,6 +277,13 @@ def test_every_method_explains_with_the_evaluators_scores(case, request):
         assert ex.scores_are_probabilities and torch.equal(probabilities, ex.logits)
     png = draw_image_explanation(ex, 0, image=_pil(images[0]))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    if case in ("CoCoOp", "LLaMP"):  # read weights over per-image classes; probabilities
+        ex.sources = [_pil(image) for image in images]
+        folder = request.getfixturevalue("tmp_path") / "report"
+        page = open(write_report(ex, str(folder), per_image=2, changed=1)).read()
+        drawn = sorted(os.listdir(folder / "images"))
+        assert "class_reads.png" in page and "atlas.png" in page
+        assert len([n for n in drawn if n.startswith("entry_")]) == len(ex.entries)
 
 
 @contextlib.contextmanager
