@@ -33,7 +33,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-xdist>=3.5", "open_clip_torch>=2.24", "submitit>=1.5",
                  "onnx>=1.15", "onnxruntime>=1.17", "transformers>=5.25", "safetensors",
-                 "huggingface_hub"],
+                 "huggingface_hub", "playwright"],
         # textrefiner-export: a trained run as an ONNX model, checked with ONNX Runtime
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         # textrefiner-sweep --executor slurm: sweeps as Slurm jobs
@@ -56,6 +56,7 @@ setup(
             "textrefiner-llamp-cache=textrefiner.llamp_cache:main",
             "textrefiner-predict=textrefiner.predict:main",
             "textrefiner-export=textrefiner.export:main",
+            "textrefiner-explain=textrefiner.explain:main",
         ],
     },
 )

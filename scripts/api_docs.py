@@ -12,11 +12,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "api.md"
-MODULES = ("textrefiner", "textrefiner.methods")
+MODULES = ("textrefiner", "textrefiner.methods", "textrefiner.explain")
 HEADER = """# The public API
 
-Every name exported by `textrefiner` (the refiner, its losses, CLIP helpers) and by
-`textrefiner.methods` (the methods as plain PyTorch modules), with its shapes and dtypes. For
+Every name exported by `textrefiner` (the refiner, its losses, CLIP helpers), by
+`textrefiner.methods` (the methods as plain PyTorch modules) and by `textrefiner.explain` (the
+numbers behind textrefiner-explain's pictures), with its shapes and dtypes. For
 someone writing their own training loop or extending a method; how the pieces fit together is in
 [methods](methods.md#textrefiner-in-your-own-trainer) and the [design](design.md).
 

@@ -22,3 +22,12 @@ echo
 echo "Report: $OUT/report/results.md, results.csv and the picture results.png"
 echo "What it shows: CoOp's learned prompt beats zero-shot CLIP on base classes; CoOp+TR keeps" \
   "that and gains on novel ones, so its HM is the highest (a toy: one test image = 0.56 points)."
+
+# What the cache of CoOp + TR (seed 1, trained on the base classes) learned, on the novel
+# classes' test images, where the refinement changed predictions (docs/explain.md).
+echo
+NOVEL=$("$PY" -c "from textrefiner.data import synthetic_classnames; print(','.join(synthetic_classnames(12)[6:]))")
+"$PY" -m textrefiner.explain --model-dir "$OUT/base2new/train_base/synthetic_shapes/shots_16/CoOp+TR/demo_tiny/seed1" \
+  --classnames "$NOVEL" --set DATASET.SUBSAMPLE_CLASSES new --output-dir "$OUT/explain"
+echo "What TextRefiner learned (CoOp + TR seed 1, novel classes): open $OUT/explain/index.html" \
+  "in a browser (docs/explain.md says what to read in it)."

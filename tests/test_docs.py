@@ -96,7 +96,7 @@ def option_strings(parser: argparse.ArgumentParser) -> set:
 
 def command_flags() -> dict:
     """{command as the docs write it: its flags}, from the parser objects themselves."""
-    from textrefiner import export, llamp_cache, predict, results, train
+    from textrefiner import explain, export, llamp_cache, predict, results, train
     from textrefiner.data import prepare
     from textrefiner.demo import build_parser as demo_parser
     from textrefiner.sweep import cli
@@ -105,6 +105,7 @@ def command_flags() -> dict:
                "textrefiner-results": results.build_parser(), "textrefiner-sweep": cli.build_parser(),
                "textrefiner-predict": predict.build_parser(),
                "textrefiner-export": export.build_parser(),
+               "textrefiner-explain": explain.build_parser(),
                "textrefiner-llamp-cache": llamp_cache.build_parser(),
                "textrefiner.train": train.build_parser(), "textrefiner.demo": demo_parser()}
     return {name: option_strings(parser) for name, parser in parsers.items()}

@@ -1,4 +1,5 @@
 """Errors that a user can act on: each message says what went wrong and what to do."""
+import sys
 
 
 class UserError(Exception):
@@ -26,3 +27,16 @@ def output_failed(path: str, exc: OSError, kept: str = "") -> OutputError:
         f"Could not write {path}: {exc.strerror or exc}.{kept} Free disk space (or make the folder "
         "writable), then run the same command again: training resumes from the last checkpoint "
         "saved in --output-dir.")
+
+
+def run_command(prog: str, run, args) -> int:
+    """A command's `run(args)` with a user's error as one line on stderr (`prog: error: ...`, its
+    exit code) and Ctrl-C as `prog: interrupted` (130), no traceback."""
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

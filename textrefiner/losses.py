@@ -10,6 +10,15 @@ def regularization_loss(refined: torch.Tensor, text_features: torch.Tensor) -> t
     return F.l1_loss(F.normalize(refined, dim=-1), text_features.to(refined.dtype))
 
 
+def semantic_patch_indices(cls_attention: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """The patches `select_semantic_tokens` picks: [B, k] int64 indices into the N patches (0 =
+    the first patch, CLS not counted), in decreasing CLS-attention order. cls_attention: [B, N]."""
+    n_patches = cls_attention.shape[1]
+    if k > n_patches:
+        raise ValueError(f"top-k ({k}) is larger than the number of patches ({n_patches})")
+    return cls_attention.topk(k, dim=1).indices
+
+
 def select_semantic_tokens(aligned_tokens: torch.Tensor, cls_attention: torch.Tensor,
                            k: int = 5) -> torch.Tensor:
     """The k + 2 vectors of the semantic loss, per image: [CLS, top-k patches, mean] -> [B, k+2, d].
@@ -18,10 +27,7 @@ def select_semantic_tokens(aligned_tokens: torch.Tensor, cls_attention: torch.Te
     dtype). The top-k patches come in decreasing attention order; the mean is over all 1+N
     tokens. The result has aligned_tokens' dtype.
     """
-    n_patches = cls_attention.shape[1]
-    if k > n_patches:
-        raise ValueError(f"top-k ({k}) is larger than the number of patches ({n_patches})")
-    top = cls_attention.topk(k, dim=1).indices + 1                 # [B, k], +1 skips CLS
+    top = semantic_patch_indices(cls_attention, k) + 1             # [B, k], +1 skips CLS
     index = top.unsqueeze(-1).expand(-1, -1, aligned_tokens.shape[-1])
     patches = aligned_tokens.gather(1, index)                      # [B, k, d]
     mean = aligned_tokens.mean(dim=1, keepdim=True)                # [B, 1, d]

@@ -33,7 +33,7 @@ from .checkpoint import CODEBASE_FOLDERS, checkpoint_path, read_checkpoint
 from .clip_backbone import amp_autocast, check_image_size, load_clip
 from .config import apply_refiner_args, load_cfg
 from .data.transforms import build_transform
-from .errors import UserError
+from .errors import UserError, run_command
 from .methods import METHODS, method_class
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -217,6 +217,7 @@ class Predictor:
         self.classnames = list(classnames)
         self.precision = precision
         self.batch_size = batch_size
+        self.cfg = None  # the run's configuration, where it was loaded from a run
 
     @classmethod
     def from_run(cls, model_dir: str = "", load_epoch: Optional[int] = None, classnames=None,
@@ -237,8 +238,10 @@ class Predictor:
         device = pick_device(device)
         model, cfg, _ = build_run_model(args, device, log=log)
         precision = cfg.TRAINER[type(model).config_section].PREC
-        return cls(model, build_transform(cfg, is_train=False), model.classnames, precision,
-                   device, batch_size)
+        predictor = cls(model, build_transform(cfg, is_train=False), model.classnames, precision,
+                        device, batch_size)
+        predictor.cfg = cfg
+        return predictor
 
     def preprocess(self, images) -> torch.Tensor:
         """A batch tensor [N, 3, H, W] from paths or PIL images (a tensor passes as it is)."""
@@ -251,6 +254,24 @@ class Predictor:
         """The evaluator's logits [N, C] (float32) of a preprocessed batch."""
         with amp_autocast(self.precision, self.device):
             return self.model(batch.to(self.device)).float()
+
+    def display_transform(self):
+        """The transform's steps before ToTensor: a PIL image resized and cropped as the model
+        sees it (for pictures of patches at their place)."""
+        import torchvision.transforms as T
+
+        steps = getattr(self.transform, "transforms", None)
+        if steps is None or not any(isinstance(step, T.ToTensor) for step in steps):
+            raise UserError("This predictor's transform is not a torchvision Compose with "
+                            "ToTensor: pictures cannot show the images as the model sees them.")
+        return T.Compose(steps[:[isinstance(step, T.ToTensor) for step in steps].index(True)])
+
+    def explain(self, images, **options):
+        """`textrefiner.explain.explain_images(self, images, **options)`: the numbers behind
+        textrefiner-explain's pictures (an `Explanation` of tensors, shapes in its docstring)."""
+        from .explain import explain_images
+
+        return explain_images(self, images, **options)
 
     def __call__(self, images) -> torch.Tensor:
         """Class probabilities [N, C] of `images` (paths, PIL images or a preprocessed batch)."""
@@ -422,15 +443,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"textrefiner-predict: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("textrefiner-predict: interrupted", file=sys.stderr)
-        return 130
+    return run_command("textrefiner-predict", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

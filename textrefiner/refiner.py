@@ -47,8 +47,13 @@ class LocalCache(nn.Module):
         if torch.is_grad_enabled() and entries is self.entries:
             # The backward pass needs A as read, and this step's write changes it in place.
             entries = entries.clone()
-        weights = F.normalize(text_features, dim=-1) @ entries.t()   # [C, M] cosine
-        return weights.softmax(dim=-1) @ entries
+        return self.read_weights(text_features, entries) @ entries
+
+    def read_weights(self, text_features: torch.Tensor, entries: torch.Tensor = None):
+        """Eq. 5's read weights softmax(cos(E, A), over entries): E [..., C, d] -> [..., C, M],
+        in E's dtype; each class's weights sum to 1. `entries` defaults to the cache's own."""
+        entries = self.entries.to(text_features.dtype) if entries is None else entries
+        return (F.normalize(text_features, dim=-1) @ entries.t()).softmax(dim=-1)
 
     @torch.no_grad()
     def write(self, tokens: torch.Tensor) -> int:
