@@ -56,7 +56,7 @@ setup(
             "textrefiner-llamp-cache=textrefiner.llamp_cache:main",
             "textrefiner-predict=textrefiner.predict:main",
             "textrefiner-export=textrefiner.export:main",
-            "textrefiner-explain=textrefiner.explain:main",
+            "textrefiner-explain=textrefiner.explain.cli:main",
         ],
     },
 )

@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 from textrefiner.data.synthetic import synthetic_classnames, write_image_folder  # noqa: E402
 from textrefiner.explain import explain_images  # noqa: E402
-from textrefiner.explain_report import write_report  # noqa: E402
+from textrefiner.explain import write_report  # noqa: E402
 from textrefiner.predict import Predictor, image_files  # noqa: E402
 
 from cocoop import SHAPES  # noqa: E402  (benchmarks/ is on the path)

@@ -96,7 +96,8 @@ def option_strings(parser: argparse.ArgumentParser) -> set:
 
 def command_flags() -> dict:
     """{command as the docs write it: its flags}, from the parser objects themselves."""
-    from textrefiner import explain, export, llamp_cache, predict, results, train
+    from textrefiner import export, llamp_cache, predict, results, train
+    from textrefiner.explain import cli as explain
     from textrefiner.data import prepare
     from textrefiner.demo import build_parser as demo_parser
     from textrefiner.sweep import cli

@@ -23,10 +23,11 @@ from textrefiner.clip_backbone import load_clip
 from textrefiner.data import build_transform
 from textrefiner.data.synthetic import COLORS, SHAPES
 from textrefiner.demo import prepare_pretrained
-from textrefiner.explain import (attribute_purity, class_entry_match, classifier_space,
-                                 draw_image_explanation, explain_image, explain_image_figure,
-                                 explain_images, main, refiner_off, similar_order, split_images)
-from textrefiner.explain_report import write_report
+from textrefiner.explain import (attribute_purity, class_entry_match, draw_image_explanation,
+                                 explain_image, explain_image_figure, explain_images,
+                                 refiner_off, similar_order, write_report)
+from textrefiner.explain.cli import main, split_images
+from textrefiner.explain.numbers import classifier_space
 from textrefiner.losses import select_semantic_tokens
 from textrefiner.methods import build_method
 from textrefiner.predict import Predictor, run_checkpoint
@@ -275,6 +276,9 @@ def test_every_method_explains_with_the_evaluators_scores(case, request):
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(5))
     if case == "LLaMP":  # its scores are probabilities already: not passed through a softmax again
         assert ex.scores_are_probabilities and torch.equal(probabilities, ex.logits)
+    # ... and so are Predictor's (textrefiner-predict's, textrefiner-serve's) probabilities
+    with torch.no_grad():
+        torch.testing.assert_close(predictor(images), probabilities, atol=ATOL, rtol=1e-5)
     png = draw_image_explanation(ex, 0, image=_pil(images[0]))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     if case in ("CoCoOp", "LLaMP"):  # read weights over per-image classes; probabilities

@@ -26,12 +26,12 @@ import torch.utils.checkpoint
 
 from ._compat import import_clip
 from .errors import UserError
+from .hf_models import HF_PREFIX
 from .safe_load import is_torchscript, load_torch_file, load_torchscript_state_dict
 from .seeding import BUILD_STATE
 
 PRECISIONS = ("fp16", "fp32", "amp", "bf16")
 OPENCLIP_PREFIX = "openclip:"  # MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
-HF_PREFIX = "hf:"  # MODEL.BACKBONE.NAME hf:<folder or org/repo>, a transformers CLIPModel
 TEXT_LENGTH_MULTIPLE = 16  # see encode_text
 DOWNLOAD_TIMEOUT_S = 60
 RESNET_KEY = "visual.attnpool.positional_embedding"  # only ResNet CLIP state dicts have it

@@ -28,9 +28,10 @@ import torch
 import torch.nn as nn
 
 from ._compat import import_clip
-from .clip_backbone import HF_PREFIX
 from .errors import UserError
 from .safe_load import load_torch_file, one_line
+
+HF_PREFIX = "hf:"  # MODEL.BACKBONE.NAME hf:<folder or org/repo>, a transformers CLIPModel
 
 INSTALL = "pip install 'textrefiner[hf]'"
 CONTEXT_LENGTH = 77  # what clip.tokenize gives

@@ -203,7 +203,8 @@ def build_run_model(args, device, precision: Optional[str] = None, log=None):
 # ---------------------------------------------------------------------------- the predictor
 class Predictor:
     """A trained run as a callable: images (paths, PIL images, or a preprocessed batch) in, class
-    probabilities [N, C] out (softmax of the evaluator's logits); `classnames` names the columns.
+    probabilities [N, C] out (softmax of the evaluator's logits; LLaMP's scores as they are, being
+    probabilities already); `classnames` names the columns.
 
     `Predictor.from_run(model_dir, ...)` loads a run; `Predictor(model, transform, classnames)`
     wraps a built PromptMethod.
@@ -266,19 +267,17 @@ class Predictor:
                             "ToTensor: pictures cannot show the images as the model sees them.")
         return T.Compose(steps[:[isinstance(step, T.ToTensor) for step in steps].index(True)])
 
-    def explain(self, images, **options):
-        """`textrefiner.explain.explain_images(self, images, **options)`: the numbers behind
-        textrefiner-explain's pictures (an `Explanation` of tensors, shapes in its docstring)."""
-        from .explain import explain_images
-
-        return explain_images(self, images, **options)
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [B, C] of a preprocessed batch."""
+        scores = self.logits(batch)
+        return scores if self.model.scores_are_probabilities else scores.softmax(dim=-1)
 
     def __call__(self, images) -> torch.Tensor:
         """Class probabilities [N, C] of `images` (paths, PIL images or a preprocessed batch)."""
         if not isinstance(images, (list, tuple, torch.Tensor)):
             images = [images]
         batch = self.preprocess(images)
-        parts = [self.logits(batch[i:i + self.batch_size]).softmax(dim=-1).cpu()
+        parts = [self.probabilities(batch[i:i + self.batch_size]).cpu()
                  for i in range(0, batch.shape[0], self.batch_size)]
         return torch.cat(parts)
 
@@ -295,7 +294,7 @@ class Predictor:
                 for path, reason in failed:
                     (skipped or _report_skipped)(path, reason)
                 if names:
-                    probabilities = self.logits(batch).softmax(dim=-1).cpu()
+                    probabilities = self.probabilities(batch).cpu()
                     yield from zip(names, probabilities)
                 bar.update(len(names) + len(failed))
         finally:

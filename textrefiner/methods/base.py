@@ -70,6 +70,7 @@ class PromptMethod(nn.Module):
     # checkpoint name implies (a submodule of that name registered alone, else the whole model)
     codebase_layout = None
     max_grad_norm = None  # both engines clip the gradient norm to this when set (LLaMP: 1.0)
+    scores_are_probabilities = False  # forward gives logits (LLaMP: probabilities already)
 
     def __init__(self, cfg, classnames: Sequence[str], clip_model: nn.Module):
         super().__init__()

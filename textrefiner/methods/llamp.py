@@ -344,6 +344,7 @@ class LLaMP(PromptMethod):
                           "logit_scale")
     prompts_vision_blocks = True
     max_grad_norm = 1.0  # deepspeed's gradient_clipping in its zero2_a100_40g.json
+    scores_are_probabilities = True  # the mean over templates of softmax(z_t)
 
     def __init__(self, cfg, classnames, clip_model):
         require_llamp_packages()

@@ -1,18 +1,19 @@
 """textrefiner-explain's pictures and its report folder (index.html + PNGs, opens from the disk).
 
-Every picture is drawn from an `Explanation` (textrefiner.explain) and the image files; nothing
+Every picture is drawn from an `Explanation` (textrefiner.explain.numbers) and the image files; nothing
 here runs the model. Patches are cut from the images resized and cropped as the model saw them.
 """
 import html
 import io
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .explain import Explanation, similar_order
+from .numbers import Explanation, explain_image, similar_order
 
 TILE = 56           # px of one patch in the atlas strips
 THUMB_CLASSES = 5   # classes in each image's bar chart
@@ -447,3 +448,37 @@ table.reads img {{ width: 100%; }}
 {body}
 </body></html>
 """
+
+
+# ---------------------------------------------------------------------------- one image
+class ImageFigure(NamedTuple):
+    """`explain_image_figure`'s result: png, the per-image picture (PNG bytes); numbers, its
+    numbers as plain Python (`Explanation.image_numbers`); explanation, every tensor (I = 1)."""
+    png: bytes
+    numbers: dict
+    explanation: Explanation
+
+
+def explain_image_figure(predictor, image, label: int = -1, top: int = 5,
+                         dpi: int = 100) -> ImageFigure:
+    """One image's picture and numbers, for a page that shows one prediction: `image` (a path
+    or a PIL image) through `explain_images`, drawn by `draw_image_explanation`. label: its
+    class index where known (-1 unknown); top: classes listed in the numbers.
+
+    It encodes the image once, computes E beside Ehat, and for that batch swaps the model's
+    refiner out and back (`refiner_off`): a server must not run other predictions on the same
+    model object at the same time (hold one lock around both)."""
+    explanation = explain_image(predictor, image, label)
+    return ImageFigure(draw_image_explanation(explanation, 0, dpi=dpi),
+                       explanation.image_numbers(0, top), explanation)
+
+
+def draw_image_explanation(explanation: Explanation, index: int = 0, image=None,
+                           dpi: int = 100) -> bytes:
+    """The per-image picture of image `index` as PNG bytes: the image with its top-k semantic
+    patches marked, its CLS-attention map, each patch's similarity to the predicted class's
+    (refined) embedding, and its top classes with and without refinement. The image is read
+    from its path, or taken from the PIL images `explain_images` was given; `image` (a PIL
+    image or a path) is needed only where it was given as a tensor. It is shown resized and
+    cropped as the model saw it."""
+    return image_figure_png(explanation, index, image, dpi)

@@ -1,41 +1,29 @@
-"""`textrefiner-explain` and `explain_images`: what a trained run's TextRefiner learned.
-
-    textrefiner-explain --model-dir output/run                  # the run's test split
-    textrefiner-explain --model-dir output/run photos/ --output-dir report/
-
-    from textrefiner.explain import explain_images, draw_image_explanation
-    predictor = Predictor.from_run("output/run")
-    explanation = explain_images(predictor, ["a.jpg", "b.jpg"])   # tensors, one pass
-    png = draw_image_explanation(explanation, 0)                  # PNG bytes of image 0
+"""The numbers behind textrefiner-explain's pictures: `explain_images` -> `Explanation`.
 
 One pass over the images computes everything (each image is encoded once, with its local
 tokens): the evaluator's logits with the refiner on and, from the same image features, with the
 refiner switched off and nothing else; the CLS-to-patch attention and the top-k patches that
 `select_semantic_tokens` takes; each patch's aligned token's cache entry and the patches nearest
-each entry; the classes' read weights (Eq. 5). `textrefiner.explain_report` draws them.
+each entry; the classes' read weights (Eq. 5). `textrefiner.explain.report` draws them.
 """
-import argparse
 import contextlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .clip_backbone import amp_autocast
-from .errors import UserError, run_command
-from .losses import semantic_patch_indices
-from .methods.base import image_text_logits
-from .methods.cocoop import CoCoOp
-from .methods.llamp import LLaMP
-from .predict import (Predictor, _ImageFiles, _readable, _report_skipped,
-                      add_run_args, image_files)
+from ..clip_backbone import amp_autocast
+from ..errors import UserError
+from ..losses import semantic_patch_indices
+from ..methods.base import image_text_logits
+from ..methods.cocoop import CoCoOp
+from ..predict import Predictor, _ImageFiles, _readable, _report_skipped
 
-__all__ = ["Explanation", "ImageFigure", "explain_images", "explain_image",
-           "explain_image_figure", "draw_image_explanation", "refiner_off", "attribute_purity",
+__all__ = ["Explanation", "explain_images", "explain_image", "refiner_off", "attribute_purity",
            "class_entry_match", "similar_order"]
 
 NEAREST = 8      # patches kept per cache entry
@@ -440,7 +428,7 @@ def explain_images(predictor: Predictor, images, labels=None, nearest: int = NEA
     explanation = Explanation(
         classnames=list(predictor.classnames), paths=kept, labels=found, image_size=sizes,
         grid=(rows, n_patches // rows), display=_display_or_none(predictor),
-        scores_are_probabilities=isinstance(model, LLaMP), **{k: parts[k] for k in (
+        scores_are_probabilities=model.scores_are_probabilities, **{k: parts[k] for k in (
             "logits", "logits_plain", "cls_attention", "semantic_patches", "patch_similarity")})
     if not isinstance(images, torch.Tensor) and not all(isinstance(p, (str, os.PathLike))
                                                         for p in images):
@@ -487,114 +475,3 @@ def _labels(labels, images, kept, classnames) -> torch.Tensor:
 def explain_image(predictor: Predictor, image, label: int = -1) -> Explanation:
     """`explain_images` for one image (a path or a PIL image): an `Explanation` with I = 1."""
     return explain_images(predictor, [image], labels=[label])
-
-
-class ImageFigure(NamedTuple):
-    """`explain_image_figure`'s result: png, the per-image picture (PNG bytes); numbers, its
-    numbers as plain Python (`Explanation.image_numbers`); explanation, every tensor (I = 1)."""
-    png: bytes
-    numbers: dict
-    explanation: Explanation
-
-
-def explain_image_figure(predictor: Predictor, image, label: int = -1, top: int = 5,
-                         dpi: int = 100) -> ImageFigure:
-    """One image's picture and numbers, for a page that shows one prediction: `image` (a path
-    or a PIL image) through `explain_images`, drawn by `draw_image_explanation`. label: its
-    class index where known (-1 unknown); top: classes listed in the numbers.
-
-    It encodes the image once, computes E beside Ehat, and for that batch swaps the model's
-    refiner out and back (`refiner_off`): a server must not run other predictions on the same
-    model object at the same time (hold one lock around both)."""
-    explanation = explain_image(predictor, image, label)
-    return ImageFigure(draw_image_explanation(explanation, 0, dpi=dpi),
-                       explanation.image_numbers(0, top), explanation)
-
-
-# ---------------------------------------------------------------------------- pictures
-def draw_image_explanation(explanation: Explanation, index: int = 0, image=None,
-                           dpi: int = 100) -> bytes:
-    """The per-image picture of image `index` as PNG bytes: the image with its top-k semantic
-    patches marked, its CLS-attention map, each patch's similarity to the predicted class's
-    (refined) embedding, and its top classes with and without refinement. The image is read
-    from its path, or taken from the PIL images `explain_images` was given; `image` (a PIL
-    image or a path) is needed only where it was given as a tensor. It is shown resized and
-    cropped as the model saw it."""
-    from .explain_report import image_figure_png
-
-    return image_figure_png(explanation, index, image, dpi)
-
-
-# ---------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="textrefiner-explain",
-        description="Pictures of what a trained run's TextRefiner learned: its cache's entries, "
-                    "which entries each class reads, per-image attention and semantic patches, "
-                    "and what refinement changed; one folder with index.html.")
-    parser.add_argument("images", nargs="*", help="image files or folders (default: the run's "
-                                                  "test split); a folder named like a class "
-                                                  "labels its images")
-    add_run_args(parser)
-    parser.add_argument("--output-dir", default="",
-                        help="the report folder (default: MODEL_DIR/explain)")
-    parser.add_argument("--split", choices=("test", "val", "train"), default="test",
-                        help="the run's split to explain when no images are given")
-    parser.add_argument("--nearest", type=int, default=NEAREST, help="patches shown per entry")
-    parser.add_argument("--per-image", type=int, default=12,
-                        help="images drawn in the per-image section (spread over classes)")
-    parser.add_argument("--changed", type=int, default=8,
-                        help="changed images drawn per direction (right->wrong, wrong->right)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
-    parser.add_argument("--workers", type=int, default=0, help="image-reading processes")
-    parser.add_argument("--device", default="", help="cpu, cuda, cuda:1 ... (default: the GPU "
-                                                     "when there is one)")
-    return parser
-
-
-def split_images(cfg, split: str, classnames: Sequence[str]):
-    """(paths, labels) of the run's dataset split, labels by class name (-1: not a class of
-    `classnames`)."""
-    from .data import build_dataset
-
-    if not cfg.DATASET.NAME or not cfg.DATASET.ROOT:
-        raise UserError("The run names no dataset (DATASET.NAME, DATASET.ROOT): give image files "
-                        "or folders to explain.")
-    splits = build_dataset(cfg, log=lambda *a, **k: None)
-    items = {"test": splits.test, "val": splits.val, "train": splits.train_x}[split]
-    if not items:
-        raise UserError(f"The run's {split} split is empty: give image files or folders.")
-    index = {name: i for i, name in enumerate(classnames)}
-    return [d.impath for d in items], [index.get(d.classname, -1) for d in items]
-
-
-def run(args) -> int:
-    from .explain_report import write_report
-
-    if args.batch_size < 1 or args.nearest < 1:
-        raise UserError("--batch-size and --nearest must be at least 1.")
-    predictor = Predictor.from_args(args, device=args.device or None, batch_size=args.batch_size)
-    if args.images:
-        paths, labels = image_files(args.images), None
-    else:
-        paths, labels = split_images(predictor.cfg, args.split, predictor.classnames)
-    output = args.output_dir or os.path.join(args.model_dir or ".", "explain")
-    print(f"textrefiner-explain: {len(paths)} images", file=sys.stderr)
-    explanation = explain_images(predictor, paths, labels, nearest=args.nearest,
-                                 workers=args.workers, progress=True)
-    if not explanation.has_refiner:
-        print("textrefiner-explain: this run has no TextRefiner: the report has the per-image "
-              "pictures; the cache atlas, class reads and what refinement changed need a run "
-              "trained with --refiner.", file=sys.stderr)
-    index = write_report(explanation, output, title=args.model_dir or "run",
-                         per_image=args.per_image, changed=args.changed, progress=True)
-    print(f"textrefiner-explain: report written to {index}", file=sys.stderr)
-    return 0
-
-
-def main(argv=None) -> int:
-    return run_command("textrefiner-explain", run, build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
