@@ -13,7 +13,8 @@ setup(
     # never shadows, nor is shadowed by, the top-level `trainers` package of CoOp-style repos.
     package_dir={"textrefiner_trainers": "trainers"},
     # The demo's pretrained tiny CLIP (1.6 MB), the same file on every machine
-    package_data={"textrefiner.demo": ["clip_tiny.pt"],
+    package_data={"textrefiner": ["configs/*/*.yaml", "configs/*/*/*.yaml"],  # trainer, dataset
+                  "textrefiner.demo": ["clip_tiny.pt"],
                   # textrefiner-sweep's shipped sweeps and the paper's published numbers
                   "textrefiner.sweep": ["specs/*.yaml", "paper_numbers.yaml"]},
     install_requires=[

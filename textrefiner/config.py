@@ -30,7 +30,7 @@ __all__ = [
     "tr_config_file",
 ]
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # the shipped ones
 
 SUBSAMPLE_CHOICES = ("all", "base", "new")
 MODALS = ("base2novel", "cross")
