@@ -13,7 +13,8 @@ setup(
     # never shadows, nor is shadowed by, the top-level `trainers` package of CoOp-style repos.
     package_dir={"textrefiner_trainers": "trainers"},
     # The demo's pretrained tiny CLIP (1.6 MB), the same file on every machine
-    package_data={"textrefiner": ["configs/*/*.yaml", "configs/*/*/*.yaml"],  # trainer, dataset
+    # The trainer and dataset configs (textrefiner-configs list; the checkout's configs/ links here)
+    package_data={"textrefiner.configs": ["datasets/*.yaml", "trainers/*/*.yaml"],
                   "textrefiner.demo": ["clip_tiny.pt"],
                   # textrefiner-sweep's shipped sweeps and the paper's published numbers
                   "textrefiner.sweep": ["specs/*.yaml", "paper_numbers.yaml"]},
@@ -32,8 +33,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "open_clip_torch>=2.24", "submitit>=1.5", "onnx>=1.15",
-                 "onnxruntime>=1.17", "transformers>=5.25", "safetensors"],
+        # build and setuptools: tests/test_install.py builds the sdist and wheel offline
+        "test": ["pytest", "build", "setuptools>=70.1", "open_clip_torch>=2.24", "submitit>=1.5",
+                 "onnx>=1.15", "onnxruntime>=1.17", "transformers>=5.25", "safetensors"],
         # textrefiner-export: a trained run as an ONNX model, checked with ONNX Runtime
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         # textrefiner-sweep --executor slurm: sweeps as Slurm jobs
@@ -53,6 +55,7 @@ setup(
             "textrefiner-llamp-cache=textrefiner.llamp_cache:main",
             "textrefiner-predict=textrefiner.predict:main",
             "textrefiner-export=textrefiner.export:main",
+            "textrefiner-configs=textrefiner.configs:main",
         ],
     },
 )
