@@ -23,7 +23,8 @@ import pytest
 import textrefiner
 from conftest import HANG_TIMEOUT
 
-pytestmark = pytest.mark.slow
+# slow; one xdist worker for all (pytest -n: one build, one venv)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
 
 REPO = Path(__file__).resolve().parents[1]
 DIST_INFO = f"textrefiner-{textrefiner.__version__}.dist-info"
