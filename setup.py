@@ -13,7 +13,9 @@ setup(
     # never shadows, nor is shadowed by, the top-level `trainers` package of CoOp-style repos.
     package_dir={"textrefiner_trainers": "trainers"},
     # The demo's pretrained tiny CLIP (1.6 MB), the same file on every machine
-    package_data={"textrefiner.demo": ["clip_tiny.pt"],
+    # The trainer and dataset configs (textrefiner-configs list; the checkout's configs/ links here)
+    package_data={"textrefiner.configs": ["datasets/*.yaml", "trainers/*/*.yaml"],
+                  "textrefiner.demo": ["clip_tiny.pt"],
                   # textrefiner-sweep's shipped sweeps and the paper's published numbers
                   "textrefiner.sweep": ["specs/*.yaml", "paper_numbers.yaml"]},
     install_requires=[
@@ -31,9 +33,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist>=3.5", "open_clip_torch>=2.24", "submitit>=1.5",
-                 "onnx>=1.15", "onnxruntime>=1.17", "transformers>=5.25", "safetensors",
-                 "huggingface_hub", "playwright"],
+        # build and setuptools: tests/test_install.py builds the sdist and wheel offline
+        "test": ["pytest", "pytest-xdist>=3.5", "build", "setuptools>=70.1", "open_clip_torch>=2.24",
+                 "submitit>=1.5", "onnx>=1.15", "onnxruntime>=1.17", "transformers>=5.25",
+                 "safetensors", "huggingface_hub", "playwright"],
         # textrefiner-export: a trained run as an ONNX model, checked with ONNX Runtime
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
         # textrefiner-sweep --executor slurm: sweeps as Slurm jobs
@@ -57,6 +60,7 @@ setup(
             "textrefiner-predict=textrefiner.predict:main",
             "textrefiner-export=textrefiner.export:main",
             "textrefiner-explain=textrefiner.explain.cli:main",
+            "textrefiner-configs=textrefiner.configs:main",
         ],
     },
 )

@@ -41,7 +41,9 @@ feature_store_flag() {
 # The scripts use the configs/ of the checkout they run from, like CoOp's scripts.
 require_repo_root() {
     [[ -d configs/datasets && -d configs/trainers ]] || {
-        echo "run this from the root of the textrefiner checkout (no configs/ folder in $PWD)" >&2
+        echo "run this from the root of the textrefiner checkout (no configs/ folder in $PWD);" \
+            "with the package installed, textrefiner-sweep runs the same from any folder" \
+            "(docs/experiments.md: scripts and what to run instead)" >&2
         exit 1
     }
 }

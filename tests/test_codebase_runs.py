@@ -24,12 +24,12 @@ import torch
 
 from conftest import HANG_TIMEOUT
 from textrefiner.clip_backbone import save_random_clip
+from textrefiner.configs import CONFIG_DIR as CONFIGS
 from textrefiner.data import write_synthetic_dataset
 from textrefiner.data.base import read_split_json, write_split_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, "tests", "codebase_train.py")
-CONFIGS = os.path.join(REPO, "configs")
 HAS_DASSL = importlib.util.find_spec("dassl") is not None
 CODEBASES = [p for p in os.environ.get("TEXTREFINER_CODEBASES", "").split(os.pathsep) if p]
 TOLERANCE = 1e-5

@@ -29,7 +29,7 @@ from textrefiner.errors import UserError
 from textrefiner.train import main, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATASET_CFG = os.path.join(REPO, "configs", "datasets", "synthetic_shapes.yaml")
+DATASET_CFG = "configs/datasets/synthetic_shapes.yaml"
 EPOCHS = 10  # demo_tiny's MAX_EPOCH
 # Accuracy points a learned row must clear zero-shot by. benchmarks/kernel_paths.py measured every
 # accuracy of the demo equal under four kernel settings (trained weights within 2.5e-7), and the
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.xdist_group("demo_learns")
 
 
 def config_file(trainer):
-    return os.path.join(REPO, "configs", "trainers", trainer, "demo_tiny.yaml")
+    return f"configs/trainers/{trainer}/demo_tiny.yaml"
 
 
 @pytest.fixture(scope="session")

@@ -70,8 +70,8 @@ def free_port():
 # ----------------------------------------------------------------------------- runs
 def coop_args(demo, out, batch, *opts, refiner=True, epochs=2):
     return (["--engine", "standalone", "--root", demo["root"], "--trainer", "CoOp", "--seed", "1",
-             "--dataset-config-file", f"{REPO}/configs/datasets/synthetic_shapes.yaml",
-             "--config-file", f"{REPO}/configs/trainers/CoOp/demo_cpu.yaml",
+             "--dataset-config-file", "configs/datasets/synthetic_shapes.yaml",
+             "--config-file", "configs/trainers/CoOp/demo_cpu.yaml",
              "--output-dir", str(out)] + (["--refiner"] if refiner else [])
             + ["MODEL.BACKBONE.PATH", demo["clip"], "USE_CUDA", "False",
                "DATASET.NUM_SHOTS", "4", "DATASET.SUBSAMPLE_CLASSES", "base",
@@ -317,8 +317,8 @@ def test_every_method_trains_under_torchrun_as_in_one_process(tmp_path, clip_pat
         trainer, _, refiner, opts = METHOD_RUNS[i] if i < len(METHOD_RUNS) else (
             "ZeroshotCLIP", None, False, ())
         return (["--engine", "standalone", "--root", root, "--trainer", trainer, "--seed", "1",
-                 "--dataset-config-file", f"{REPO}/configs/datasets/synthetic_shapes.yaml",
-                 "--config-file", f"{REPO}/configs/trainers/CoOp/demo_cpu.yaml",
+                 "--dataset-config-file", "configs/datasets/synthetic_shapes.yaml",
+                 "--config-file", "configs/trainers/CoOp/demo_cpu.yaml",
                  "--output-dir", str(out / str(i))] + (["--refiner"] if refiner else [])
                 + (["--eval-only"] if trainer == "ZeroshotCLIP" else [])
                 + ["MODEL.BACKBONE.PATH", clip_path, "DATASET.NUM_SHOTS", "2",

@@ -12,8 +12,8 @@ import textwrap
 import pytest
 import torch
 
-from textrefiner.config import (ConfigError, add_refiner_args, apply_refiner_args, load_cfg,
-                                tr_config_file)
+from textrefiner.config import (CONFIG_DIR, ConfigError, add_refiner_args, apply_refiner_args,
+                                load_cfg, tr_config_file)
 from textrefiner.data import Datum, build_dataset
 from textrefiner.data.base import fewshot_cache_path, load_fewshot_cache, save_fewshot_cache
 
@@ -144,9 +144,21 @@ def test_tr_config_path_of_a_codebase_script_resolves(tmp_path, monkeypatch):
     (tmp_path / "configs" / "trainers" / "CoOp" / "vit_b16_ep10_ctxv1.yaml").write_text("")
     assert tr_config_file("configs/trainers/TR_CoOp/vit_b16_ep10_ctxv1.yaml") == os.path.join(
         "configs", "trainers", "CoOp", "vit_b16_ep10_ctxv1.yaml")
-    for unchanged in ("configs/trainers/CoOp/vit_b16_ep10_ctxv1.yaml",
-                      "configs/trainers/TR_CoOp/missing.yaml", ""):
+    for unchanged in ("configs/trainers/CoOp/vit_b16_ep10_ctxv1.yaml", ""):
         assert tr_config_file(unchanged) == unchanged
+    with pytest.raises(ConfigError, match=r"^method config file not found: configs/trainers/"
+                                          r"TR_CoOp/missing.yaml \(nor configs/trainers/CoOp/"
+                                          r"missing.yaml\).*textrefiner-configs list"):
+        tr_config_file("configs/trainers/TR_CoOp/missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["configs/trainers/TR_CoOp/demo_tiny.yaml",
+                                  "configs/trainers/CoOp/demo_tiny.yaml", "CoOp/demo_tiny"])
+def test_a_shipped_config_the_repository_lacks_is_the_shipped_file(tmp_path, monkeypatch, name):
+    """In a codebase's checkout (its own configs/, without our demo configs)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "trainers" / "CoOp").mkdir(parents=True)
+    assert tr_config_file(name) == os.path.join(CONFIG_DIR, "trainers", "CoOp", "demo_tiny.yaml")
 
 
 def test_drop_in_patch_has_the_lines_the_docs_count():

@@ -1,7 +1,6 @@
 """The standalone engine's pieces: Dassl's schedule, the evaluator's output, precisions (torchrun:
 tests/test_distributed.py)."""
 import math
-import os
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from textrefiner.engine.evaluator import Classification, macro_f1
 from textrefiner.engine.optim import build_optimizer, build_scheduler, lr_factor
 from textrefiner.train import main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def schedule(*opts):
@@ -79,8 +77,8 @@ def test_macro_f1_skips_absent_classes():
 
 def demo_args(demo, out, *opts, trainer="CoOp"):
     return ["--engine", "standalone", "--root", demo["root"], "--trainer", trainer, "--seed", "1",
-            "--refiner", "--dataset-config-file", f"{REPO}/configs/datasets/synthetic_shapes.yaml",
-            "--config-file", f"{REPO}/configs/trainers/CoOp/demo_cpu.yaml", "--output-dir",
+            "--refiner", "--dataset-config-file", "configs/datasets/synthetic_shapes.yaml",
+            "--config-file", "configs/trainers/CoOp/demo_cpu.yaml", "--output-dir",
             str(out), "MODEL.BACKBONE.PATH", demo["clip"], "DATASET.NUM_SHOTS", "2",
             "DATASET.SUBSAMPLE_CLASSES", "base", "OPTIM.MAX_EPOCH", "1"] + list(opts)
 

@@ -20,8 +20,6 @@ from textrefiner.methods import build_method
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATASET_CFG = f"{REPO}/configs/datasets/synthetic_shapes.yaml"
 OPTS = {
     "ZeroshotCLIP": (),
     "CoOp": (),

@@ -24,8 +24,8 @@ CONFIGS = {"CoOp": "CoOp/demo_cpu.yaml", "CoCoOp": "CoOp/demo_cpu.yaml",
 
 def run_args(demo, out, trainer="CoOp", store=None, refiner=False, *opts):
     args = ["--engine", "standalone", "--root", demo["root"], "--trainer", trainer, "--seed", "1",
-            "--dataset-config-file", f"{REPO}/configs/datasets/synthetic_shapes.yaml",
-            "--config-file", f"{REPO}/configs/trainers/{CONFIGS[trainer]}", "--output-dir",
+            "--dataset-config-file", "configs/datasets/synthetic_shapes.yaml",
+            "--config-file", f"configs/trainers/{CONFIGS[trainer]}", "--output-dir",
             str(out), "MODEL.BACKBONE.PATH", demo["clip"], "DATASET.NUM_SHOTS", "2",
             "DATASET.SUBSAMPLE_CLASSES", "new", "DATALOADER.TEST.BATCH_SIZE", "7",
             "TRAINER.COCOOP.PREC", "fp32", "TRAINER.COCOOP.N_CTX", "4",

@@ -22,7 +22,7 @@ from llamp_files import (LLM_SIZES, hf_clip_configs, openai_to_hf_clip,  # noqa:
                          save_tiny_llama, write_clip_tokenizer_files, write_llamp_files)
 
 from textrefiner.clip_backbone import build_random_clip, encode_text_tokens, tokenize  # noqa: E402
-from textrefiner.config import load_cfg  # noqa: E402
+from textrefiner.config import CONFIG_DIR, load_cfg  # noqa: E402
 from textrefiner.errors import UserError  # noqa: E402
 from textrefiner.methods import build_method  # noqa: E402
 from textrefiner.methods.llamp import INSTALL_HINT, suffix_text_inputs  # noqa: E402
@@ -334,7 +334,7 @@ def test_command_without_transformers_is_one_line(demo, tiny, demo_files, tmp_pa
 
 def test_published_configs_load():
     import glob
-    paths = sorted(glob.glob(os.path.join(HERE, "..", "configs", "trainers", "LLaMP", "*.yaml")))
+    paths = sorted(glob.glob(os.path.join(CONFIG_DIR, "trainers", "LLaMP", "*.yaml")))
     assert len(paths) == 11
     for path in paths:
         cfg = load_cfg(path)

@@ -280,16 +280,13 @@ def test_the_method_reads_the_files_written_here(written, data_root):
 # ----------------------------------------------------------------------------- the sweep's plan
 
 @pytest.fixture
-def llamp_configs(tmp_path):
-    """configs/ with the checkout's datasets and a LLaMP trainer config "test_cfg"."""
-    import shutil
-    from textrefiner.sweep.spec import configs_dir
-    configs = tmp_path / "configs"
-    shutil.copytree(configs_dir() / "datasets", configs / "datasets")
-    (configs / "trainers" / "LLaMP").mkdir(parents=True)
-    (configs / "trainers" / "LLaMP" / "test_cfg.yaml").write_text(
+def llamp_configs(tmp_path, monkeypatch):
+    """A folder with a config of one's own, configs/trainers/LLaMP/test_cfg.yaml, as the current
+    directory (the shipped configs for the rest)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "trainers" / "LLaMP").mkdir(parents=True)
+    (tmp_path / "configs" / "trainers" / "LLaMP" / "test_cfg.yaml").write_text(
         'OPTIM:\n  MAX_EPOCH: 2\nMODEL:\n  BACKBONE:\n    NAME: "ViT-B/16"\n')
-    return configs
 
 
 def llamp_spec(**extra):
@@ -302,7 +299,7 @@ def llamp_spec(**extra):
 def test_the_plan_runs_each_datasets_llm_step_once_before_its_llamp_runs(tmp_path,
                                                                           llamp_configs):
     from textrefiner.sweep.spec import expand
-    runs = expand(llamp_spec(), tmp_path / "out", root="/data", configs=llamp_configs)
+    runs = expand(llamp_spec(), tmp_path / "out", root="/data")
     steps = [r for r in runs if r.kind == "llm"]
     assert [r.key for r in steps] == ["llamp_cache/DescribableTextures", "llamp_cache/EuroSAT"]
     assert steps[0].command() == ("textrefiner-llamp-cache --root /data --dataset "
@@ -324,21 +321,20 @@ def test_the_llm_step_uses_the_runs_llm_and_clip_and_none_with_files_dir(tmp_pat
     from textrefiner.sweep.spec import expand
     spec = llamp_spec(overrides={"TRAINER.LLAMP.LLM": "{out}/llama",
                                  "MODEL.BACKBONE.PATH": "/w/clip.pt"})
-    (step, *_) = expand(spec, tmp_path / "out", root="/data", configs=llamp_configs)
+    (step, *_) = expand(spec, tmp_path / "out", root="/data")
     assert step.argv[-4:] == ("--llm", str(tmp_path / "out" / "llama"), "--clip", "/w/clip.pt")
     own_files = llamp_spec(overrides={"TRAINER.LLAMP.FILES_DIR": "/mine"})
-    runs = expand(own_files, tmp_path / "out", root="/data", configs=llamp_configs)
+    runs = expand(own_files, tmp_path / "out", root="/data")
     assert not [r for r in runs if r.kind == "llm"]
 
 
-def test_an_llm_step_is_skipped_once_its_files_exist(tmp_path, llamp_configs, monkeypatch,
-                                                     capsys):
+def test_an_llm_step_is_skipped_once_its_files_exist(tmp_path, llamp_configs, capsys):
     from textrefiner.sweep import cli
     from textrefiner.sweep.plan import initial_states
     from textrefiner.sweep.spec import expand
     root = tmp_path / "data"
     spec = llamp_spec(root=str(root))
-    runs = expand(spec, tmp_path / "out", configs=llamp_configs)
+    runs = expand(spec, tmp_path / "out")
     assert initial_states(runs)["llamp_cache/EuroSAT"] == "queued"
     for path in llamp_cache.cache_paths(str(root), "EuroSAT"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -350,7 +346,6 @@ def test_an_llm_step_is_skipped_once_its_files_exist(tmp_path, llamp_configs, mo
     spec_file.write_text(yaml.safe_dump({
         "datasets": ["dtd", "eurosat"], "seeds": [1], "config": "test_cfg", "root": str(root),
         "methods": ["LLaMP"]}))
-    monkeypatch.chdir(llamp_configs.parent)  # the sweep reads ./configs
     assert cli.main([str(spec_file), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     # the pre-flight's lines come first: this fixture holds no dataset folders
     out = [line for line in capsys.readouterr().out.splitlines()

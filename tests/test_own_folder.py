@@ -23,8 +23,7 @@ from textrefiner.errors import UserError
 
 from conftest import HANG_TIMEOUT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FOLDER_CFG = os.path.join(REPO, "configs", "datasets", "image_folder.yaml")
+FOLDER_CFG = "configs/datasets/image_folder.yaml"
 HAS_DASSL = importlib.util.find_spec("dassl") is not None
 
 
@@ -372,7 +371,7 @@ def test_a_folder_gives_the_same_run_on_both_engines_and_in_the_drop_in(demo, tm
                                                           "blue triangle", "yellow cross"],
                                 per_class=8, image_size=32)
     args = ["--root", folder, "--seed", "1", "--dataset-config-file", FOLDER_CFG,
-            "--config-file", os.path.join(REPO, "configs", "trainers", "CoOp", "demo_cpu.yaml")]
+            "--config-file", "configs/trainers/CoOp/demo_cpu.yaml"]
     opts = ["MODEL.BACKBONE.PATH", demo["clip"], "DATASET.NUM_SHOTS", "2", "OPTIM.MAX_EPOCH", "2",
             "DATALOADER.NUM_WORKERS", "0", "DATASET.SUBSAMPLE_CLASSES", "base"]
     runs = {"dassl": ("ours", ["--engine", "dassl", "--trainer", "CoOp"], ""),
@@ -409,7 +408,7 @@ def test_textrefiner_train_reports_a_bad_folder_in_one_line(demo, tmp_path, caps
     folder = write_images(tmp_path / "photos", {"cat": 6})
     code = main(["--engine", engine, "--root", folder, "--trainer", "CoOp",
                  "--dataset-config-file", FOLDER_CFG, "--config-file",
-                 os.path.join(REPO, "configs", "trainers", "CoOp", "demo_cpu.yaml"),
+                 "configs/trainers/CoOp/demo_cpu.yaml",
                  "--output-dir", str(tmp_path / "out"), "MODEL.BACKBONE.PATH", demo["clip"]])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -15,9 +15,8 @@ from textrefiner.methods import build_method
 from textrefiner.predict import Predictor, main as predict
 from textrefiner.train import main as train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATASET_CFG = f"{REPO}/configs/datasets/synthetic_shapes.yaml"
-COOP_CFG = f"{REPO}/configs/trainers/CoOp/demo_cpu.yaml"
+DATASET_CFG = "configs/datasets/synthetic_shapes.yaml"
+COOP_CFG = "configs/trainers/CoOp/demo_cpu.yaml"
 COCOOP_OPTS = ("TRAINER.COCOOP.PREC", "fp32", "TRAINER.COCOOP.CTX_INIT", "a photo of a")
 MAPLE_OPTS = ("TRAINER.MAPLE.PREC", "fp32", "TRAINER.MAPLE.PROMPT_DEPTH", "2")
 

@@ -38,8 +38,8 @@ CASES = {
 
 def command(demo, out, engine, final_model, refiner, extra=()):
     args = ["--engine", engine, "--root", demo["root"], "--trainer", "CoOp", "--seed", "1",
-            "--dataset-config-file", os.path.join(REPO, "configs/datasets/synthetic_shapes.yaml"),
-            "--config-file", os.path.join(REPO, "configs/trainers/CoOp/demo_cpu.yaml"),
+            "--dataset-config-file", "configs/datasets/synthetic_shapes.yaml",
+            "--config-file", "configs/trainers/CoOp/demo_cpu.yaml",
             "--output-dir", str(out)] + (["--refiner"] if refiner else []) + list(extra)
     opts = ["MODEL.BACKBONE.PATH", demo["clip"], "DATASET.NUM_SHOTS", "2",
             "DATASET.SUBSAMPLE_CLASSES", "base", "DATALOADER.TRAIN_X.BATCH_SIZE", "2",

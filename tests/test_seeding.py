@@ -2,7 +2,6 @@
 with, and checkpoints in the codebases' layout that still load here."""
 import copy
 import io
-import os
 import random
 
 import numpy as np
@@ -20,7 +19,6 @@ from textrefiner.train import main
 
 from conftest import make_cfg
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -86,8 +84,8 @@ def test_resuming_with_another_seed_is_exit_2(demo, tmp_path, capsys, engine):
     def command(seed, epochs):
         return ["--engine", engine, "--root", demo["root"], "--trainer", "CoOp", "--seed", seed,
                 "--dataset-config-file",
-                os.path.join(REPO, "configs/datasets/synthetic_shapes.yaml"),
-                "--config-file", os.path.join(REPO, "configs/trainers/CoOp/demo_cpu.yaml"),
+                "configs/datasets/synthetic_shapes.yaml",
+                "--config-file", "configs/trainers/CoOp/demo_cpu.yaml",
                 "--output-dir", str(tmp_path), "MODEL.BACKBONE.PATH", demo["clip"],
                 "DATASET.NUM_SHOTS", "1", "OPTIM.MAX_EPOCH", epochs, "TEST.NO_TEST", "True",
                 "TRAIN.CHECKPOINT_FREQ", "1"]

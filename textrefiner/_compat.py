@@ -51,7 +51,7 @@ def _installed_clip_dir() -> Path:
         dist = importlib.metadata.distribution("openai-clip")
     except importlib.metadata.PackageNotFoundError:
         raise UserError("The OpenAI CLIP package is not installed: run `pip install openai-clip` "
-                        "(or `pip install -e .` in the textrefiner checkout).") from None
+                        "(one of textrefiner's dependencies).") from None
     return Path(dist.locate_file("clip/__init__.py")).resolve().parent
 
 

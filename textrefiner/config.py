@@ -13,6 +13,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from .clip_backbone import PRECISIONS, backbone_input_defaults
+from .configs import CONFIG_DIR, find_config, not_found
 from .errors import UserError
 from .methods.prompts import POSITIONS as CLASS_TOKEN_POSITIONS
 from .refiner import WRITE_RULES
@@ -29,8 +30,6 @@ __all__ = [
     "apply_refiner_args",
     "tr_config_file",
 ]
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 SUBSAMPLE_CHOICES = ("all", "base", "new")
 MODALS = ("base2novel", "cross")
@@ -412,10 +411,11 @@ def _widen_ints(new, base):
             new[key] = float(value)
 
 
-def _merge_yaml(cfg, path, role):
-    if not os.path.isfile(path):
-        raise ConfigError(f"{role} config file not found: {path} (relative to {os.getcwd()}). "
-                          f"Check the path; the shipped files are under {CONFIG_DIR}.")
+def _merge_yaml(cfg, name, role):
+    try:
+        path = find_config(name, role)
+    except UserError as err:
+        raise ConfigError(str(err)) from None
     source = f"{role} config file {path}"
     try:
         with open(path, "r") as f:
@@ -468,7 +468,9 @@ def load_cfg(config_file=None, dataset_config_file=None, opts=(), saved=None, **
     validated. For an "hf:" backbone, its folder's input size and normalisation replace the
     defaults (`backbone_input_defaults`), so what a config file or option sets still wins (and
     `check_image_size` stops a run where that contradicts the folder). `saved` is a configuration
-    a run saved (`cfg.dump()`, in its checkpoints).
+    a run saved (`cfg.dump()`, in its checkpoints). The YAML files are found by
+    `textrefiner.configs.find_config`: a path, your own copy under ./configs/, or a shipped file
+    by name (`CoOp/demo_tiny`, `image_folder`).
 
     `opts` is the command line's list of `KEY VALUE` pairs. `overrides` are keyword pairs with
     `__` in place of dots, e.g. `load_cfg(f, OUTPUT_DIR="out", TRAINER__REFINER__ENABLED=True)`.
@@ -579,13 +581,18 @@ def _require_refiner_trainer(name: str):
 
 
 def tr_config_file(path: str) -> str:
-    """A CoOp-style script's `configs/trainers/${TRAINER}/<file>.yaml` for TRAINER=TR_<Method>:
-    the method's own config folder (`configs/trainers/<Method>/<file>.yaml`) when the TR_ one
-    does not exist. Other paths are returned as they are."""
-    if not path or os.path.exists(path):
+    """The file a codebase's train.py should read for `--config-file path`: the path itself when
+    it exists; for a CoOp-style script's `configs/trainers/${TRAINER}/<file>.yaml` with
+    TRAINER=TR_<Method>, the method's own `configs/trainers/<Method>/<file>.yaml`; for a name of a
+    file shipped with textrefiner that the repository lacks (`CoOp/demo_tiny`,
+    `configs/trainers/CoOp/demo_tiny.yaml`), the shipped file (see `textrefiner.configs`).
+    Raises ConfigError when none exists."""
+    if not path or os.path.isfile(path):
         return path
-    parts = os.path.normpath(path).split(os.sep)
-    renamed = [part[len(TRAINER_PREFIX):] if part.startswith(TRAINER_PREFIX) else part
-               for part in parts]
-    candidate = os.sep.join(renamed)
-    return candidate if renamed != parts and os.path.exists(candidate) else path
+    renamed = os.sep.join(part[len(TRAINER_PREFIX):] if part.startswith(TRAINER_PREFIX) else part
+                          for part in os.path.normpath(path).split(os.sep))
+    try:
+        return find_config(renamed, "method")
+    except UserError:
+        shown = path if renamed == path else f"{path} (nor {renamed})"
+        raise ConfigError(not_found(shown, "method")) from None

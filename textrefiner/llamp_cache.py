@@ -210,8 +210,8 @@ def _import_transformers():
     try:
         import transformers
     except ImportError:
-        raise UserError("The LLM step needs `transformers`: install the extra with "
-                        "`pip install -e \".[llamp]\"` (or `pip install transformers`).") from None
+        raise UserError("The LLM step needs `transformers`: `pip install transformers "
+                        "safetensors` (textrefiner's llamp extra).") from None
     return transformers
 
 

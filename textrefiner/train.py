@@ -17,6 +17,7 @@ import sys
 
 from . import faults
 from .config import add_refiner_args, apply_refiner_args, load_cfg
+from .configs import describe, find_config
 from .errors import OutputError, UserError, describe_os_error, output_failed
 from .methods import METHODS, method_class
 
@@ -68,6 +69,10 @@ def setup_cfg(args):
     if not args.trainer:
         raise UserError(f"Choose a method with --trainer ({', '.join(sorted(METHODS))}).")
     method_class(args.trainer)  # unknown trainer: a clear error before anything else
+    # a shipped config's name becomes its path, so the log (config_lines) names the file read
+    args.config_file = find_config(args.config_file, "method") if args.config_file else ""
+    args.dataset_config_file = (find_config(args.dataset_config_file, "dataset")
+                                if args.dataset_config_file else "")
     flags = {"DATASET.ROOT": args.root, "OUTPUT_DIR": args.output_dir, "RESUME": args.resume,
              "MODEL.BACKBONE.NAME": args.backbone, "MODEL.HEAD.NAME": args.head,
              "SEED": str(args.seed) if args.seed >= 0 else "",
@@ -85,6 +90,12 @@ def setup_cfg(args):
     apply_refiner_args(cfg, args, check_trainer=False)  # plain names map to TR_ trainers
     cfg.freeze()
     return cfg
+
+
+def config_lines(args) -> list:
+    """The log's lines saying which config files the run read (after setup_cfg)."""
+    return [describe(path, role) for path, role in ((args.dataset_config_file, "dataset"),
+                                                    (args.config_file, "method")) if path]
 
 
 def _as_list(values):
@@ -154,6 +165,7 @@ def run_dassl(cfg, args):
     if cfg.SEED >= 0:
         set_random_seed(cfg.SEED)
     with _print_to_log(cfg.OUTPUT_DIR):
+        print("\n".join(config_lines(args)))
         print(f"Collecting env info ...\n{collect_env_info()}")
         trainer = build_trainer(cfg)
         trainer.checkpoint_every_epoch = True  # a checkpoint to resume from after every epoch
@@ -180,7 +192,8 @@ def run_args(args):
         return run_dassl(cfg, args)
     from .engine.standalone import run_standalone
     return run_standalone(cfg, args.trainer, eval_only=args.eval_only, model_dir=args.model_dir,
-                          load_epoch=args.load_epoch, no_train=args.no_train)
+                          load_epoch=args.load_epoch, no_train=args.no_train,
+                          notes=config_lines(args))
 
 
 def _message(exc: Exception) -> str:

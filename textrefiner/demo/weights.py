@@ -73,8 +73,9 @@ def read_packed(path: str, sha256: str = None) -> Dict[str, torch.Tensor]:
     """The full state dict from a packed file, after checking its sha256 when one is given."""
     if sha256 is not None and sha256_of(path) != sha256:
         raise UserError(f"{path} is not the file this textrefiner shipped (its sha256 differs): "
-                        "reinstall textrefiner (pip install -e . in a clone), or rebuild a "
-                        "machine-dependent one with `python -m textrefiner.demo pretrain FILE`.")
+                        "reinstall textrefiner (pip install --force-reinstall --no-deps, the wheel "
+                        "or checkout you installed), or rebuild a machine-dependent one with "
+                        "`python -m textrefiner.demo pretrain FILE`.")
     try:
         packed = load_torch_file(path, "demo CLIP")
     except UserError:

@@ -409,11 +409,14 @@ def _pick_device(cfg, rank):
 
 
 def run_standalone(cfg, trainer_name: str, eval_only=False, model_dir="", load_epoch=None,
-                   no_train=False):
-    """CoOp's train.py flow on the standalone engine."""
+                   no_train=False, notes=()):
+    """CoOp's train.py flow on the standalone engine; `notes` are lines for the log (which
+    config files were read)."""
     trainer = StandaloneTrainer(cfg, trainer_name)
     trainer.open_outputs()
     trainer.log(f"Command: {' '.join(sys.argv)}")
+    for line in notes:
+        trainer.log(line)
     trainer.log(f"Config:\n{cfg}")
     try:
         if eval_only:

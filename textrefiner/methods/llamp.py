@@ -59,7 +59,7 @@ CLIP_EMBEDDINGS_FILE = "release_clip_text_embeddings.pt"
 PROMPT_WORDS = "a photo of a"
 MAX_LOGIT_SCALE = 4.605  # LLaMP clamps log(s) to [0, 4.605]
 TEXT_L1_WEIGHT, IMAGE_L1_WEIGHT = 25.0, 10.0
-INSTALL_HINT = 'LLaMP needs transformers: pip install -e ".[llamp]"'
+INSTALL_HINT = "LLaMP needs transformers: pip install transformers safetensors (the llamp extra)"
 
 
 def require_llamp_packages():

@@ -1,7 +1,7 @@
 """A sweep's YAML spec, its validation, and its expansion into runs (textrefiner.sweep.plan.Run).
 
     protocol: base2new          # base2new (scripts/base2new.sh) or xd (scripts/xd.sh)
-    datasets: [eurosat, dtd]    # names under configs/datasets/ (xd: the training set, imagenet),
+    datasets: [eurosat, dtd]    # configs/datasets/<name>.yaml (xd: the training set, imagenet),
                                 # or folders of one's own images ("~/photos/pets", "{out}/shapes":
                                 # an entry with a "/"), named after the folder
     targets: [imagenetv2, ...]  # xd only: the test sets (default: xd.sh's 14)
@@ -21,6 +21,9 @@
       TRAINER.REFINER.CACHE_SIZE: [5, 10, 25, 50, 100]   # union of their grids
     paper: table1               # the published numbers the report puts beside each cell
     prepare: demo               # make the demo's data and tiny CLIP in OUT first
+
+Config names resolve as textrefiner-train's (textrefiner.configs.find_config): your own file
+under ./configs/ where there is one, else the shipped file; the runs get its absolute path.
 
 The run folders are the scripts': OUT/base2new/{train_base,test_new}/<dataset>/shots_<K>/<method>/
 <config>/seed<S> and OUT/xd/{train,test}/<dataset>/shots_<K>/<method>/<config>/seed<S>. A method
@@ -43,6 +46,7 @@ from pathlib import Path
 
 import yaml
 
+from ..configs import CONFIG_DIR, ROLES, config_names, find_config
 from ..errors import UserError
 from .plan import LLAMP_CACHE_PROGRAM, TRAIN_PROGRAM, TRAINERS, Run
 
@@ -113,7 +117,7 @@ def spec_error(name: str, message: str) -> UserError:
 
 def load_spec(name_or_path: str) -> Spec:
     """A shipped spec by name (see SHIPPED) or a YAML file; checked for shape (not yet for the
-    datasets, configs and keys: `validate` does that against a checkout's configs/)."""
+    datasets, configs and keys: `validate` does that)."""
     if name_or_path in SHIPPED:
         text = resources.files(__package__).joinpath("specs", f"{name_or_path}.yaml").read_text()
         name = name_or_path
@@ -242,17 +246,14 @@ def _grid(grid, name) -> list:
 # ----------------------------------------------------------------------------- expansion
 
 
-def configs_dir() -> Path:
-    """The configs/ folder: the current directory's (as the scripts use), else the checkout's
-    that this package was installed from (editable install)."""
-    here = Path("configs")
-    if (here / "datasets").is_dir() and (here / "trainers").is_dir():
-        return here.resolve()
-    checkout = Path(__file__).resolve().parents[2] / "configs"
-    if (checkout / "datasets").is_dir():
-        return checkout
-    raise UserError("no configs/ folder: run textrefiner-sweep from the root of the textrefiner "
-                    "checkout")
+def config_file(role: str, name: str) -> Path:
+    """configs/<trainers|datasets>/<name>.yaml: your own copy (./configs/) or the shipped file
+    (textrefiner.configs.find_config); where neither exists, the shipped file's path (`validate`
+    says what is missing)."""
+    try:
+        return Path(find_config(f"configs/{ROLES[role]}/{name}.yaml", role)).absolute()
+    except UserError:
+        return Path(CONFIG_DIR, ROLES[role], f"{name}.yaml")
 
 
 def value_text(value) -> str:
@@ -296,11 +297,9 @@ def shots_of(spec: Spec, method: Method) -> int:
     return 16 if spec.protocol == "xd" else TRAINER_DEFAULTS[method.trainer][1]
 
 
-def expand(spec: Spec, out_dir, root: str = "", gpus: int = 1, feature_store: str = "",
-           configs: Path | None = None) -> list:
+def expand(spec: Spec, out_dir, root: str = "", gpus: int = 1, feature_store: str = "") -> list:
     """The sweep's runs in dependency order (each test run after its training run)."""
     out_dir = os.path.abspath(out_dir)
-    configs = configs or configs_dir()
     root = _template(spec.root or root or "data", out_dir, "")
     runs, steps = [], {}
     for method in spec.methods:
@@ -308,11 +307,10 @@ def expand(spec: Spec, out_dir, root: str = "", gpus: int = 1, feature_store: st
             for dataset in spec.datasets:
                 for seed in method.seeds:
                     method_runs = _method_runs(spec, method, point, dataset, seed, out_dir, root,
-                                               gpus, feature_store, configs)
+                                               gpus, feature_store)
                     if method.trainer == LLAMP:
                         new_steps, method_runs = _after_llm_steps(
-                            spec, method, point, dataset, method_runs, steps, out_dir, root,
-                            configs)
+                            spec, method, point, dataset, method_runs, steps, out_dir, root)
                         runs += new_steps
                     runs += method_runs
     keys = [r.key for r in runs]
@@ -323,7 +321,7 @@ def expand(spec: Spec, out_dir, root: str = "", gpus: int = 1, feature_store: st
     return runs
 
 
-def _after_llm_steps(spec, method, point, dataset, method_runs, steps, out_dir, root, configs):
+def _after_llm_steps(spec, method, point, dataset, method_runs, steps, out_dir, root):
     """(LLM steps not yet in `steps`, the method's runs made to wait for them). The steps of
     several datasets (xd: the training set and each target) wait for one another in turn, and
     the runs that wait for nothing else wait for the last. None with TRAINER.LLAMP.FILES_DIR
@@ -331,12 +329,12 @@ def _after_llm_steps(spec, method, point, dataset, method_runs, steps, out_dir, 
     extra = dict([*spec.overrides, *method.overrides, *point])
     if extra.get("TRAINER.LLAMP.FILES_DIR"):
         return [], method_runs
-    if is_folder_entry(dataset) and not (configs / "datasets" / f"{dataset}.yaml").is_file():
+    if is_folder_entry(dataset) and not config_file("dataset", dataset).is_file():
         raise spec_error(spec.name, f"{method.name} on the folder {dataset}: write its LLM files "
                                     "first (textrefiner-llamp-cache) and give their folder as "
                                     "TRAINER.LLAMP.FILES_DIR in the method's overrides")
-    cfg_file = configs / "trainers" / method.trainer / f"{config_name(spec, method, dataset)}.yaml"
-    names = [dataset_name(configs, d) for d in [dataset, *spec.targets]]
+    cfg_file = config_file("method", f"{method.trainer}/{config_name(spec, method, dataset)}")
+    names = [dataset_name(config_file("dataset", d), d) for d in [dataset, *spec.targets]]
     new, last = [], None
     for name in names:
         if name not in steps:
@@ -377,10 +375,9 @@ def _template(value, out_dir, root):
         else value
 
 
-def _method_runs(spec, method, point, dataset, seed, out_dir, root, gpus, feature_store,
-                 configs):
+def _method_runs(spec, method, point, dataset, seed, out_dir, root, gpus, feature_store):
     cfg = config_name(spec, method, dataset)
-    cfg_file = configs / "trainers" / method.trainer / f"{cfg}.yaml"
+    cfg_file = config_file("method", f"{method.trainer}/{cfg}")
     shots = shots_of(spec, method)
     extra = []
     for key, value in [*spec.overrides, *method.overrides, *point]:
@@ -403,7 +400,7 @@ def _method_runs(spec, method, point, dataset, seed, out_dir, root, gpus, featur
                    kind, gpus)
 
     if spec.protocol == "base2new":
-        dataset_file, dataset, folder_opts = _dataset(dataset, configs, out_dir, root)
+        dataset_file, dataset, folder_opts = _dataset(dataset, out_dir, root)
         data = ["--dataset-config-file", str(dataset_file)]
         opts = ["DATASET.NUM_SHOTS", str(shots), *folder_opts]
         if method.trainer == "PromptKD":
@@ -434,7 +431,7 @@ def _method_runs(spec, method, point, dataset, seed, out_dir, root, gpus, featur
     else:
         train_key = f"xd/train/imagenet/{sub}"
         runs.append(run(train_key, [*common, *seed_args, "--dataset-config-file",
-                                    str(configs / "datasets" / "imagenet.yaml"), *refiner,
+                                    str(config_file("dataset", "imagenet")), *refiner,
                                     "DATASET.NUM_SHOTS", str(shots),
                                     "DATASET.SUBSAMPLE_CLASSES", "all", *extra], None, "train"))
         model = ["--model-dir", os.path.join(out_dir, train_key), *load]
@@ -442,7 +439,7 @@ def _method_runs(spec, method, point, dataset, seed, out_dir, root, gpus, featur
     for target in tests:
         runs.append(run(f"xd/test/{target}/{sub}",
                         [*common, *seed_args, "--dataset-config-file",
-                         str(configs / "datasets" / f"{target}.yaml"), *model, "--eval-only",
+                         str(config_file("dataset", target)), *model, "--eval-only",
                          *refiner, *extra], after, "test"))
     return runs
 
@@ -470,55 +467,54 @@ def is_folder_entry(dataset: str) -> bool:
     return "/" in dataset or dataset.startswith("~")
 
 
-def _dataset(dataset: str, configs: Path, out_dir: str, root: str):
-    """(dataset config file, the runs' folder name, overrides) of a `datasets` entry: a name under
-    configs/datasets/, or a folder of one's own images (image_folder.yaml with DATASET.FOLDER),
-    named after the folder (scripts/common.sh dataset_config)."""
-    named = configs / "datasets" / f"{dataset}.yaml"
+def _dataset(dataset: str, out_dir: str, root: str):
+    """(dataset config file, the runs' folder name, overrides) of a `datasets` entry: a dataset
+    config's name (configs/datasets/<name>.yaml), or a folder of one's own images
+    (image_folder.yaml with DATASET.FOLDER), named after the folder (scripts/common.sh
+    dataset_config)."""
+    named = config_file("dataset", dataset)
     if named.is_file() or not is_folder_entry(dataset):
         return named, dataset, []
     folder = os.path.abspath(os.path.expanduser(_template(dataset, out_dir, root)))
-    return (configs / "datasets" / f"{FOLDER_CONFIG}.yaml", os.path.basename(folder),
+    return (config_file("dataset", FOLDER_CONFIG), os.path.basename(folder),
             ["DATASET.FOLDER", folder])
 
 
-def dataset_name(configs: Path, dataset: str) -> str:
-    """DATASET.NAME of configs/datasets/<dataset>.yaml."""
-    data = yaml.safe_load((configs / "datasets" / f"{dataset}.yaml").read_text()) or {}
+def dataset_name(dataset_file: Path, dataset: str) -> str:
+    """DATASET.NAME of a dataset config file (`dataset`, its name, where it sets none)."""
+    data = yaml.safe_load(dataset_file.read_text()) or {}
     return (data.get("DATASET") or {}).get("NAME", dataset)
 
 
 def _teacher(spec: Spec, dataset_file: Path, dataset: str) -> str:
     """PromptKD's teacher where its code looks: <teachers>/<DATASET.NAME>/VLPromptLearner/...;
     a folder's teacher under the folder's name."""
-    name = dataset if dataset_file.stem == FOLDER_CONFIG else \
-        dataset_name(dataset_file.parents[1], dataset)
+    name = dataset if dataset_file.stem == FOLDER_CONFIG else dataset_name(dataset_file, dataset)
     return os.path.join(spec.teachers, name, "VLPromptLearner", "model-best.pth.tar")
 
 
 # ----------------------------------------------------------------------------- validation
 
 
-def validate(spec: Spec, runs: list, configs: Path | None = None) -> list:
-    """One UserError naming what to fix, before anything runs: a dataset not under
-    configs/datasets/, a config file that does not exist, or a config key / value that
-    textrefiner-train would refuse (checked once per distinct setting, as it will read it).
-    Returns the config of each distinct setting."""
-    configs = configs or configs_dir()
-    known = sorted(p.stem for p in (configs / "datasets").glob("*.yaml"))
+def validate(spec: Spec, runs: list) -> list:
+    """One UserError naming what to fix, before anything runs: a dataset with no config file
+    (yours under ./configs/datasets/ or a shipped one), a trainer config file that does not
+    exist, or a config key / value that textrefiner-train would refuse (checked once per distinct
+    setting, as it will read it). Returns the config of each distinct setting."""
+    known = config_names("dataset")
     for dataset in [*spec.datasets, *spec.targets]:
         folders_allowed = spec.protocol == "base2new" and dataset in spec.datasets
         if dataset not in known and not (folders_allowed and is_folder_entry(dataset)):
             hint = "; or a folder of your own images, e.g. ~/photos/pets" if folders_allowed else ""
-            raise spec_error(spec.name, f"unknown dataset {dataset!r} (not under "
-                                        f"{configs / 'datasets'}; known: {', '.join(known)}{hint})")
+            raise spec_error(spec.name, f"unknown dataset {dataset!r} (no config file "
+                                        f"configs/datasets/{dataset}.yaml, yours or shipped; "
+                                        f"known: {', '.join(known)}{hint})")
     for method, dataset in itertools.product(spec.methods, spec.datasets):
-        cfg_file = configs / "trainers" / method.trainer / \
-            f"{config_name(spec, method, dataset)}.yaml"
-        if not cfg_file.is_file():
-            have = sorted(p.stem for p in cfg_file.parent.glob("*.yaml"))
-            raise spec_error(spec.name, f"{method.name}: no config file {cfg_file} (available: "
-                                        f"{', '.join(have)})")
+        name = f"{method.trainer}/{config_name(spec, method, dataset)}"
+        if not config_file("method", name).is_file():
+            have = config_names("method", method.trainer)
+            raise spec_error(spec.name, f"{method.name}: no config file configs/trainers/{name}"
+                                        f".yaml, yours or shipped (available: {', '.join(have)})")
     from ..train import build_parser, setup_cfg  # imports torch: after the cheap checks
 
     seen, cfgs = set(), []
