@@ -51,11 +51,12 @@ def test_load_clip_plain_state_dict_in_both_precisions(clip_path):
 
 
 def test_load_clip_amp_is_float32_and_model_is_in_eval_mode(clip_path):
-    amp = load_clip(clip_path, "amp")
-    assert all(p.dtype == torch.float32 for p in amp.parameters())
-    assert not amp.training
+    for precision in ("amp", "bf16"):  # autocast over float32 weights (bf16: LLaMP's PREC)
+        model = load_clip(clip_path, precision)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert not model.training
     with pytest.raises(UserError, match="fp16"):
-        load_clip(clip_path, "bf16")
+        load_clip(clip_path, "fp64")
 
 
 def test_load_clip_reads_openais_jit_archives_only(clip_path, tmp_path, model, monkeypatch):

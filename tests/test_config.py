@@ -442,7 +442,7 @@ def _valid():
     ("TRAINER.REFINER.KD_SEM_WEIGHT", -1.0),
     ("TRAINER.REFINER.KD_REG_WEIGHT", -1.0),
     ("TRAINER.REFINER.WRITE_RULE", "eq4"),
-    ("TRAINER.COOP.PREC", "bf16"),
+    ("TRAINER.COOP.PREC", "fp8"),
     ("TRAINER.PROMPTKD.PREC", "fp64"),
     ("DATASET.SUBSAMPLE_CLASSES", "novel"),
     ("TRAINER.MODAL", "b2n"),
