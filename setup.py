@@ -14,6 +14,7 @@ setup(
     package_dir={"textrefiner_trainers": "trainers"},
     # The demo's pretrained tiny CLIP (1.6 MB), the same file on every machine
     package_data={"textrefiner.demo": ["clip_tiny.pt"],
+                  "textrefiner.serve": ["page.html"],  # textrefiner-serve's page
                   # textrefiner-sweep's shipped sweeps and the paper's published numbers
                   "textrefiner.sweep": ["specs/*.yaml", "paper_numbers.yaml"]},
     install_requires=[
@@ -32,9 +33,12 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "open_clip_torch>=2.24", "submitit>=1.5", "onnx>=1.15",
-                 "onnxruntime>=1.17", "transformers>=5.25", "safetensors"],
+                 "onnxruntime>=1.17", "transformers>=5.25", "safetensors", "fastapi>=0.110",
+                 "uvicorn>=0.29", "python-multipart>=0.0.9", "playwright"],
         # textrefiner-export: a trained run as an ONNX model, checked with ONNX Runtime
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+        # textrefiner-serve: a run as a web page and JSON API (FastAPI on uvicorn)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
         # textrefiner-sweep --executor slurm: sweeps as Slurm jobs
         "slurm": ["submitit>=1.5"],
         # OpenCLIP backbones: MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
@@ -52,6 +56,7 @@ setup(
             "textrefiner-llamp-cache=textrefiner.llamp_cache:main",
             "textrefiner-predict=textrefiner.predict:main",
             "textrefiner-export=textrefiner.export:main",
+            "textrefiner-serve=textrefiner.serve:main",
         ],
     },
 )
