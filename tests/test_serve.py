@@ -3,83 +3,23 @@ ONNX), every malformed request gets a 4xx with one line and the server keeps ser
 answers 503, another address needs the token, and SIGTERM answers what is in flight and exits 0.
 Also: the words the demo's tiny CLIP does not know are named, exactly."""
 import base64
-import glob
 import io
 import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from PIL import Image
-
-from conftest import HANG_TIMEOUT
 
 pytest.importorskip("fastapi", reason="textrefiner-serve needs the serve extra: "
                                       "pip install -e \".[serve]\"")
 
 from textrefiner.clip_backbone import load_clip, unknown_words  # noqa: E402
 from textrefiner.predict import Predictor, main as predict_main  # noqa: E402
-from textrefiner.serve.client import multipart, predict, request, wait_until_healthy  # noqa: E402
-
-STARTUP_S = 180  # a deadline for a busy 2-core machine; a healthy server answers in seconds
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`python -m textrefiner.serve ARGS` on a free port, its stderr in a file."""
-
-    def __init__(self, args, tmp_path, host="127.0.0.1", name="server"):
-        self.port, self.host = free_port(), host
-        self.url = f"http://{host}:{self.port}"
-        self.log_path = tmp_path / f"{name}.log"
-        self.log = open(self.log_path, "w")
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "textrefiner.serve", *args, "--host", host,
-             "--port", str(self.port), "--device", "cpu"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_until_healthy(self.url, STARTUP_S, self.process)
-        except RuntimeError as exc:
-            self.stop()
-            raise AssertionError(f"{exc}:\n{self.output()}") from None
-
-    def output(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_for_output(self, text: str, deadline_s: float = 60) -> str:
-        end = time.monotonic() + deadline_s
-        while time.monotonic() < end:
-            if text in self.output():
-                return self.output()
-            time.sleep(0.1)
-        raise AssertionError(f"{text!r} not in the server's output:\n{self.output()}")
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(HANG_TIMEOUT)
-        if not self.log.closed:
-            self.log.close()
-
-
-def images_of(folder):
-    return sorted(glob.glob(os.path.join(folder, "*", "*.png")))
-
+from textrefiner.serve.client import multipart, predict, request  # noqa: E402
+from serve_process import Server, images_of  # noqa: E402
 
 def probabilities(answer, classnames):
     """[N, C] from an answer with topk = C, columns in `classnames` order."""
