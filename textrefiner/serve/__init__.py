@@ -31,19 +31,21 @@ def require_serve():
                         ".") from None
 
 
-def textrefiner_explain():
-    """textrefiner-explain's per-image picture as a function (backend, classnames, PIL image) ->
-    PNG bytes, or None where this installation has no `textrefiner.explain` (POST /explain then
-    answers 501)."""
-    try:
-        from ..explain import draw_image_explanation, explain_image
-    except ImportError:
-        return None
+def explain_picture_function():
+    """THE HOOK for the per-image explanation picture: a function
+    `picture(backend, classnames, image) -> bytes` (PNG), run on the model worker for
+    `POST /explain`, or None where this installation has none (then `/info` says
+    `"explain": false`, the page says so in each image's slot and `/explain` answers 501).
 
-    def picture(backend, classnames, image):
-        explanation = explain_image(backend.predictor(classnames), image)
-        return draw_image_explanation(explanation, 0, image)
-    return picture
+    `backend` is a `TorchBackend` (`backend.predictor(classnames)` is a `Predictor` over the model
+    that names `classnames`), `classnames` the request's class list (a tuple of str), `image` the
+    upload as an RGB PIL image. Where the explain command's module is merged, this returns:
+
+        def picture(backend, classnames, image):
+            return draw_image_explanation(explain_image(backend.predictor(classnames), image),
+                                          0, image)
+    """
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +118,7 @@ def serve(args, log) -> int:
                     max_pixels=args.max_pixels, max_images=args.max_images,
                     max_classes=args.max_classes)
     app = build_app(backend, limits, token, args.batch_size, args.batch_window_ms / 1000,
-                    args.max_queue, explain=textrefiner_explain(),
+                    args.max_queue, explain=explain_picture_function(),
                     log=None if args.quiet else log)
     info = backend.info()
     where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/"

@@ -269,7 +269,8 @@ def build_app(backend, limits: Optional[Limits] = None, token: Optional[str] = N
         """Liveness: the model worker is running."""
         alive = batcher.alive
         return JSONResponse({"status": "ok" if alive else "stopped", "queued": batcher.queued,
-                             "batches": batcher.batches, "uptime_s": round(time.time() - started, 1)},
+                             "batches": batcher.batches, "images": batcher.images,
+                             "uptime_s": round(time.time() - started, 1)},
                             status_code=200 if alive else 503)
 
     @app.get("/info")
@@ -306,10 +307,10 @@ def build_app(backend, limits: Optional[Limits] = None, token: Optional[str] = N
     @app.post("/explain", openapi_extra=PREDICT_BODY,
               responses={200: {"content": {"image/png": {}}}, 501: {"description": "no explainer"}})
     async def explain_endpoint(request: Request):
-        """textrefiner-explain's picture of the first image (TextRefiner runs; 501 otherwise)."""
+        """The explanation picture (PNG) of the first image (TextRefiner runs; 501 otherwise)."""
         if explain is None:
-            raise RequestError(501, "Explanations are not available here: they need "
-                                    "textrefiner-explain, which this installation lacks.")
+            raise RequestError(501, "Explanations are not available on this server: this "
+                                    "installation has no explainer (textrefiner-explain).")
         if not backend.info()["textrefiner"] or backend.kind != "pytorch":
             raise RequestError(501, "Explanations show what TextRefiner reads: this model has no "
                                     "TextRefiner (or is an ONNX export).")

@@ -41,7 +41,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="textrefiner-serve-model",
                                         daemon=True)
-        self.batches = 0  # batches run (for /health and tests)
+        self.batches = self.images = 0  # run so far (/health: their ratio is the mean batch)
 
     def start(self):
         self._thread.start()
@@ -138,7 +138,8 @@ class Batcher:
                 job.loop.call_soon_threadsafe(_set_result, job.future, part)
 
     def _compute(self, batch, key):
-        self.batches += 1
+        self.images += batch.shape[0]
+        self.batches += -(-batch.shape[0] // self.max_batch)
         parts = [self.compute(batch[i:i + self.max_batch], key)
                  for i in range(0, batch.shape[0], self.max_batch)]
         return torch.cat(parts)
