@@ -66,3 +66,34 @@ def images_of(folder):
     return sorted(glob.glob(os.path.join(folder, "*", "*.png")))
 
 
+
+
+class ThreadServer:
+    """An application (`textrefiner.serve.app.build_app`'s) served by uvicorn on a thread of this
+    process, on a free port: for what a command line cannot set up (a stand-in explainer)."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until_healthy(self.url, STARTUP_S)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(HANG_TIMEOUT)
+
+
+def tiny_backend(run: str, class_cache: int = 16):
+    """The TorchBackend textrefiner-serve builds for `run` on the CPU."""
+    from textrefiner.serve import build_backend, build_parser
+
+    args = build_parser().parse_args(["--model-dir", run, "--device", "cpu",
+                                      "--class-cache", str(class_cache)])
+    return build_backend(args, lambda message: None)

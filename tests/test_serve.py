@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import socket
+import sys
+import urllib.request
 
 import pytest
 import torch
@@ -19,7 +21,8 @@ pytest.importorskip("fastapi", reason="textrefiner-serve needs the serve extra: 
 from textrefiner.clip_backbone import load_clip, unknown_words  # noqa: E402
 from textrefiner.predict import Predictor, main as predict_main  # noqa: E402
 from textrefiner.serve.client import multipart, predict, request  # noqa: E402
-from serve_process import Server, images_of  # noqa: E402
+from serve_process import Server, ThreadServer, images_of, tiny_backend  # noqa: E402
+
 
 def probabilities(answer, classnames):
     """[N, C] from an answer with topk = C, columns in `classnames` order."""
@@ -97,6 +100,74 @@ def test_explain_answers_501_in_one_line_without_textrefiner_explain(tiny_run, s
     if status == 200:
         pytest.skip("textrefiner-explain is installed: /explain answers with its picture")
     assert status == 501 and "textrefiner-explain" in answer["detail"]
+
+
+def test_the_explain_hook_answers_its_picture_of_the_upload(tiny_run):
+    """POST /explain runs the server's explainer (textrefiner.serve.explain_picture_function) on
+    the model worker with the request's class list and the decoded upload, and answers its PNG."""
+    from textrefiner.serve.app import build_app
+
+    seen = []
+
+    def picture(backend, classnames, image):
+        seen.append((classnames, image.size, image.mode))
+        buffer = io.BytesIO()
+        image.resize((64, 48)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    serving = ThreadServer(build_app(tiny_backend(tiny_run["run"]), explain=picture))
+    try:
+        assert request(serving.url + "/info")[1]["explain"] is True
+        path = images_of(tiny_run["new"])[0]
+        body, kind = multipart([("a.png", open(path, "rb").read())],
+                               {"classnames": ",".join(tiny_run["new_classes"])})
+        asked = urllib.request.Request(serving.url + "/explain", body, {"Content-Type": kind})
+        with urllib.request.urlopen(asked, timeout=120) as response:
+            assert response.headers["content-type"] == "image/png"
+            assert Image.open(io.BytesIO(response.read())).size == (64, 48)
+        assert seen == [(tuple(tiny_run["new_classes"]), Image.open(path).size, "RGB")]
+        body, kind = multipart([("notes.txt", b"not a picture")])
+        status, answer = request(serving.url + "/explain", body, kind)
+        assert status == 400 and "not an image" in answer["detail"] and len(seen) == 1
+    finally:
+        serving.stop()
+
+
+# ---------------------------------------------------------------------------- class lists' cache
+def test_each_class_list_is_embedded_once_and_the_cache_is_bounded(tiny_run, monkeypatch):
+    backend = tiny_backend(tiny_run["run"], class_cache=2)
+    batch = torch.stack([backend.transform(Image.open(path).convert("RGB"))
+                         for path in images_of(tiny_run["new"])])
+    own = tuple(backend.classnames)
+    backend.probabilities(batch, own)
+    embedded = []
+    classifier = type(backend.model).classifier
+    monkeypatch.setattr(type(backend.model), "classifier",
+                        lambda model: embedded.append(tuple(model.classnames)) or classifier(model))
+    a = tuple(tiny_run["new_classes"])
+    b = ("red square", "green circle", "blue cross")
+    c = ("blue cross", "yellow circle")
+    first = {}
+    for key in (a, a, b, a, own, b):
+        first.setdefault(key, backend.probabilities(batch, key))
+    assert embedded == [a, b]  # once per distinct list; the run's own list is never rebuilt
+    backend.probabilities(batch, c)  # a third list: the least recently used (a) goes
+    assert list(backend._models) == [b, c] and embedded == [a, b, c]
+    again = backend.probabilities(batch, a)  # built anew, the same numbers
+    assert list(backend._models) == [c, a] and embedded == [a, b, c, a]
+    assert torch.allclose(again, first[a], atol=1e-6, rtol=0)
+    expected = Predictor.from_run(tiny_run["run"], classnames=list(a), device="cpu")(
+        images_of(tiny_run["new"]))
+    assert torch.allclose(again, expected, atol=1e-6, rtol=0)
+
+
+def test_without_the_serve_extra_one_line_says_what_to_install(monkeypatch, capsys):
+    from textrefiner.serve import INSTALL, main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert main(["--model-dir", "output/nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert INSTALL in err and len(err.splitlines()) == 1, err
 
 
 # ---------------------------------------------------------------------------- unknown words

@@ -1,6 +1,7 @@
 """textrefiner-serve's page in a real browser (headless Chromium driven by Playwright): two of the
 demo's images uploaded, two class names typed, and the probabilities the page shows are the API's.
 A screenshot is kept (TEXTREFINER_SCREENSHOT=FILE: there, else in the test's folder)."""
+import io
 import os
 import shutil
 
@@ -9,7 +10,7 @@ import pytest
 pytest.importorskip("fastapi", reason="textrefiner-serve needs the serve extra: "
                                       "pip install -e \".[serve]\"")
 
-from serve_process import Server, images_of  # noqa: E402
+from serve_process import Server, ThreadServer, images_of, tiny_backend  # noqa: E402
 from textrefiner.serve.client import predict  # noqa: E402
 
 CHROMIUM = os.environ.get("TEXTREFINER_CHROMIUM", "/usr/bin/chromium")
@@ -63,5 +64,36 @@ def test_page_shows_the_apis_probabilities(tiny_run, browser, tmp_path):
         shot = os.environ.get("TEXTREFINER_SCREENSHOT") or str(tmp_path / "serve_page.png")
         page.screenshot(path=shot, full_page=True)
         assert os.path.getsize(shot) > 0
+    finally:
+        serving.stop()
+
+
+def test_page_shows_the_explainers_picture(tiny_run, browser):
+    """Where the server has an explainer (the hook textrefiner.serve.explain_picture_function),
+    each card's button fetches POST /explain and shows the picture it answers."""
+    from PIL import Image
+
+    from textrefiner.serve.app import build_app
+
+    def picture(backend, classnames, image):
+        buffer = io.BytesIO()
+        Image.new("RGB", (120, 40), (255, 235, 59)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    serving = ThreadServer(build_app(tiny_backend(tiny_run["run"]), explain=picture))
+    try:
+        page = browser.new_page(viewport={"width": 900, "height": 600})
+        page.set_default_timeout(120_000)  # a bound for a busy machine, never the result
+        page.goto(serving.url + "/")
+        page.wait_for_selector("#chips .chip")
+        page.set_input_files("#files", images_of(tiny_run["new"])[:1])
+        page.click("#go")
+        page.wait_for_selector("body[data-done]")
+        page.click(".explain button")
+        page.wait_for_selector(".explain img")
+        size = page.eval_on_selector(".explain img", """img => new Promise(done => {
+            const read = () => done([img.naturalWidth, img.naturalHeight]);
+            img.complete ? read() : img.addEventListener("load", read); })""")
+        assert size == [120, 40]
     finally:
         serving.stop()

@@ -24,8 +24,11 @@ INSTALL = "pip install \"textrefiner[serve]\""
 def require_serve():
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart: FastAPI's form parsing)
         import uvicorn  # noqa: F401
+        try:  # python-multipart (FastAPI's form parsing); its module's name before 0.0.13
+            import python_multipart  # noqa: F401
+        except ImportError:
+            import multipart  # noqa: F401
     except ImportError:
         raise UserError(f"textrefiner-serve needs FastAPI, uvicorn and python-multipart: {INSTALL}"
                         ".") from None
