@@ -1,5 +1,6 @@
 """textrefiner-serve's page in a real browser (headless Chromium driven by Playwright): two of the
-demo's images uploaded, two class names typed, and the probabilities the page shows are the API's.
+demo's images uploaded, two class names typed, and the probabilities the page shows are the API's;
+the page opened with the token of a server on another address; an explainer's picture shown.
 A screenshot is kept (TEXTREFINER_SCREENSHOT=FILE: there, else in the test's folder)."""
 import io
 import os
@@ -35,13 +36,17 @@ def browser():
 
 
 def test_page_shows_the_apis_probabilities(tiny_run, browser, tmp_path):
-    serving = Server(["--model-dir", tiny_run["run"], "--quiet"], tmp_path, name="page")
+    # on another address than 127.0.0.1 (still loopback), so the page is opened with its token
+    serving = Server(["--model-dir", tiny_run["run"], "--quiet"], tmp_path, host="127.0.0.2",
+                     name="page")
     try:
+        output = serving.wait_for_output("requests must carry it")
+        token = output.split("token ", 1)[1].split(":", 1)[0]
         paths = images_of(tiny_run["new"])[1:3]  # one of each class
         names = tiny_run["new_classes"]
         page = browser.new_page(viewport={"width": 1100, "height": 640})
         page.set_default_timeout(120_000)  # a bound for a busy machine, never the result
-        page.goto(serving.url + "/")
+        page.goto(f"{serving.url}/?token={token}")  # sets the cookie the page's requests carry
         page.wait_for_selector("#chips .chip")  # /info read
         assert page.input_value("#classnames").split("\n") == tiny_run["classes"]
         page.set_input_files("#files", paths)
@@ -53,7 +58,7 @@ def test_page_shows_the_apis_probabilities(tiny_run, browser, tmp_path):
             name: card.dataset.image,
             rows: [...card.querySelectorAll('li')].map(li => [li.dataset.class,
                 Number(li.dataset.probability), li.querySelector('.p').textContent])}))""")
-        answer = predict(serving.url, paths, names, topk=2)
+        answer = predict(serving.url, paths, names, topk=2, token=token)
         assert [card["name"] for card in shown] == [os.path.basename(p) for p in paths]
         for card, image in zip(shown, answer["images"]):
             assert [row[0] for row in card["rows"]] == image["classes"]
