@@ -16,6 +16,7 @@ setup(
     # The trainer and dataset configs (textrefiner-configs list; the checkout's configs/ links here)
     package_data={"textrefiner.configs": ["datasets/*.yaml", "trainers/*/*.yaml"],
                   "textrefiner.demo": ["clip_tiny.pt"],
+                  "textrefiner.serve": ["page.html"],  # textrefiner-serve's page
                   # textrefiner-sweep's shipped sweeps and the paper's published numbers
                   "textrefiner.sweep": ["specs/*.yaml", "paper_numbers.yaml"]},
     install_requires=[
@@ -36,9 +37,12 @@ setup(
         # build and setuptools: tests/test_install.py builds the sdist and wheel offline
         "test": ["pytest", "pytest-xdist>=3.5", "build", "setuptools>=70.1", "open_clip_torch>=2.24",
                  "submitit>=1.5", "onnx>=1.15", "onnxruntime>=1.17", "transformers>=5.25",
-                 "safetensors", "huggingface_hub", "playwright"],
+                 "safetensors", "huggingface_hub", "fastapi>=0.110", "uvicorn>=0.29",
+                 "python-multipart>=0.0.9", "playwright"],
         # textrefiner-export: a trained run as an ONNX model, checked with ONNX Runtime
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17"],
+        # textrefiner-serve: a run as a web page and JSON API (FastAPI on uvicorn)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
         # textrefiner-sweep --executor slurm: sweeps as Slurm jobs
         "slurm": ["submitit>=1.5"],
         # OpenCLIP backbones: MODEL.BACKBONE.NAME openclip:<model>/<pretrained tag or file>
@@ -61,6 +65,7 @@ setup(
             "textrefiner-export=textrefiner.export:main",
             "textrefiner-explain=textrefiner.explain.cli:main",
             "textrefiner-configs=textrefiner.configs:main",
+            "textrefiner-serve=textrefiner.serve:main",
         ],
     },
 )

@@ -137,6 +137,34 @@ def run_killed(argv, kill_at, cwd):
     return proc.stdout
 
 
+TINY_RUN_CLASSES = ["red circle", "green square", "blue triangle", "yellow cross"]
+TINY_RUN_NEW = ["red square", "blue cross"]  # never trained on
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A trained CoOp + TextRefiner run on the demo's tiny pretrained CLIP (4 classes of synthetic
+    shapes, 4 shots, 2 epochs) and images of two classes it never saw:
+    {"run", "clip", "new": folder of <class>/*.png, "classes", "new_classes"}."""
+    from textrefiner.data.synthetic import write_image_folder
+    from textrefiner.demo import prepare_pretrained
+    from textrefiner.train import main as train
+
+    folder = tmp_path_factory.mktemp("tiny_run")
+    clip = prepare_pretrained(str(folder / "demo"), log=None)["clip"]
+    shapes = write_image_folder(str(folder / "shapes"), TINY_RUN_CLASSES, 10, 32, 0)
+    new = write_image_folder(str(folder / "new"), TINY_RUN_NEW, 2, 32, 1)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = str(folder / "run")
+    assert train(["--root", shapes, "--trainer", "CoOp", "--refiner", "--seed", "1",
+                  "--dataset-config-file", f"{repo}/configs/datasets/image_folder.yaml",
+                  "--config-file", f"{repo}/configs/trainers/CoOp/demo_tiny.yaml",
+                  "--output-dir", run, "MODEL.BACKBONE.PATH", clip, "DATASET.NUM_SHOTS", "4",
+                  "OPTIM.MAX_EPOCH", "2"]) == 0
+    return {"run": run, "clip": clip, "new": new, "classes": sorted(TINY_RUN_CLASSES),  # labels
+            "new_classes": TINY_RUN_NEW}
+
+
 # ---------------------------------------------------------------- the slow end-to-end tests
 
 SLOW_NOTE = ("tests marked `slow` (end-to-end, minutes each) are left out of this run: "

@@ -517,6 +517,36 @@ def tokenize(texts: Sequence[str], device=None) -> torch.Tensor:
     return tokens if device is None else tokens.to(device)
 
 
+def unknown_words(clip_model: nn.Module, classnames: Sequence[str]) -> list:
+    """The words of `classnames` (as prompts read them: `_` is a space) that the CLIP's vocabulary
+    does not hold: a word is unknown when one of its BPE tokens has an all-zero row in
+    `token_embedding`. That is how the demo's packed tiny CLIP marks the tokens it never learned
+    (`textrefiner.demo.weights.unpack` rebuilds absent rows as zeros); a trained CLIP has no zero
+    row, so the answer is empty for it. Each word once, in the order met."""
+    embedding = getattr(clip_model, "token_embedding", None)
+    if embedding is None:
+        return []
+    absent = ~embedding.weight.detach().any(dim=1).cpu()             # [vocab] bool
+    tokenizer = import_clip().clip._tokenizer
+    unknown = {}
+    for name in classnames:
+        for word in str(name).replace("_", " ").split():
+            ids = torch.tensor(tokenizer.encode(word), dtype=torch.long)
+            if ids.numel() and bool(absent[ids[ids < absent.numel()]].any()):
+                unknown.setdefault(word, None)
+    return list(unknown)
+
+
+def unknown_words_message(words: Sequence[str]) -> str:
+    """One line for `unknown_words`' answer ("" when there are none)."""
+    if not words:
+        return ""
+    shown = ", ".join(repr(word) for word in list(words)[:12]) + (" ..." if len(words) > 12 else "")
+    return (f"this CLIP's vocabulary does not hold {shown}: those words get zero token "
+            "embeddings, so classes that differ only in them get identical probabilities; name "
+            "them with words the CLIP knows.")
+
+
 def embed_tokens(clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Token ids [C, L] -> word embeddings [C, L, width] in the model's dtype."""
     return clip_model.token_embedding(tokens).to(clip_model.dtype)

@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import sys
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -30,7 +31,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import CODEBASE_FOLDERS, checkpoint_path, read_checkpoint
-from .clip_backbone import amp_autocast, check_image_size, load_clip
+from .clip_backbone import (amp_autocast, check_image_size, load_clip, unknown_words,
+                            unknown_words_message)
 from .config import apply_refiner_args, load_cfg
 from .data.transforms import build_transform
 from .errors import UserError, run_command
@@ -171,12 +173,22 @@ def pick_device(device: Optional[str] = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_run_model(args, device, precision: Optional[str] = None, log=None):
-    """(model in eval mode on `device`, cfg, trainer name) for a run, with its checkpoint loaded
-    and the class names of --classnames (or the run's). `precision` overrides the run's PREC."""
-    from .checkpoint import load_method_checkpoint
+@dataclass
+class Run:
+    """A trained run as read from its checkpoint and the command's flags, before any model is
+    built: `classnames` are the ones asked for (--classnames, else the run's own)."""
+    cfg: object
+    trainer: str
+    path: Optional[str]  # the checkpoint file; None for a method that trains nothing
+    classnames: List[str]
+    run_classes: List[str]  # the classes its checkpoint names (else `classnames`)
+    backbone: str
+    precision: str
 
-    log = log or (lambda message: print(message, file=sys.stderr))
+
+def open_run(args, precision: Optional[str] = None) -> Run:
+    """Read the run named by `args` (textrefiner-predict's flags); `precision` overrides its
+    PREC. Refuses, in one line, a class list the method cannot name."""
     path, checkpoint = run_checkpoint(args.model_dir, args.load_epoch) if args.model_dir else (
         None, {})
     cfg, trainer = run_cfg(checkpoint, args)
@@ -184,20 +196,42 @@ def build_run_model(args, device, precision: Optional[str] = None, log=None):
     if precision:
         cfg.TRAINER[cls.config_section].PREC = precision
     classnames = parse_classnames(args.classnames) or run_classnames(checkpoint, cfg)
-    check_classnames(cfg, trainer, checkpoint.get("classnames") or classnames, classnames)
+    run = Run(cfg, trainer, path, classnames, list(checkpoint.get("classnames") or classnames),
+              cfg.MODEL.BACKBONE.PATH or cfg.MODEL.BACKBONE.NAME,
+              cfg.TRAINER[cls.config_section].PREC)
+    check_classnames(cfg, trainer, run.run_classes, classnames)
     if cls.checkpoint_name and path is None:
         raise UserError(f"--model-dir {args.model_dir or '(none)'} holds no {cls.checkpoint_name}/ "
                         f"checkpoints of a {trainer} run: give the training run's --output-dir.")
-    backbone = cfg.MODEL.BACKBONE.PATH or cfg.MODEL.BACKBONE.NAME
-    prec = cfg.TRAINER[cls.config_section].PREC
-    clip_model = load_clip(backbone, prec)
-    check_image_size(cfg, clip_model)
-    model = cls(cfg, classnames, clip_model)
-    if path is not None:
-        load_method_checkpoint(model, path, log)
+    return run
+
+
+def build_method_model(run: Run, classnames: Sequence[str], clip_model, device, log):
+    """The run's method for `classnames` on `clip_model`, its checkpoint loaded, in eval mode on
+    `device`."""
+    from .checkpoint import load_method_checkpoint
+
+    check_classnames(run.cfg, run.trainer, run.run_classes, classnames)
+    model = method_class(run.trainer)(run.cfg, list(classnames), clip_model)
+    if run.path is not None:
+        load_method_checkpoint(model, run.path, log)
     if hasattr(model, "set_eval_classes"):  # PromptKD: score every class it is given
         model.set_eval_classes("test", modal="all")
-    return model.to(device).eval(), cfg, trainer
+    return model.to(device).eval()
+
+
+def build_run_model(args, device, precision: Optional[str] = None, log=None):
+    """(model in eval mode on `device`, cfg, trainer name) for a run, with its checkpoint loaded
+    and the class names of --classnames (or the run's). `precision` overrides the run's PREC.
+    Class-name words the CLIP does not know are named in one line to `log`."""
+    log = log or (lambda message: print(message, file=sys.stderr))
+    run = open_run(args, precision)
+    clip_model = load_clip(run.backbone, run.precision)
+    check_image_size(run.cfg, clip_model)
+    note = unknown_words_message(unknown_words(clip_model, run.classnames))
+    if note:
+        log(f"note: {note}")
+    return build_method_model(run, run.classnames, clip_model, device, log), run.cfg, run.trainer
 
 
 # ---------------------------------------------------------------------------- the predictor
