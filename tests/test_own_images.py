@@ -28,7 +28,7 @@ def page_block(heading: str, language: str) -> str:
     return re.search(rf"```{language}\n(.*?)```", section, flags=re.S).group(1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # kept on its pytest-xdist worker, never rebuilt
 def walked(tmp_path_factory):
     """The walk-through's bash block, run in an empty folder (the configs it names are shipped)."""
     folder = tmp_path_factory.mktemp("walk")
