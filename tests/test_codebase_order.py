@@ -4,8 +4,6 @@ TEXTREFINER_CODEBASES names them): the logit scale before the product, one norma
 image features, PromptSRC's template mean of the stack and its loss summed in its codebase's
 order, PromptKD's projector as 1x1 convolutions. Each test also shows that its input tells the
 two orders apart, so that it fails if the order changes back."""
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
