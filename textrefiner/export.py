@@ -48,8 +48,8 @@ class LogitsGraph(nn.Module):
         features = self.model.encode_images(images).features
         if self.classifier is None:
             return self.model.forward_features(features).float()
-        logits = image_text_logits(F.normalize(features, dim=-1), self.classifier)
-        return (self.model.logit_scale.exp() * logits).float()
+        return image_text_logits(F.normalize(features, dim=-1), self.classifier,
+                                 self.model.logit_scale.exp()).float()
 
 
 def sidecar(classnames, cfg, method: str, refiner: bool) -> dict:

@@ -165,28 +165,32 @@ class PromptMethod(nn.Module):
         """Evaluation logits [B, C] from the image encoder's global features [B, d] (as
         `encode_images` returns them; the feature store feeds stored ones here)."""
         features = F.normalize(image_features, dim=-1)
-        return self.logit_scale.exp() * image_text_logits(features, self.class_embeddings())
+        return image_text_logits(features, self.class_embeddings(), self.logit_scale.exp())
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
         """One training forward: returns (loss, {name: detached loss part, "acc": batch %})."""
         out = self.encode_images(images, return_tokens=self.refiner is not None)
-        text = self.batch_text_features(F.normalize(out.features, dim=-1))  # E [C, d] or [B, C, d]
-        _, loss, parts = self.classification_losses(text, out, labels)
+        features = F.normalize(out.features, dim=-1)
+        text = self.batch_text_features(features)                     # E [C, d] or [B, C, d]
+        _, loss, parts = self.classification_losses(text, out, labels, features)
         return loss, parts
 
-    def classification_losses(self, text: torch.Tensor, out: ImageOutput, labels: torch.Tensor):
+    def classification_losses(self, text: torch.Tensor, out: ImageOutput, labels: torch.Tensor,
+                              features: torch.Tensor):
         """CE on the classifier (E, or Ehat with TextRefiner, whose semantic and regularisation
-        losses are added and whose cache is then written). Returns (logits, loss, parts)."""
-        features = F.normalize(out.features, dim=-1)
+        losses are added and whose cache is then written). `features`: out.features normalised,
+        by the caller, which uses them too: one normalisation, as in the codebases, whose backward
+        then sums the gradients of every use before it runs (two would round otherwise). Returns
+        (logits, loss, parts)."""
         scale = self.logit_scale.exp()
         if self.refiner is None:
-            logits = scale * image_text_logits(features, text)
+            logits = image_text_logits(features, text, scale)
             loss = F.cross_entropy(logits, labels)
             return logits, loss, {"loss_cls": loss.detach(), "acc": _accuracy(logits, labels)}
 
         aligned = self.refiner.align(out.tokens)                      # V' [B, 1+N, d]
         refined = self.refiner.refine(text)                            # read before write
-        logits = scale * image_text_logits(features, refined)
+        logits = image_text_logits(features, refined, scale)
         loss_cls = F.cross_entropy(logits, labels)
         semantic = select_semantic_tokens(aligned, out.cls_attention, self.refiner.topk)
         loss_sem = semantic_loss(semantic, text, labels, scale)
@@ -273,10 +277,16 @@ def _fresh_refiner(model, state):
     return state, ""
 
 
-def image_text_logits(features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """Logits [B, C] (before the scale) of image features [B, d] against a classifier shared by
-    the batch [C, d] or one per image [B, C, d]."""
+def image_text_logits(features: torch.Tensor, classifier: torch.Tensor,
+                      scale=None) -> torch.Tensor:
+    """Logits [B, C] of image features [B, d] against a classifier shared by the batch [C, d] or
+    one per image [B, C, d], times `scale` when given. The scale multiplies the features before
+    the product, as the codebases write it (`logit_scale * image_features @ text_features.t()`):
+    scaling the product instead rounds otherwise, which the logit scale and PromptSRC's and
+    PromptKD's loss weights make visible in the first logged loss."""
     classifier = classifier.to(features.dtype)
+    if scale is not None:
+        features = scale * features
     if classifier.dim() == 2:
         return features @ classifier.t()
     return torch.einsum("bd,bcd->bc", features, classifier)

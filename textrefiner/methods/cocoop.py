@@ -97,4 +97,4 @@ class CoCoOp(PromptMethod):
         image encoder's global features [B, d] (all the image side its meta-net reads)."""
         features = F.normalize(image_features, dim=-1)
         classifier = self.refined(self.batch_text_features(features))  # [B, C, d]
-        return self.logit_scale.exp() * image_text_logits(features, classifier)
+        return image_text_logits(features, classifier, self.logit_scale.exp())

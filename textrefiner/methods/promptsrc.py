@@ -172,13 +172,15 @@ class PromptSRC(IVLPLayout, PromptMethod):
             if encoder.dtype != torch.float32:  # a temporary float32 copy, freed on return
                 encoder = copy.deepcopy(encoder).float()
             names = [name.replace("_", " ") for name in self.classnames]
-            total = 0.0
+            features = []
             with torch.autocast(device.type, enabled=False):
                 for template in IMAGENET_TEMPLATES:
                     tokens = tokenize([template.format(name) for name in names], device)
                     embeddings = self.token_embedding(tokens).float()
-                    total = total + encode_text(encoder, embeddings, tokens.argmax(dim=-1))
-            self.fixed_embeddings = F.normalize(total / len(IMAGENET_TEMPLATES), dim=-1)
+                    features.append(encode_text(encoder, embeddings, tokens.argmax(dim=-1)))
+            # the mean of the stack [C, templates, d], as the codebase takes it (a running sum
+            # rounds otherwise)
+            self.fixed_embeddings = F.normalize(torch.stack(features, dim=1).mean(dim=1), dim=-1)
         return self.fixed_embeddings
 
     @torch.no_grad()
@@ -190,15 +192,16 @@ class PromptSRC(IVLPLayout, PromptMethod):
     def forward_train(self, images, labels):
         text = self.text_features()                                   # E
         out = self.encode_images(images, return_tokens=self.refiner is not None)
-        logits, loss, parts = self.classification_losses(text, out, labels)
         features = F.normalize(out.features, dim=-1)                  # v
+        logits, loss, parts = self.classification_losses(text, out, labels, features)
         fixed = self.zero_shot_text_features()                        # F (float32)
         zs_features = self.zero_shot_image_features(images)           # v_zs
         zs_logits = self.logit_scale.exp() * zs_features @ fixed.to(zs_features.dtype).t()
         loss_text = F.l1_loss(text.float(), fixed)
         loss_image = F.l1_loss(features, zs_features.to(features.dtype))
         loss_kl = self_consistency_kl(logits, zs_logits)
-        loss = loss + self.text_weight * loss_text + self.image_weight * loss_image + loss_kl
+        # summed in the codebase's order (the logged loss to its last digit)
+        loss = loss + (loss_kl + self.text_weight * loss_text + self.image_weight * loss_image)
         parts.update({"loss_scl_text": loss_text.detach(), "loss_scl_image": loss_image.detach(),
                       "loss_scl_kl": loss_kl.detach()})
         return loss, parts
