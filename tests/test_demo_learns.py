@@ -37,8 +37,6 @@ EPOCHS = 10  # demo_tiny's MAX_EPOCH
 # 77.2 / 77.2 against 71.1 + 2; CoOp + TR on novel: 82.8 against 82.2 - 2), on either engine.
 MARGIN = 2.0
 
-# The trained demo runs are built once for the whole file: its tests share a pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("demo_learns")
 
 
 def config_file(trainer):

@@ -23,8 +23,8 @@ import pytest
 import textrefiner
 from conftest import HANG_TIMEOUT
 
-# slow; one xdist worker for all (pytest -n: one build, one venv)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
+# minutes: left to `python -m pytest -q -m slow` (CI runs it); one build and venv per worker
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 DIST_INFO = f"textrefiner-{textrefiner.__version__}.dist-info"

@@ -16,8 +16,6 @@ from conftest import HANG_TIMEOUT
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.path.join(REPO, "docs", "own-images.md")
 
-# One walk-through (minutes) for the whole file: its tests share a pytest-xdist worker.
-pytestmark = pytest.mark.xdist_group("own_images")
 
 
 def page_block(heading: str, language: str) -> str:

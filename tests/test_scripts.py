@@ -86,6 +86,7 @@ def alive(pid):
     return True
 
 
+@pytest.mark.slow  # two pytest runs beside busy loops
 def test_busy_tests_runs_pytest_twice_beside_busy_loops_and_stops_them():
     env = dict(os.environ, PYTHON=sys.executable, BUSY="2", KERNELS="1")  # the defaults
     selection = ["tests/test_faults.py", "-k", "values_read", "-n", "0"]  # one process: 3 tests

@@ -65,7 +65,13 @@ def test_page_shows_the_apis_probabilities(tiny_run, browser, tmp_path):
             for (_, probability, text), expected in zip(card["rows"], image["probabilities"]):
                 assert abs(probability - expected) <= 1e-6
                 assert text == f"{100 * expected:.2f}%"
-        assert page.text_content(".explain")  # the explanation's slot on a TextRefiner run
+        # the real explainer (textrefiner-explain's per-image picture) for the first card
+        page.click("article.card .explain button")
+        page.wait_for_selector("article.card .explain img")
+        width = page.eval_on_selector("article.card .explain img", """img => new Promise(done => {
+            const read = () => done(img.naturalWidth);
+            img.complete ? read() : img.addEventListener("load", read); })""")
+        assert width > 400  # the four-panel picture, decoded
         shot = os.environ.get("TEXTREFINER_SCREENSHOT") or str(tmp_path / "serve_page.png")
         page.screenshot(path=shot, full_page=True)
         assert os.path.getsize(shot) > 0

@@ -24,8 +24,6 @@ from slurm_cluster import LocalSlurm, unavailable, wait_for  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 1200  # seconds a test waits for its jobs: generous, for a slow shared machine
-# One test cluster (munged, slurmctld, slurmd) for the whole file: its tests share a pytest worker.
-pytestmark = pytest.mark.xdist_group("slurm")
 
 
 def slurm_args(*argv):

@@ -50,14 +50,15 @@ class IVLPTeacher(IVLPLayout, nn.Module):
 
 
 class ConvProjector(FeatureAligner):
-    """PromptKD's projector `VPT_image_trans` [B, d_student] -> [B, d_teacher]: Linear ->
+    """PromptKD's projector `VPT_image_trans` [..., d_student] -> [..., d_teacher]: Linear ->
     BatchNorm -> ReLU -> Linear, each linear computed as its codebase computes it, a 1x1
     convolution over [B, d, 1, 1]. A matrix product rounds otherwise (about 4e-6 on ViT-B/16-wide
     features), which the batch statistics and KD_WEIGHT make visible in the first logged loss."""
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        hidden = F.relu(self.norm(_conv1x1(self.fc1, features)))
-        return _conv1x1(self.fc2, hidden)
+        flat = features.reshape(-1, features.shape[-1])  # [B, d] (or tokens [B * T, d])
+        hidden = F.relu(self.norm(_conv1x1(self.fc1, flat)))
+        return _conv1x1(self.fc2, hidden).reshape(*features.shape[:-1], -1)
 
 
 def _conv1x1(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
