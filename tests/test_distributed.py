@@ -344,6 +344,7 @@ def test_every_method_trains_under_torchrun_as_in_one_process(tmp_path, clip_pat
     assert accuracies(one / zero_shot) == accuracies(many / zero_shot)
 
 
+@pytest.mark.slow
 def test_ranks_fill_and_read_the_feature_store(demo, tmp_path):
     """Each rank evaluates its share through the store; accuracy as without it, and a second
     evaluation computes nothing."""

@@ -100,7 +100,8 @@ def test_the_wheel_holds_the_packages_and_their_data_and_nothing_else(built):
         "textrefiner_trainers" + name[len("trainers"):]
         for name in checkout_files("trainers", ".py")}
     data = checkout_files("textrefiner/configs", (".yaml", ".yml")) | checkout_files(
-        "textrefiner/sweep", ".yaml") | {"textrefiner/demo/clip_tiny.pt"}
+        "textrefiner/sweep", ".yaml") | {"textrefiner/demo/clip_tiny.pt",
+                                         "textrefiner/serve/page.html"}
     assert len(checkout_files("textrefiner/configs", ".yaml")) > 40
     assert {"textrefiner/sweep/specs/demo.yaml", "textrefiner/sweep/paper_numbers.yaml"} <= data
     assert set(names) - {n for n in names if n.startswith(DIST_INFO + "/")} == code | data

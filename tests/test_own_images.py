@@ -15,6 +15,8 @@ from conftest import HANG_TIMEOUT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.path.join(REPO, "docs", "own-images.md")
+# The walk-through trains, predicts and exports (minutes on a loaded machine): CI runs it with -m slow.
+pytestmark = pytest.mark.slow
 
 
 

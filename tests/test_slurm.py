@@ -263,6 +263,7 @@ def one_seed_demo(path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_demo_sweep_through_slurm_gives_the_local_accuracies(cluster, tmp_path, capsys):
     """The demo sweep through `textrefiner-sweep --executor slurm` and through the local
     executor (one seed: 6 runs; the plan of the shipped 14 is checked dry)."""

@@ -231,6 +231,7 @@ overrides: {OPTIM.MAX_EPOCH: 2}
 """
 
 
+@pytest.mark.slow
 def test_failed_run_is_listed_and_retried(tmp_path):
     """A run that fails for a reason no check before the sweep sees (a damaged CLIP file) fails
     alone."""
@@ -355,6 +356,7 @@ def test_two_sweeps_on_one_out_run_each_run_once(tmp_path):
     assert "| CoOp+TR | 75.00 ± " in md and "| CoOp | 75.00 ± " in md
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_bit_identically(tmp_path):
     """Killed (SIGKILL, the runs die with it) once the first run has finished, watched on disk;
     started again, it skips that run and resumes the rest: same outputs as a sweep never killed."""
