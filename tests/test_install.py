@@ -63,6 +63,9 @@ def fresh_venv(root: Path) -> dict:
                     cwd=root).strip())
     shared = {sysconfig.get_paths()["purelib"], *(p for p in sys.path if p.endswith(
         ("site-packages", "dist-packages")) and os.path.isdir(p))}
+    dassl = importlib.util.find_spec("dassl")
+    if dassl is not None:  # an editable Dassl.pytorch is on sys.path through a .pth: borrow it too
+        shared.add(str(Path(dassl.origin).parents[1]))
     (site / "zz_third_party.pth").write_text("".join(p + "\n" for p in sorted(shared)))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.update(PATH=f"{root / 'bin'}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1",
