@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,7 @@ SCRIPTS = sorted((REPO / "scripts").glob("*.sh"))
 # Stands in for `python`: `-m textrefiner.train` is recorded and leaves a log.txt with an accuracy
 # of 80+seed (training / base) or 60+seed (evaluation on new classes); `-m textrefiner.results`
 # runs the real module, loaded by path so the package's heavy imports are skipped.
-FAKE_PYTHON = """#!{python}
-import importlib.util, json, os, sys
+FAKE_PYTHON = """import importlib.util, json, os, sys
 args = sys.argv[1:]
 if args[:2] == ["-m", "textrefiner.results"]:
     spec = importlib.util.spec_from_file_location("results", {results!r})
@@ -42,8 +42,11 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 @pytest.fixture
 def fake(tmp_path):
+    code = tmp_path / "fake_python.py"
+    code.write_text(FAKE_PYTHON.format(python=sys.executable, results=str(REPO / "textrefiner/results.py")))
+    # a shell stub, not a #! line naming this Python: a #! line cannot hold a path with a space
     stub = tmp_path / "fake_python"
-    stub.write_text(FAKE_PYTHON.format(python=sys.executable, results=str(REPO / "textrefiner/results.py")))
+    stub.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(code))} \"$@\"\n")
     stub.chmod(0o755)
     record = tmp_path / "calls.jsonl"
     env = dict(os.environ, PYTHON=str(stub), FAKE_RECORD=str(record),
