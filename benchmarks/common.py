@@ -60,3 +60,12 @@ def bench_args(parser: argparse.ArgumentParser, argv, batch_size: tuple, repeats
     args.json = args.json or os.path.join(ROOT, "benchmarks",
                                           f"results_{args.results_name}{suffix}.json")
     return args
+
+
+def save_results(results: dict, path: str) -> None:
+    """The benchmark's results as JSON at `path` (its --json), and where they went."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"results: {path}")

@@ -16,10 +16,8 @@ CPU time of the process on a CPU device (the shared machine's load does not coun
 wall time on CUDA; the drawing runs on the CPU either way and is timed as CPU time.
 """
 import argparse
-import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
@@ -27,15 +25,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: CPU t
 
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout without installing
+from common import ROOT, SHAPES, save_results  # noqa: E402  (the checkout on sys.path)
 
 from textrefiner.data.synthetic import synthetic_classnames, write_image_folder  # noqa: E402
 from textrefiner.explain import explain_images  # noqa: E402
 from textrefiner.explain import write_report  # noqa: E402
 from textrefiner.predict import Predictor, image_files  # noqa: E402
 
-from cocoop import SHAPES  # noqa: E402  (benchmarks/ is on the path)
 from predict import saved_run, side_by_side, timer  # noqa: E402
 
 TARGET = 1.5
@@ -110,9 +106,7 @@ def main(argv=None):
           f"{'PASS' if ratio <= TARGET else 'MISS'}")
     print(f"  drawing the report       {drawing:9.2f} s   (CPU time, once)")
     print(f"  whole report             {results['report_over_evaluation']:.3f}x the evaluation")
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"results: {args.json}")
+    save_results(results, args.json)
     return results
 
 

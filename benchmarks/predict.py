@@ -12,7 +12,6 @@ encoder (`encode_image`, the floor any classifier pays), and of the exported ONN
 Runtime against `Predictor.logits` on the CPU with the same thread count. CPU time of the process
 on a CPU device (the shared machine's load does not count), synchronised wall time on CUDA.
 """
-import json
 import os
 import platform
 import statistics
@@ -25,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: CPU t
 
 import torch  # noqa: E402
 
-from common import SHAPES, bench_args, bench_parser  # noqa: E402  (benchmarks/common.py)
+from common import SHAPES, bench_args, bench_parser, save_results  # noqa: E402  (benchmarks/common.py)
 from textrefiner.checkpoint import checkpoint_path, save_method_checkpoint  # noqa: E402
 from textrefiner.clip_backbone import encode_image, save_random_clip  # noqa: E402
 from textrefiner.config import load_cfg  # noqa: E402
@@ -130,9 +129,7 @@ def main(argv=None):
               f"speed {results['model_path']['predict_over_encoder_speed']:.3f}x the encoder's")
         if not args.no_onnx:
             results["onnx_cpu"] = onnx_against_pytorch(args, run, folder, batches, images)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"results: {args.json}")
+    save_results(results, args.json)
     return results
 
 

@@ -21,7 +21,6 @@ out of the comparison, not out of the absolute numbers.
 """
 import argparse
 import http.client
-import json
 import os
 import platform
 import statistics
@@ -35,14 +34,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout without installing
+from common import ROOT, SHAPES, save_results  # noqa: E402  (the checkout on sys.path)
 
 from textrefiner.data.synthetic import write_image_folder  # noqa: E402
 from textrefiner.predict import Predictor  # noqa: E402
 from textrefiner.serve.client import multipart, request, wait_until_healthy  # noqa: E402
 
-from cocoop import SHAPES  # noqa: E402  (benchmarks/ is on the path)
 from predict import saved_run  # noqa: E402
 
 
@@ -194,9 +191,7 @@ def main(argv=None):
     print(f"latency p50 {results['latency_p50_ms']:.0f} ms, p99 "
           f"{results['latency_p99_ms']:.0f} ms; mean batch {results['mean_server_batch']:.1f} "
           f"images; server exit status {results['server_exit']}")
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"results: {args.json}")
+    save_results(results, args.json)
     return results
 
 

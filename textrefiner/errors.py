@@ -29,14 +29,14 @@ def output_failed(path: str, exc: OSError, kept: str = "") -> OutputError:
         "saved in --output-dir.")
 
 
-def run_command(prog: str, run, args) -> int:
+def run_command(prog: str, run, args, interrupted: str = "interrupted") -> int:
     """A command's `run(args)` with a user's error as one line on stderr (`prog: error: ...`, its
-    exit code) and Ctrl-C as `prog: interrupted` (130), no traceback."""
+    exit code) and Ctrl-C as `prog: <interrupted>` (130), no traceback."""
     try:
         return run(args)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"\n{prog}: {interrupted}", file=sys.stderr)
         return 130

@@ -15,7 +15,7 @@ import importlib.util
 import os
 import sys
 
-from ..errors import UserError
+from ..errors import UserError, run_command
 from .plan import initial_states
 from .preflight import missing
 from .spec import SHIPPED, expand, load_spec, validate
@@ -106,16 +106,8 @@ def _locked(path):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except UserError as exc:
-        print(f"textrefiner-sweep: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("\ntextrefiner-sweep: interrupted; run the same command again to resume",
-              file=sys.stderr)
-        return 130
+    return run_command("textrefiner-sweep", _main, build_parser().parse_args(argv),
+                       interrupted="interrupted; run the same command again to resume")
 
 
 def _main(args) -> int:
