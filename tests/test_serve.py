@@ -94,6 +94,16 @@ def test_info_and_health(tiny_run, server):
     assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
 
 
+def explained(url: str, path: str, classnames) -> Image.Image:
+    """POST /explain of the image file at `path` with `classnames`: the PNG it answers."""
+    body, kind = multipart([("a.png", open(path, "rb").read())],
+                           {"classnames": ",".join(classnames)})
+    asked = urllib.request.Request(url + "/explain", body, {"Content-Type": kind})
+    with urllib.request.urlopen(asked, timeout=300) as response:
+        assert response.headers["content-type"] == "image/png"
+        return Image.open(io.BytesIO(response.read()))
+
+
 def test_explain_answers_textrefiner_explains_picture_of_the_upload(tiny_run, server):
     """POST /explain on the real server: the per-image picture `explain_image_figure` draws for
     the same image and class names (attention map, semantic patches, top classes)."""
@@ -102,12 +112,8 @@ def test_explain_answers_textrefiner_explains_picture_of_the_upload(tiny_run, se
     from textrefiner.explain import explain_image_figure
 
     path = images_of(tiny_run["new"])[0]
-    body, kind = multipart([("a.png", open(path, "rb").read())],
-                           {"classnames": ",".join(tiny_run["new_classes"])})
-    asked = urllib.request.Request(server.url + "/explain", body, {"Content-Type": kind})
-    with urllib.request.urlopen(asked, timeout=300) as response:
-        assert response.headers["content-type"] == "image/png"
-        served = np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"), dtype=int)
+    served = np.asarray(explained(server.url, path, tiny_run["new_classes"]).convert("RGB"),
+                        dtype=int)
     predictor = Predictor.from_run(tiny_run["run"], classnames=tiny_run["new_classes"],
                                    device="cpu")
     with Image.open(path) as image:
@@ -152,12 +158,7 @@ def test_the_explain_hook_answers_its_picture_of_the_upload(tiny_run):
     try:
         assert request(serving.url + "/info")[1]["explain"] is True
         path = images_of(tiny_run["new"])[0]
-        body, kind = multipart([("a.png", open(path, "rb").read())],
-                               {"classnames": ",".join(tiny_run["new_classes"])})
-        asked = urllib.request.Request(serving.url + "/explain", body, {"Content-Type": kind})
-        with urllib.request.urlopen(asked, timeout=120) as response:
-            assert response.headers["content-type"] == "image/png"
-            assert Image.open(io.BytesIO(response.read())).size == (64, 48)
+        assert explained(serving.url, path, tiny_run["new_classes"]).size == (64, 48)
         assert seen == [(tuple(tiny_run["new_classes"]), Image.open(path).size, "RGB")]
         body, kind = multipart([("notes.txt", b"not a picture")])
         status, answer = request(serving.url + "/explain", body, kind)
